@@ -34,6 +34,7 @@ __all__ = [
     "register_model",
     "imagenet_categories",
     "build_seeded",
+    "weights_argument",
 ]
 
 log = logging.getLogger(__name__)
@@ -442,3 +443,15 @@ def _register_builtin() -> None:
 DEFAULT_MODEL = "efficientnet_lite0"
 
 _register_builtin()
+
+
+def weights_argument(identity: str) -> str | None:
+    """The ``--weights`` value that reproduces a recorded weights identity, or None when it cannot be
+    derived (a checkpoint file: its path is not recorded, only its hash, so the user must pass it)."""
+    if identity.startswith("none("):
+        return "none"
+    if identity.startswith("pypi:"):
+        return "DEFAULT"
+    if identity.startswith("torchvision:"):
+        return identity.rsplit(".", 1)[-1]
+    return None

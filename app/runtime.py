@@ -1,0 +1,72 @@
+"""Composition shared by the service and the CLI: settings -> Embedder and ImageStore.
+
+An existing store decides what its vectors mean: the embedder options recorded in its manifest are used
+unless the user set them explicitly, in which case a mismatch is refused by the store (never mixed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from index.store import ImageStore
+
+from app.settings import Settings
+from models.embedder import Embedder
+from models.images import ImageLimits
+from models.registry import weights_argument
+
+__all__ = ["embedder_options", "build_embedder", "open_store", "image_limits"]
+
+log = logging.getLogger(__name__)
+
+
+def embedder_options(settings: Settings) -> dict[str, Any]:
+    """Embedder keyword arguments: explicit settings, else the store's manifest, else defaults."""
+    options: dict[str, Any] = {
+        "model": settings.model,
+        "weights": settings.weights,
+        "layer": settings.layer,
+        "pooling": settings.pooling,
+        "gem_p": settings.gem_p,
+    }
+    manifest = ImageStore.read_manifest(settings.data_dir)
+    if manifest is not None:
+        recorded = manifest.fingerprint
+        from_store: dict[str, Any] = {
+            "model": recorded.get("model"),
+            "layer": recorded.get("layer"),
+        }
+        pooling = str(recorded.get("pooling", "none"))
+        if pooling.startswith("gem(p="):
+            from_store["pooling"] = "gem"
+            from_store["gem_p"] = float(pooling[len("gem(p=") : -1])
+        elif pooling != "none":
+            from_store["pooling"] = pooling
+        weights = weights_argument(str(recorded.get("weights", "")))
+        if weights is not None:
+            from_store["weights"] = weights
+        explicit = settings.explicit_embedder_options()
+        for key, value in from_store.items():
+            if key not in explicit and value is not None:
+                options[key] = value
+    return options
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    return Embedder(**embedder_options(settings), device=settings.device, precision=settings.precision)
+
+
+def open_store(settings: Settings, embedder: Embedder, *, read_only: bool = False) -> ImageStore:
+    return ImageStore.open(
+        settings.data_dir,
+        fingerprint=embedder.fingerprint,
+        dim=embedder.dim,
+        index_factory=settings.index_factory,
+        read_only=read_only,
+        snapshot_every=settings.snapshot_every,
+    )
+
+
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side)

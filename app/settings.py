@@ -1,0 +1,65 @@
+"""One settings class for the service and the CLI (env prefix ``DEEPFEAT_``; CLI flags override).
+
+Kept free of FastAPI imports so the batch tools can use it without loading the web stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "EMBEDDER_FIELDS"]
+
+EMBEDDER_FIELDS = ("model", "weights", "layer", "pooling", "gem_p")
+"""The settings that decide what a vector means; an existing store's manifest supplies them unless set."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPFEAT_", env_nested_delimiter="__", extra="ignore")
+
+    # --- what makes a vector (recorded in the store's manifest) ---
+    data_dir: Path = Field(
+        Path("data"), description="Directory holding the catalog, FAISS index and manifest"
+    )
+    model: str = Field("efficientnet_lite0", description="Model name (`deepfeat models` lists them)")
+    weights: str = Field("DEFAULT", description="DEFAULT, a weights enum name, a checkpoint path, or none")
+    layer: str | None = Field(None, description="Embedding layer name or its position k from the top")
+    pooling: str | None = Field(None, description="avg, max, gem or rmac (conv layers only)")
+    gem_p: float = Field(3.0, gt=0, description="GeM power")
+    index_factory: str = Field("Flat", description="FAISS index factory string for new stores")
+
+    # --- how it runs ---
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: str = Field("fp32", description="auto, fp32, bf16 or fp16")
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="Reject images with more pixels (decompression bombs)"
+    )
+    min_side: int = Field(8, ge=1, description="Reject images with a shorter side")
+    snapshot_every: int = Field(
+        1000, ge=1, description="Write the FAISS snapshot after this many added vectors"
+    )
+
+    # --- batch indexer ---
+    batch_size: int = Field(32, ge=1, le=1024)
+    workers: int = Field(
+        2, ge=0, le=64, description="Decode worker processes (0 = decode in the main process)"
+    )
+
+    # --- service ---
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(None, description="Required for write routes when set")
+    read_api_key: SecretStr | None = Field(None, description="Required for read routes when set")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_k: int = Field(100, ge=1, le=10_000)
+    cors_origins: list[str] = Field(default_factory=list)
+    refresh_interval_s: float = Field(
+        2.0, gt=0, description="How often the server picks up other writers' changes"
+    )
+
+    def explicit_embedder_options(self) -> dict[str, Any]:
+        """The embedder options the user set (env or flag), as opposed to defaults."""
+        return {name: getattr(self, name) for name in EMBEDDER_FIELDS if name in self.model_fields_set}

@@ -1,0 +1,218 @@
+"""The ``deepfeat`` command: models, index, search, classify, weights, serve.
+
+Every sub-command reads the same Settings (``DEEPFEAT_*`` environment variables) and lets flags
+override them; errors from ``models`` and ``index`` are reported as one line with their stable code
+and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from index.errors import StoreError
+from models.errors import ModelError
+from scripts import index_images
+from scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("deepfeat")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import get_model, list_models
+
+    rows = []
+    for name in list_models():
+        spec = get_model(name)
+        reason = spec.weights_status(args.weights or "DEFAULT")
+        rows.append(
+            {
+                "name": name,
+                "family": spec.family,
+                "weights_available": reason is None,
+                "reason": reason,
+                "weights_choices": list(spec.weights_choices),
+                "layers": [
+                    {
+                        "k": k,
+                        "name": layer.name,
+                        "dim": layer.dim,
+                        "kind": layer.kind,
+                        "description": layer.description,
+                    }
+                    for k, layer in enumerate(spec.layers)
+                ],
+            }
+        )
+    if args.json:
+        echo_json(rows)
+        return 0
+    for row in rows:
+        status = "weights available" if row["weights_available"] else "weights not available"
+        echo(f"{row['name']}  [{status}]")
+        if row["reason"]:
+            echo(f"    reason: {row['reason']}")
+        for layer in row["layers"]:
+            echo(
+                f"    k={layer['k']}  {layer['name']:<12} dim={layer['dim']:<5} {layer['kind']:<6} {layer['description']}"
+            )
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from index.store import ImageStore
+
+    from app.runtime import build_embedder, image_limits, open_store
+    from models.images import load_image
+
+    settings = settings_from_args(args)
+    if ImageStore.read_manifest(settings.data_dir) is None:
+        echo(
+            f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first"
+        )
+        return 2
+    embedder = build_embedder(settings)
+    query = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
+    with open_store(settings, embedder, read_only=True) as store:
+        hits = store.search(embedder.embed([query.image]), args.k)[0]
+    if args.json:
+        echo_json(
+            {
+                "query": args.image,
+                "results": [
+                    {
+                        "id": h.id,
+                        "score": round(h.score, 6),
+                        "source": h.record.source,
+                        "metadata": h.record.metadata,
+                    }
+                    for h in hits
+                ],
+                "model": embedder.fingerprint,
+            }
+        )
+        return 0
+    if not hits:
+        echo("no results: the store is empty")
+    for rank, hit in enumerate(hits, 1):
+        echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.record.source or ''}")
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from app.runtime import image_limits
+    from models.embedder import Embedder
+    from models.images import load_image
+
+    settings = settings_from_args(args)
+    # Classification needs no store: the model alone decides (layer/pooling do not matter here).
+    embedder = Embedder(
+        settings.model, weights=settings.weights, device=settings.device, precision=settings.precision
+    )
+    image = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
+    predictions = embedder.classify([image.image], k=args.k)[0]
+    if args.json:
+        echo_json(
+            {
+                "image": args.image,
+                "predictions": [
+                    {"label": p.label, "class_index": p.class_index, "probability": round(p.probability, 6)}
+                    for p in predictions
+                ],
+                "model": {"name": embedder.spec.name, "weights": embedder.weights_identity},
+            }
+        )
+        return 0
+    for p in predictions:
+        echo(f"{p.probability:7.2%}  {p.class_index:>4}  {p.label}")
+    return 0
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    """Fill the torch hub cache on a machine with internet, so later runs work offline."""
+    from models.registry import get_model
+
+    spec = get_model(args.name)
+    if spec.family != "torchvision":
+        echo(f"{args.name}: weights ship with the package; nothing to download")
+        return 0
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(args.name)
+    weight = enum.DEFAULT if args.which.upper() == "DEFAULT" else enum[args.which]
+    weight.get_state_dict(progress=True, check_hash=True)
+    echo(f"{args.name}: {type(weight).__name__}.{weight.name} is in the torch hub cache")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepfeat", description="Image retrieval, classification and features on deep CNN features."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "models", help="list models, whether their weights are available here, and their layers"
+    )
+    p.add_argument("--weights", help="check these weights instead of DEFAULT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("index", help="index image files and folders into a store")
+    add_common_arguments(p)
+    index_images.add_arguments(p)
+    p.set_defaults(func=index_images.run)
+
+    p = sub.add_parser("search", help="find the images most similar to IMAGE in a store")
+    add_common_arguments(p)
+    p.add_argument("image")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("classify", help="ImageNet top-k classes of IMAGE")
+    add_common_arguments(p)
+    p.add_argument("image")
+    p.add_argument("-k", type=int, default=5, help="number of classes (default 5)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser(
+        "weights", help="download torchvision weights into the torch hub cache (needs internet)"
+    )
+    p.add_argument("action", choices=["download"])
+    p.add_argument("name", help="model name, e.g. resnet50")
+    p.add_argument("--which", default="DEFAULT", help="weights enum name (default DEFAULT)")
+    p.set_defaults(func=_cmd_weights)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.func(args))
+    except (ModelError, StoreError) as exc:
+        sys.stderr.write(f"error [{exc.code}]: {exc}\n")
+        return 2
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        sys.stderr.write(f"error [invalid_settings]: {problems}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; everything committed so far is kept, re-run to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Shared fixtures: real photos shipped inside PyPI wheels, and one loaded pretrained embedder.
+
+The photos come from scikit-image's ``skimage.data`` (chelsea = a cat, coffee = an espresso, rocket)
+and matplotlib's sample ``grace_hopper.jpg``: real content, so semantic assertions mean something.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+PHOTO_NAMES = ("chelsea", "coffee", "rocket", "hopper", "astronaut", "motorcycle")
+
+
+def _photo(name: str) -> Image.Image:
+    if name == "hopper":
+        import matplotlib
+
+        path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    import skimage.data
+
+    if name == "motorcycle":
+        left, _right, _disp = skimage.data.stereo_motorcycle()
+        return Image.fromarray(left)
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    """name -> RGB PIL image."""
+    return {name: _photo(name) for name in PHOTO_NAMES}
+
+
+def jpeg_bytes(image: Image.Image, *, quality: int = 90, scale: float = 1.0) -> bytes:
+    if scale != 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, Image.Image]) -> Path:
+    """A folder of the real photos as JPEG files (one in a sub-folder, to exercise the recursive walk)."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    for i, (name, img) in enumerate(photos.items()):
+        target = root / "sub" if i % 2 else root
+        (target / f"{name}.jpg").write_bytes(jpeg_bytes(img))
+    return root
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The default model with its real bundled ImageNet weights, loaded once per test session."""
+    from models.embedder import Embedder
+
+    return Embedder("efficientnet_lite0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def make_rng() -> Callable[[int], np.random.Generator]:
+    return np.random.default_rng
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests skip cleanly where CUDA is absent (CI never has a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
