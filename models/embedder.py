@@ -7,6 +7,7 @@ its ``fingerprint`` is what an index records and compares to refuse mixing incom
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Sequence
@@ -157,6 +158,18 @@ class Embedder:
             self.device,
             precision,
         )
+
+    def variant(self, *, layer: str | int | None = None, pooling: str | None = None, gem_p: float | None = None) -> Embedder:
+        """The same loaded backbone read at another layer/pooling (no weight copy, shared trunk cache).
+
+        Lets the service return features from any layer without loading the model twice.
+        """
+        other = copy.copy(self)
+        other.layer = self.spec.get_layer(self.layer.name if layer is None else layer)
+        other.gem_p = self.gem_p if gem_p is None else float(gem_p)
+        other.pooling = other._check_pooling(pooling)
+        other._pool = get_pooling(other.pooling, gem_p=other.gem_p) if other.layer.kind == "conv" else None
+        return other
 
     # ---------------------------------------------------------------------------------------------
     # identity
