@@ -1,0 +1,827 @@
+"""``ImageStore``: the facade the API and the batch indexer use (add / get / delete / search).
+
+A data directory holds:
+
+* ``catalog.sqlite3``: the source of truth (see :mod:`index.catalog`). An add is acknowledged once its
+  transaction commits; FAISS is updated right after, from the committed rows.
+* ``vectors.faiss``: a FAISS snapshot, derived and always rebuildable from the catalog. Written
+  atomically, its sha256 recorded in the manifest after it is in place.
+* ``manifest.json``: the embedder fingerprint, dim, metric, factory, counts and the snapshot's checksum
+  and watermarks (see :mod:`index.manifest`).
+* ``.lock``: ``fcntl.flock``-ed while a snapshot + manifest is written (and shared while one is read),
+  so the batch indexer and the server can share a directory.
+
+How FAISS stays equal to the catalog. Every FAISS mutation happens in :meth:`ImageStore._sync`, which
+replays the catalog after two watermarks: tombstones with rowid > ``del_mark`` are removed, rows with
+seq > ``seq_mark`` are added (read back from SQLite, so a row deleted before it was indexed can never
+come back). :meth:`add` and :meth:`delete` write SQLite then call it; :meth:`refresh` calls it to pick up
+other processes' changes. At open, the snapshot is reconciled with the catalog by set difference
+(FAISS ids not in the catalog are removed, catalog rows missing from FAISS are added) and the
+watermarks are taken from the same consistent read, so nothing is missed or applied twice.
+
+Locks inside a process: ``_sync_lock`` (RLock) serialises everything that mutates FAISS or the
+watermarks; ``_index_lock`` (RLock) is held for each FAISS mutation and each FAISS search, so a search
+never sees half of an added batch. Catalog reads for a search happen outside both locks; a hit whose
+record was deleted in between is dropped (never returned without its record).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from index._fs import FileLock, remove_stale_temps
+from index.catalog import Catalog, CatalogRow, ImageRecord
+from index.errors import (
+    CorruptStoreError,
+    IncompatibleIndexError,
+    InvalidArgumentError,
+    InvalidIdError,
+    InvalidVectorError,
+    NotFoundError,
+    ReadOnlyStoreError,
+    StoreError,
+)
+from index.manifest import Manifest, SnapshotInfo, check_compatible, normalize_fingerprint
+from index.vectors import VectorIndex
+
+__all__ = [
+    "CATALOG_FILE",
+    "LOCK_FILE",
+    "MANIFEST_FILE",
+    "SNAPSHOT_FILE",
+    "AddResult",
+    "Hit",
+    "ImageRecord",
+    "ImageStore",
+    "NewImage",
+    "is_valid_id",
+]
+
+logger = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.sqlite3"
+MANIFEST_FILE = "manifest.json"
+SNAPSHOT_FILE = "vectors.faiss"
+LOCK_FILE = ".lock"
+
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+_TRAIN_SAMPLE = 100_000  # vectors drawn from the catalog to retrain an IVF/PQ index on rebuild
+_REPLAY_BATCH = 10_000
+
+
+def is_valid_id(value: object) -> bool:
+    """Whether ``value`` is a well-formed image id (32 lowercase hex chars, as made by ``uuid4().hex``)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def _check_id(value: object) -> str:
+    """Return a well-formed id or raise; hostile strings never reach SQLite or the filesystem."""
+    if isinstance(value, str) and _ID_RE.fullmatch(value):
+        return value
+    shown = repr(value) if not isinstance(value, str) or len(value) <= 48 else repr(value[:45] + "...")
+    raise InvalidIdError(f"invalid image id {shown}: expected 32 lowercase hex characters")
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image to add, minus its vector (vectors travel as one (n, dim) array beside the list)."""
+
+    sha256: str
+    source: str | None
+    width: int
+    height: int
+    nbytes: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    thumbnail: bytes | None = None
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """The id an added image got (or already had: ``created=False`` for known content)."""
+
+    id: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the image id, its cosine score (inner product) and its record."""
+
+    id: str
+    score: float
+    record: ImageRecord
+
+
+class ImageStore:
+    """SQLite catalog + FAISS index + manifest in one data directory. Use :meth:`open`."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        catalog: Catalog,
+        vectors: VectorIndex,
+        manifest: Manifest,
+        lock: FileLock,
+        read_only: bool,
+        snapshot_every: int,
+        seq_mark: int,
+        del_mark: int,
+        pending: int,
+    ) -> None:
+        """Assemble an opened store (internal: call :meth:`open`)."""
+        self._data_dir = data_dir
+        self._catalog = catalog
+        self._vectors = vectors
+        self._manifest = manifest
+        self._lock = lock
+        self._read_only = read_only
+        self._snapshot_every = snapshot_every
+        self._seq_mark = seq_mark
+        self._del_mark = del_mark
+        self._added_since_snapshot = pending
+        self._changes_since_snapshot = pending
+        self._sync_lock = threading.RLock()
+        self._index_lock = threading.RLock()
+        self._closed = False
+
+    # ================================================================== opening
+
+    @staticmethod
+    def read_manifest(data_dir: str | Path) -> Manifest | None:
+        """Read a store's manifest without opening the store (e.g. to show or compare its fingerprint).
+
+        Args:
+            data_dir: The data directory.
+
+        Returns:
+            The manifest, or None when there is no store there yet.
+
+        Raises:
+            CorruptStoreError: The manifest exists but cannot be parsed.
+        """
+        return Manifest.load(Path(data_dir) / MANIFEST_FILE)
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: str | Path,
+        *,
+        fingerprint: dict[str, Any],
+        dim: int,
+        index_factory: str | None = None,
+        read_only: bool = False,
+        snapshot_every: int = 1000,
+    ) -> ImageStore:
+        """Open the store in ``data_dir``, creating it when absent.
+
+        An existing store made by a different embedder is refused before anything is written. Then the
+        catalog is integrity-checked, the FAISS snapshot loaded if its checksum matches (otherwise it is
+        moved aside as ``vectors.faiss.corrupt-<ts>`` and rebuilt from the catalog) and reconciled with
+        the catalog.
+
+        Args:
+            data_dir: Directory for the store (created when missing, unless read-only).
+            fingerprint: The embedder's identity (JSON-able dict), compared with ``==`` to the stored one.
+            dim: Vector dimension; must equal the stored one.
+            index_factory: FAISS factory string for a new store (None means "Flat"). An existing store
+                keeps the factory it was built with; a different value here only logs a warning, so the
+                server and the indexer cannot fight over it.
+            read_only: Refuse add/delete/snapshot; never write to the directory.
+            snapshot_every: Write a snapshot automatically after this many vectors were added (0: only
+                on :meth:`snapshot` and :meth:`close`).
+
+        Returns:
+            The open store (also a context manager).
+
+        Raises:
+            IncompatibleIndexError: Different fingerprint or dim (the message names the keys).
+            CorruptStoreError: The catalog fails ``quick_check`` or the manifest is unreadable.
+            InvalidArgumentError: Bad ``dim``, ``snapshot_every``, fingerprint or factory string.
+            StoreError: Read-only and there is no store in ``data_dir``.
+        """
+        data_dir = Path(data_dir)
+        given_fp = normalize_fingerprint(fingerprint)
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise InvalidArgumentError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(snapshot_every, int) or isinstance(snapshot_every, bool) or snapshot_every < 0:
+            raise InvalidArgumentError(f"snapshot_every must be an integer >= 0, got {snapshot_every!r}")
+        if index_factory is not None and (not isinstance(index_factory, str) or not index_factory.strip()):
+            raise InvalidArgumentError(f"index_factory must be a non-empty string, got {index_factory!r}")
+
+        # Refuse a foreign store before creating or writing anything.
+        manifest = cls.read_manifest(data_dir)
+        if manifest is not None:
+            _check_manifest(manifest, given_fp, dim)
+        catalog_path = data_dir / CATALOG_FILE
+        if read_only and manifest is None and not catalog_path.exists():
+            raise StoreError(f"no store in {data_dir} (read-only open needs an existing store)")
+        if not read_only:
+            data_dir.mkdir(parents=True, exist_ok=True)
+
+        lock = FileLock(data_dir / LOCK_FILE, optional=read_only)
+        catalog: Catalog | None = None
+        try:
+            with lock.hold(shared=read_only):
+                # Re-read under the lock: another process may have just created or snapshotted it.
+                manifest = cls.read_manifest(data_dir)
+                if manifest is not None:
+                    _check_manifest(manifest, given_fp, dim)
+                catalog = Catalog(catalog_path, dim=dim, read_only=read_only)
+                catalog.quick_check()
+                manifest = _reconcile_identity(
+                    catalog, manifest, given_fp, dim, index_factory, data_dir=data_dir, read_only=read_only
+                )
+                store = cls._load_vectors(data_dir, catalog, manifest, lock, read_only, snapshot_every)
+        except BaseException:
+            if catalog is not None:
+                catalog.close()
+            lock.close()
+            raise
+        logger.info(
+            "opened store %s: %d vectors, dim %d, factory %s%s",
+            data_dir,
+            store.count,
+            dim,
+            manifest.index_factory,
+            " (read-only)" if read_only else "",
+        )
+        return store
+
+    @classmethod
+    def _load_vectors(
+        cls,
+        data_dir: Path,
+        catalog: Catalog,
+        manifest: Manifest,
+        lock: FileLock,
+        read_only: bool,
+        snapshot_every: int,
+    ) -> ImageStore:
+        """Load (or rebuild) FAISS and reconcile it with the catalog. Runs under the open-time lock."""
+        factory = manifest.index_factory
+        snap_path = data_dir / SNAPSHOT_FILE
+        vectors: VectorIndex | None = None
+        rebuilt = False
+        if manifest.snapshot is not None:
+            if manifest.snapshot.file != SNAPSHOT_FILE:
+                # Never follow a path from the manifest: the snapshot has one fixed name.
+                logger.warning("manifest names snapshot %r; using %s", manifest.snapshot.file, SNAPSHOT_FILE)
+            try:
+                vectors = VectorIndex.load(
+                    snap_path, expected_sha256=manifest.snapshot.sha256, factory=factory
+                )
+                if vectors.dim != manifest.dim:
+                    raise CorruptStoreError(f"snapshot has dim {vectors.dim}, manifest says {manifest.dim}")
+            except CorruptStoreError as exc:
+                vectors = None
+                rebuilt = True
+                logger.warning("snapshot unusable (%s); rebuilding the index from the catalog", exc)
+                if not read_only and snap_path.exists():
+                    aside = (
+                        data_dir / f"{SNAPSHOT_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                    )
+                    os.replace(snap_path, aside)
+                    logger.warning("moved the bad snapshot to %s", aside.name)
+        if vectors is None:
+            vectors = VectorIndex.create(manifest.dim, factory)
+
+        # One consistent read: the live seqs and the watermarks they correspond to.
+        max_seq, del_rowid, live = catalog.state()
+        held = vectors.ids()
+        extra = np.setdiff1d(held, live, assume_unique=True)
+        missing = np.setdiff1d(live, held, assume_unique=True)
+        if extra.size:
+            vectors.remove(extra)
+        if missing.size:
+            if not vectors.is_trained:
+                sample = [
+                    v
+                    for _, v in catalog.vectors_for_seqs(
+                        missing[:_TRAIN_SAMPLE].tolist(), batch=_REPLAY_BATCH
+                    )
+                ]
+                if sample:
+                    vectors.train(np.concatenate(sample))
+            for seqs, vecs in catalog.vectors_for_seqs(missing.tolist(), batch=_REPLAY_BATCH):
+                vectors.add(seqs, vecs)
+        if extra.size or missing.size:
+            logger.info(
+                "reconciled the index with the catalog: removed %d, added %d",
+                int(extra.size),
+                int(missing.size),
+            )
+        store = cls(
+            data_dir=data_dir,
+            catalog=catalog,
+            vectors=vectors,
+            manifest=manifest,
+            lock=lock,
+            read_only=read_only,
+            snapshot_every=snapshot_every,
+            seq_mark=max_seq,
+            del_mark=del_rowid,
+            pending=int(extra.size + missing.size),
+        )
+        if not read_only and (rebuilt or (manifest.snapshot is None and vectors.ntotal)):
+            # A rebuild is expensive: persist it now rather than at close.
+            store._write_snapshot()
+        return store
+
+    # ================================================================== properties
+
+    @property
+    def data_dir(self) -> Path:
+        """The data directory."""
+        return self._data_dir
+
+    @property
+    def count(self) -> int:
+        """Vectors searchable by this instance (the catalog count after :meth:`refresh`)."""
+        return self._vectors.ntotal
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return self._manifest.dim
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The embedder fingerprint this store was built with (a copy)."""
+        return normalize_fingerprint(self._manifest.fingerprint)
+
+    @property
+    def index_factory(self) -> str:
+        """The FAISS factory string in use."""
+        return self._manifest.index_factory
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest as last read or written by this instance."""
+        return self._manifest
+
+    @property
+    def read_only(self) -> bool:
+        """Whether writes are refused."""
+        return self._read_only
+
+    # ================================================================== guards
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the store is closed")
+
+    def _check_writable(self, action: str) -> None:
+        self._check_open()
+        if self._read_only:
+            raise ReadOnlyStoreError(f"cannot {action}: the store at {self._data_dir} is open read-only")
+
+    def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        arr = np.asarray(vectors)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise InvalidVectorError(f"{what} must have shape (n, {self.dim}), got {arr.shape}")
+        if arr.dtype not in (np.float32, np.float64):
+            raise InvalidVectorError(f"{what} must be float32 (float64 is cast), got dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        finite = np.isfinite(arr).all(axis=1)
+        if not finite.all():
+            raise InvalidVectorError(
+                f"{what} contain NaN or infinite values (row {int(np.flatnonzero(~finite)[0])})"
+            )
+        return arr
+
+    # ================================================================== sync with the catalog
+
+    def _sync(self, *, atomic: bool) -> int:
+        """Apply catalog changes after the watermarks to FAISS; the only place FAISS is mutated.
+
+        Args:
+            atomic: Apply all new rows in one locked FAISS add (used after :meth:`add`, so a search
+                never sees part of the batch); otherwise chunk by chunk (bounded memory for a big
+                catch-up).
+
+        Returns:
+            Number of vectors added plus removed.
+        """
+        with self._sync_lock:
+            marks = self._catalog.watermarks()
+            if marks == (self._seq_mark, self._del_mark):
+                return 0
+            removed = 0
+            deleted, new_del_mark = self._catalog.deleted_since(self._del_mark)
+            if deleted:
+                with self._index_lock:
+                    removed = self._vectors.remove(np.asarray(deleted, dtype=np.int64))
+            self._del_mark = new_del_mark
+
+            added = 0
+            chunks = self._catalog.iter_vectors(after_seq=self._seq_mark, batch=_REPLAY_BATCH)
+            if atomic:
+                parts = list(chunks)
+                if parts:
+                    seqs = np.concatenate([p[0] for p in parts])
+                    vecs = np.concatenate([p[1] for p in parts])
+                    with self._index_lock:
+                        self._vectors.add(seqs, vecs)
+                    self._seq_mark = int(seqs[-1])
+                    added = int(seqs.size)
+            else:
+                for seqs, vecs in chunks:
+                    with self._index_lock:
+                        self._vectors.add(seqs, vecs)
+                    self._seq_mark = int(seqs[-1])
+                    added += int(seqs.size)
+            # Every row with seq <= marks[0] was either read above or deleted before it could be, so the
+            # watermark may jump past rows deleted unseen (seqs are never reused).
+            self._seq_mark = max(self._seq_mark, marks[0])
+            self._added_since_snapshot += added
+            self._changes_since_snapshot += added + removed
+            if added or removed:
+                logger.debug("synced with the catalog: +%d -%d", added, removed)
+            return added + removed
+
+    def refresh(self) -> int:
+        """Catch up with rows added or deleted by other processes since the last sync.
+
+        Cheap when nothing changed (one small query on ``sqlite_sequence``).
+
+        Returns:
+            Number of vectors added plus removed.
+
+        Raises:
+            StoreError: The store is closed.
+        """
+        self._check_open()
+        return self._sync(atomic=False)
+
+    # ================================================================== writes
+
+    def find_existing(self, sha256s: Sequence[str]) -> dict[str, str]:
+        """Which contents are already stored, so the indexer can skip embedding them.
+
+        Args:
+            sha256s: Content hashes (lowercase hex).
+
+        Returns:
+            ``{sha256: id}`` for the known ones.
+        """
+        self._check_open()
+        return self._catalog.find_sha256(sha256s)
+
+    def known_sha256(self) -> set[str]:
+        """Every stored content hash, so a batch indexer can skip known files before decoding them."""
+        self._check_open()
+        return self._catalog.all_sha256()
+
+    def add(self, vectors: np.ndarray, images: Sequence[NewImage]) -> list[AddResult]:
+        """Add images with their vectors.
+
+        The catalog transaction commits first (that is the acknowledgement), then FAISS gets the created
+        rows under the index lock. Content already stored (same sha256, in the catalog or earlier in
+        this batch) gets its existing id back with ``created=False`` and no new vector. If anything
+        fails before the commit, nothing is stored anywhere.
+
+        Args:
+            vectors: (n, dim) float32 (float64 is cast), finite; row i belongs to ``images[i]``. The
+                store never re-normalises: pass L2-normalised vectors to get cosine scores.
+            images: n descriptions.
+
+        Returns:
+            One result per image, in order.
+
+        Raises:
+            InvalidVectorError: Wrong shape/dtype/dim, NaN/inf, or n != len(images).
+            InvalidArgumentError: Malformed sha256, metadata not JSON, bad sizes.
+            StoreFullError: No space left (rolled back).
+            ReadOnlyStoreError: Opened read-only.
+            StoreError: An untrained IVF/PQ index and too few vectors to train it.
+        """
+        self._check_writable("add images")
+        x = self._check_vectors(vectors, "vectors")
+        if x.shape[0] != len(images):
+            raise InvalidVectorError(f"got {x.shape[0]} vectors for {len(images)} images; they must match")
+        if not images:
+            return []
+        for i, image in enumerate(images):
+            if not isinstance(image, NewImage):
+                raise InvalidArgumentError(f"images[{i}] must be a NewImage, got {type(image).__name__}")
+        rows = [
+            CatalogRow(
+                sha256=img.sha256,
+                source=img.source,
+                width=img.width,
+                height=img.height,
+                nbytes=img.nbytes,
+                vector=x[i],
+                metadata=img.metadata,
+                thumbnail=img.thumbnail,
+            )
+            for i, img in enumerate(images)
+        ]
+        if not self._vectors.is_trained:
+            # Train before the commit: a training failure must not leave committed-but-unindexable rows.
+            with self._sync_lock, self._index_lock:
+                if not self._vectors.is_trained:
+                    self._vectors.train(x)
+        results = self._catalog.insert_many(rows)
+        if any(r.created for r in results):
+            self._sync(atomic=True)
+        self._maybe_auto_snapshot()
+        return [AddResult(r.id, r.created) for r in results]
+
+    def delete(self, id: str) -> None:
+        """Delete an image: catalog row (with a tombstone for other processes) then its FAISS vector.
+
+        Args:
+            id: Public image id.
+
+        Raises:
+            InvalidIdError: Not a well-formed id (a subclass of NotFoundError).
+            NotFoundError: No such image.
+            ReadOnlyStoreError: Opened read-only.
+            StoreFullError: No space for the tombstone (nothing deleted).
+        """
+        image_id = _check_id(id)
+        self._check_writable("delete images")
+        if self._catalog.delete(image_id) is None:
+            raise NotFoundError(f"no image with id {image_id!r}")
+        self._sync(atomic=False)
+
+    def _maybe_auto_snapshot(self) -> None:
+        if self._snapshot_every and self._added_since_snapshot >= self._snapshot_every:
+            try:
+                self.snapshot()
+            except StoreError:
+                # The add itself is committed and indexed; a snapshot is an optimisation for restart.
+                logger.exception("automatic snapshot failed; will retry after more adds or at close")
+
+    def snapshot(self) -> None:
+        """Write ``vectors.faiss`` and the manifest atomically, under the process lock.
+
+        Catches up with the catalog first, so a lagging process never replaces a newer snapshot with an
+        older state.
+
+        Raises:
+            ReadOnlyStoreError: Opened read-only.
+            StoreFullError: No space left (the previous snapshot and manifest stay in place).
+        """
+        self._check_writable("write a snapshot")
+        with self._sync_lock:
+            self._sync(atomic=False)
+            self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
+        with self._sync_lock, self._lock.hold():
+            remove_stale_temps(self._data_dir, SNAPSHOT_FILE)
+            remove_stale_temps(self._data_dir, MANIFEST_FILE)
+            path = self._data_dir / SNAPSHOT_FILE
+            # No index lock: nothing mutates FAISS without the sync lock, and searches only read it.
+            sha = self._vectors.save(path)
+            info = SnapshotInfo(
+                file=SNAPSHOT_FILE,
+                sha256=sha,
+                size=path.stat().st_size,
+                max_seq=self._seq_mark,
+                deletions_rowid=self._del_mark,
+                count=self._vectors.ntotal,
+            )
+            # Base the update on the file on disk so fields another process wrote survive.
+            current = Manifest.load(self._data_dir / MANIFEST_FILE) or self._manifest
+            manifest = replace(current, updated_at=time.time(), count=self._catalog.count(), snapshot=info)
+            manifest.save(self._data_dir / MANIFEST_FILE)
+            self._manifest = manifest
+            self._added_since_snapshot = 0
+            self._changes_since_snapshot = 0
+            logger.info("snapshot written: %d vectors, sha256 %s", info.count, sha[:12])
+
+    # ================================================================== reads
+
+    def get(self, id: str) -> ImageRecord:
+        """One image's record.
+
+        Args:
+            id: Public image id.
+
+        Returns:
+            The record.
+
+        Raises:
+            InvalidIdError: Not a well-formed id (a subclass of NotFoundError; never reaches SQLite).
+            NotFoundError: No such image.
+        """
+        image_id = _check_id(id)
+        self._check_open()
+        record = self._catalog.get(image_id)
+        if record is None:
+            raise NotFoundError(f"no image with id {image_id!r}")
+        return record
+
+    def thumbnail(self, id: str) -> bytes:
+        """The JPEG thumbnail given at add time.
+
+        Args:
+            id: Public image id.
+
+        Returns:
+            The bytes as given.
+
+        Raises:
+            InvalidIdError: Not a well-formed id.
+            NotFoundError: No such image, or it was added without a thumbnail.
+        """
+        image_id = _check_id(id)
+        self._check_open()
+        data = self._catalog.thumbnail(image_id)
+        if data is None:
+            if self._catalog.get(image_id) is None:
+                raise NotFoundError(f"no image with id {image_id!r}")
+            raise NotFoundError(f"image {image_id!r} has no thumbnail")
+        return data
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Nearest images by inner product (cosine for L2-normalised vectors), best first.
+
+        Args:
+            queries: (m, dim) float32 (float64 is cast), finite. Not re-normalised.
+            k: Hits per query, >= 1; more than the store holds just returns fewer.
+
+        Returns:
+            m lists of hits (empty lists for an empty store).
+
+        Raises:
+            InvalidArgumentError: ``k`` is not an integer >= 1.
+            InvalidVectorError: Bad query shape/dtype/values.
+        """
+        self._check_open()
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+            raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
+        q = self._check_vectors(queries, "queries")
+        with self._index_lock:
+            scores, ids = self._vectors.search(q, int(k))  # (m, k') each, k' = min(k, ntotal)
+        found = ids[ids >= 0]
+        records = self._catalog.get_many_by_seq(np.unique(found).tolist()) if found.size else {}
+        results: list[list[Hit]] = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            hits: list[Hit] = []
+            for score, seq in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
+                if seq < 0:
+                    continue
+                record = records.get(seq)
+                if record is None:
+                    logger.debug("dropping hit seq %d: deleted after the FAISS search", seq)
+                    continue
+                hits.append(Hit(id=record.id, score=float(score), record=record))
+            results.append(hits)
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        """A summary for health checks and the CLI.
+
+        Returns:
+            ``count`` (catalog rows), ``indexed`` (searchable vectors), ``dim``, ``metric``,
+            ``index_factory``, ``fingerprint``, ``snapshot`` (manifest snapshot info or None),
+            ``unsnapshotted_changes``, ``read_only``, ``data_dir``.
+        """
+        self._check_open()
+        snap = self._manifest.snapshot
+        return {
+            "count": self._catalog.count(),
+            "indexed": self._vectors.ntotal,
+            "dim": self.dim,
+            "metric": self._manifest.metric,
+            "index_factory": self.index_factory,
+            "fingerprint": self.fingerprint,
+            "snapshot": None if snap is None else asdict(snap),
+            "unsnapshotted_changes": self._changes_since_snapshot,
+            "read_only": self._read_only,
+            "data_dir": str(self._data_dir),
+        }
+
+    # ================================================================== lifecycle
+
+    def close(self) -> None:
+        """Snapshot if there are unsaved changes, then close connections and the lock file. Idempotent.
+
+        A failing final snapshot is logged, not raised: every change is already committed in SQLite
+        and the next open replays it.
+        """
+        if self._closed:
+            return
+        try:
+            if not self._read_only and self._changes_since_snapshot:
+                try:
+                    self.snapshot()
+                except (StoreError, OSError):
+                    logger.exception("final snapshot failed; the next open will replay from the catalog")
+        finally:
+            self._closed = True
+            self._catalog.close()
+            self._lock.close()
+
+    def __enter__(self) -> ImageStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ImageStore({str(self._data_dir)!r}, count={self.count}, factory={self.index_factory!r})"
+
+
+# ====================================================================== helpers for open()
+
+
+def _check_manifest(manifest: Manifest, given_fp: dict[str, Any], dim: int) -> None:
+    check_compatible(manifest.fingerprint, given_fp)
+    if manifest.dim != dim:
+        raise IncompatibleIndexError(
+            f"dimension mismatch: stored dim={manifest.dim} given dim={dim}",
+            differences={"dim": (manifest.dim, dim)},
+        )
+    if manifest.metric != "ip":
+        raise IncompatibleIndexError(
+            f"unsupported metric {manifest.metric!r} (only 'ip')",
+            differences={"metric": (manifest.metric, "ip")},
+        )
+
+
+def _reconcile_identity(
+    catalog: Catalog,
+    manifest: Manifest | None,
+    given_fp: dict[str, Any],
+    dim: int,
+    index_factory: str | None,
+    *,
+    data_dir: Path,
+    read_only: bool,
+) -> Manifest:
+    """Make the manifest and the catalog's ``meta`` agree on the store's identity; create a new store.
+
+    The identity is kept in both places so a lost manifest (crash between creating the catalog and
+    writing it) can be regenerated instead of leaving an unverifiable catalog.
+    """
+    stored_fp_text = catalog.get_meta("fingerprint")
+    stored_fp = json.loads(stored_fp_text) if stored_fp_text else None
+    if manifest is not None:
+        if stored_fp is not None and normalize_fingerprint(stored_fp) != normalize_fingerprint(
+            manifest.fingerprint
+        ):
+            raise CorruptStoreError("manifest.json and the catalog disagree on the embedder fingerprint")
+        if stored_fp is None and not read_only:
+            catalog.set_meta("fingerprint", json.dumps(manifest.fingerprint, sort_keys=True))
+            catalog.set_meta("dim", str(manifest.dim))
+            catalog.set_meta("index_factory", manifest.index_factory)
+        if index_factory is not None and index_factory != manifest.index_factory:
+            logger.warning(
+                "store %s was built with index_factory %r; ignoring the requested %r (rebuild to change it)",
+                data_dir,
+                manifest.index_factory,
+                index_factory,
+            )
+        return manifest
+
+    now = time.time()
+    if stored_fp is not None:
+        # Catalog without manifest: verify against the catalog's copy, then regenerate the manifest.
+        stored_dim = int(catalog.get_meta("dim") or dim)
+        manifest = Manifest(
+            fingerprint=stored_fp,
+            dim=stored_dim,
+            index_factory=catalog.get_meta("index_factory") or "Flat",
+            created_at=now,
+            updated_at=now,
+            count=catalog.count(),
+        )
+        _check_manifest(manifest, given_fp, dim)
+        logger.warning("manifest missing in %s; regenerating it from the catalog", data_dir)
+    else:
+        if read_only:
+            raise StoreError(
+                f"no store in {data_dir}: the catalog has no identity and the store is read-only"
+            )
+        factory = index_factory or "Flat"
+        VectorIndex.create(dim, factory)  # validate the factory string before persisting it
+        catalog.set_meta("fingerprint", json.dumps(given_fp, sort_keys=True))
+        catalog.set_meta("dim", str(dim))
+        catalog.set_meta("index_factory", factory)
+        manifest = Manifest(
+            fingerprint=given_fp, dim=dim, index_factory=factory, created_at=now, updated_at=now, count=0
+        )
+        logger.info("created a new store in %s (dim %d, factory %s)", data_dir, dim, factory)
+    if not read_only:
+        manifest.save(data_dir / MANIFEST_FILE)
+    return manifest

@@ -1,0 +1,349 @@
+"""A thin wrapper over a FAISS index that always takes explicit int64 ids.
+
+The ids are the catalog's ``seq`` numbers, never FAISS row positions (which shift on removal). The
+metric is always inner product: the embedder L2-normalises, so inner product is cosine.
+
+How ids are attached depends on the index type:
+
+* IVF indexes (``"IVF1024,Flat"``, ``"OPQ16,IVF1024,PQ16"``...) store ids in their inverted lists, so
+  they are used as they are (wrapping them in ``IndexIDMap`` would break ``remove_ids``: IVF does not
+  renumber positions when it removes).
+* Anything else (``"Flat"``, ``"HNSW32"``, ``"PQ16"``...) is wrapped in ``faiss.IndexIDMap2`` unless the
+  factory string already produced an ``IDMap``/``IDMap2``.
+
+Training: an untrained index (IVF, PQ...) is trained on the first batch given to :meth:`add`. That
+batch must hold enough vectors (at least ``nlist`` for IVF, 256 per PQ codebook); otherwise a
+:class:`StoreError` tells the caller to add a bigger first batch or use ``"Flat"``. Keeping this simple
+is deliberate: a serious IVF deployment should train offline on a sample and pick nlist ~ sqrt(n).
+
+Removal: indexes that cannot remove ids (HNSW) are rebuilt in memory from their own stored vectors
+(``reconstruct_n`` on the wrapped index, then ``reset`` and re-add the survivors). That is exact for
+raw-vector storage (``"HNSW32"`` = HNSW over a flat store) and re-encodes already-quantised codes
+otherwise. It costs a full rebuild per call, so delete in batches where possible.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index._fs import atomic_write, sha256_file
+from index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError, StoreError
+
+__all__ = ["VectorIndex"]
+
+logger = logging.getLogger(__name__)
+
+
+def _ivf_of(index: Any) -> Any | None:
+    """The IVF index that directly holds the ids (top level or under a pre-transform), else None."""
+    if isinstance(index, faiss.IndexIVF):
+        return index
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexIVF):
+            return inner
+    return None
+
+
+class VectorIndex:
+    """FAISS index + explicit int64 ids, inner-product metric.
+
+    Not thread-safe on its own: the store serialises mutation and search with a lock.
+    """
+
+    def __init__(self, index: Any, *, factory: str) -> None:
+        """Wrap an already-built FAISS index (use :meth:`create` or :meth:`load`).
+
+        Args:
+            index: A FAISS index that takes explicit ids (IDMap/IDMap2 or IVF).
+            factory: The factory string it was built from (informational).
+
+        Raises:
+            CorruptStoreError: The index does not take explicit ids or is not inner-product.
+        """
+        if not isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2) and _ivf_of(index) is None:
+            raise CorruptStoreError(f"FAISS index of type {type(index).__name__} carries no explicit ids")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise CorruptStoreError(f"FAISS index metric is {index.metric_type}, expected inner product")
+        self._index = index
+        self._factory = factory
+
+    @classmethod
+    def create(cls, dim: int, factory: str = "Flat") -> VectorIndex:
+        """Build an empty index from a FAISS factory string, metric inner product.
+
+        Args:
+            dim: Vector dimension.
+            factory: FAISS ``index_factory`` string ("Flat", "HNSW32", "IVF4096,PQ32"...).
+
+        Returns:
+            The empty index.
+
+        Raises:
+            InvalidArgumentError: ``dim`` < 1 or a factory string FAISS does not understand.
+        """
+        if not isinstance(dim, int) or dim < 1:
+            raise InvalidArgumentError(f"dim must be a positive integer, got {dim!r}")
+        try:
+            raw = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidArgumentError(
+                f"invalid FAISS index_factory {factory!r} for dim {dim}: {exc}. "
+                "Examples: 'Flat', 'HNSW32', 'IVF1024,Flat'"
+            ) from exc
+        if not isinstance(raw, faiss.IndexIDMap | faiss.IndexIDMap2) and _ivf_of(raw) is None:
+            raw = faiss.IndexIDMap2(raw)
+        return cls(raw, factory=factory)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def factory(self) -> str:
+        """The factory string the index was built from."""
+        return self._factory
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return int(self._index.d)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of vectors held."""
+        return int(self._index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the index can accept vectors (Flat/HNSW always; IVF/PQ after :meth:`train`)."""
+        return bool(self._index.is_trained)
+
+    @property
+    def faiss_index(self) -> Any:
+        """The underlying FAISS object (for tuning such as ``nprobe``/``efSearch``; do not mutate ids)."""
+        return self._index
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        arr = np.asarray(vectors)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise InvalidVectorError(f"{what} must have shape (n, {self.dim}), got {arr.shape}")
+        if arr.dtype not in (np.float32, np.float64):
+            raise InvalidVectorError(f"{what} must be float32 (or float64), got dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+            raise InvalidVectorError(f"{what} contain NaN or infinite values (first at row {bad})")
+        return arr
+
+    @staticmethod
+    def _check_ids(ids: np.ndarray, n: int | None = None) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+            want = f"({n},)" if n is not None else "(n,)"
+            raise InvalidArgumentError(f"ids must have shape {want}, got {arr.shape}")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise InvalidArgumentError(f"ids must be integers, got dtype {arr.dtype}")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+
+    # ------------------------------------------------------------------ mutation
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train the index (IVF centroids, PQ codebooks) on ``vectors``.
+
+        Args:
+            vectors: (n, dim) float32 training vectors.
+
+        Raises:
+            InvalidVectorError: Wrong shape/dtype or non-finite values.
+            StoreError: Too few vectors for this index type (the message says how many are needed).
+        """
+        x = self._check_vectors(vectors, "training vectors")
+        ivf = _ivf_of(self._index)
+        if ivf is not None and x.shape[0] < ivf.nlist:
+            raise StoreError(
+                f"index_factory {self._factory!r} needs at least {ivf.nlist} vectors to train its "
+                f"{ivf.nlist} IVF lists, got {x.shape[0]}; add a bigger first batch or use 'Flat'"
+            )
+        try:
+            self._index.train(x)
+        except RuntimeError as exc:
+            raise StoreError(
+                f"cannot train index_factory {self._factory!r} on {x.shape[0]} vectors ({exc}); "
+                "add a bigger first batch or use 'Flat'"
+            ) from exc
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors under explicit ids, training first if the index needs it.
+
+        Ids must not already be in the index (FAISS would keep both copies); the store guarantees that.
+
+        Args:
+            ids: (n,) int64 ids.
+            vectors: (n, dim) float32 vectors (float64 is cast).
+
+        Raises:
+            InvalidVectorError: Wrong shape/dtype or non-finite values.
+            InvalidArgumentError: ``ids`` is not a 1-D integer array of length n.
+            StoreError: The index needs training and ``vectors`` are too few to train on.
+        """
+        x = self._check_vectors(vectors, "vectors")
+        i = self._check_ids(ids, x.shape[0])
+        if x.shape[0] == 0:
+            return
+        if not self.is_trained:
+            self.train(x)
+        self._index.add_with_ids(x, i)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove ids (absent ones are ignored).
+
+        Args:
+            ids: (n,) int64 ids.
+
+        Returns:
+            How many vectors were removed.
+
+        Raises:
+            InvalidArgumentError: ``ids`` is not a 1-D integer array.
+        """
+        i = self._check_ids(ids)
+        if i.size == 0 or self.ntotal == 0:
+            return 0
+        try:
+            return int(self._index.remove_ids(faiss.IDSelectorBatch(i)))
+        except RuntimeError as exc:
+            if "not implemented" not in str(exc):
+                raise
+        return self._remove_by_rebuild(i)
+
+    def _remove_by_rebuild(self, ids: np.ndarray) -> int:
+        # Only IDMap-wrapped indexes get here (IVF supports remove_ids natively). Row r of the wrapped
+        # index has id id_map[r], so reconstruct_n(0, ntotal) lines up with ids().
+        held = self.ids()
+        drop = np.isin(held, ids)
+        n_drop = int(drop.sum())
+        if n_drop == 0:
+            return 0
+        inner = faiss.downcast_index(self._index.index)
+        vectors = inner.reconstruct_n(0, self.ntotal)  # (ntotal, dim)
+        keep = ~drop
+        logger.info("rebuilding %s index without %d id(s) (%d kept)", self._factory, n_drop, int(keep.sum()))
+        self._index.reset()
+        if keep.any():
+            self._index.add_with_ids(np.ascontiguousarray(vectors[keep]), np.ascontiguousarray(held[keep]))
+        return n_drop
+
+    # ------------------------------------------------------------------ queries
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product.
+
+        Args:
+            queries: (m, dim) float32 queries.
+            k: Neighbours per query, >= 1.
+
+        Returns:
+            ``(scores, ids)``: (m, k') float32 best first and (m, k') int64, where k' = min(k, ntotal)
+            (so a huge k never allocates a huge result); ids are -1 where an approximate index found
+            fewer than k' neighbours.
+
+        Raises:
+            InvalidVectorError: Bad query shape/dtype/values.
+            InvalidArgumentError: ``k`` < 1.
+        """
+        q = self._check_vectors(queries, "queries")
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+            raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
+        k_eff = min(int(k), self.ntotal)
+        if q.shape[0] == 0 or k_eff == 0:
+            m = q.shape[0]
+            return np.empty((m, k_eff), dtype=np.float32), np.empty((m, k_eff), dtype=np.int64)
+        scores, ids = self._index.search(q, k_eff)
+        return np.asarray(scores, dtype=np.float32), np.asarray(ids, dtype=np.int64)
+
+    def ids(self) -> np.ndarray:
+        """All ids currently held.
+
+        Returns:
+            int64 array (order: insertion order for IDMap indexes, list order for IVF).
+        """
+        if isinstance(self._index, faiss.IndexIDMap | faiss.IndexIDMap2):
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+        ivf = _ivf_of(self._index)
+        if ivf is None:  # pragma: no cover - excluded by __init__
+            raise CorruptStoreError("index carries no ids")
+        invlists = ivf.invlists
+        parts = []
+        for lst in range(ivf.nlist):
+            size = invlists.list_size(lst)
+            if size:
+                ptr = invlists.get_ids(lst)
+                try:
+                    parts.append(faiss.rev_swig_ptr(ptr, size).astype(np.int64, copy=True))
+                finally:
+                    invlists.release_ids(lst, ptr)
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> str:
+        """Write the index atomically (temp file in the same dir, fsync, ``os.replace``, dir fsync).
+
+        Args:
+            path: Destination, e.g. ``<data_dir>/vectors.faiss``.
+
+        Returns:
+            The sha256 hex digest of the written file, to be recorded in the manifest.
+
+        Raises:
+            StoreFullError: No space left on the device (the temp file is removed).
+        """
+        digest: list[str] = []
+
+        def _write(tmp: Path) -> None:
+            faiss.write_index(self._index, str(tmp))
+            # Hash the temp file: it is exactly what os.replace will put in place.
+            digest.append(sha256_file(tmp))
+
+        atomic_write(Path(path), _write)
+        return digest[0]
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, expected_sha256: str | None = None, factory: str = "unknown"
+    ) -> VectorIndex:
+        """Read an index written by :meth:`save`, verifying its checksum first.
+
+        The checksum is checked before FAISS parses the file, so a damaged file never reaches the C++
+        reader (which can crash on garbage).
+
+        Args:
+            path: The snapshot file.
+            expected_sha256: The manifest's checksum; None skips the check.
+            factory: The factory string to report (not stored in FAISS files).
+
+        Returns:
+            The loaded index.
+
+        Raises:
+            CorruptStoreError: Missing/unreadable file, checksum mismatch, or not an id-carrying
+                inner-product FAISS index.
+        """
+        path = Path(path)
+        try:
+            if expected_sha256 is not None:
+                actual = sha256_file(path)
+                if actual != expected_sha256:
+                    raise CorruptStoreError(
+                        f"snapshot {path.name} checksum mismatch: expected {expected_sha256}, got {actual}"
+                    )
+            raw = faiss.read_index(str(path))
+        except (OSError, RuntimeError) as exc:
+            raise CorruptStoreError(f"cannot read snapshot {path}: {exc}") from exc
+        return cls(raw, factory=factory)
