@@ -47,6 +47,11 @@ def embedder_options(settings: Settings) -> dict[str, Any]:
         if weights is not None:
             from_store["weights"] = weights
         explicit = settings.explicit_embedder_options()
+        if "model" in explicit or "layer" in explicit:
+            # Another network or layer: the store's pooling may not even apply; let the store
+            # refuse the mismatch by name instead of failing on a pooling/layer combination.
+            from_store.pop("pooling", None)
+            from_store.pop("gem_p", None)
         for key, value in from_store.items():
             if key not in explicit and value is not None:
                 options[key] = value

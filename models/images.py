@@ -156,6 +156,14 @@ class LoadedImage:
     sha256: str
     nbytes: int
 
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """The full-resolution ``(width, height)`` as people see it (orientation applied, no draft):
+        what the store records, whatever size the decoder was asked for."""
+        w, h = self.original_size
+        turned = (self.width > self.height) != (w > h) and self.width != self.height and w != h
+        return (h, w) if turned else (w, h)
+
 
 def load_image(
     source: bytes | str | os.PathLike[str],

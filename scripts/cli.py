@@ -1,4 +1,4 @@
-"""The ``deepfeat`` command: models, index, search, classify, weights, serve.
+"""The ``deepfeat`` command: models, index, search, classify, serve, weights.
 
 Every sub-command reads the same Settings (``DEEPFEAT_*`` environment variables) and lets flags
 override them; errors from ``models`` and ``index`` are reported as one line with their stable code
@@ -148,6 +148,27 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     weight = enum.DEFAULT if args.which.upper() == "DEFAULT" else enum[args.which]
     weight.get_state_dict(progress=True, check_hash=True)
     echo(f"{args.name}: {type(weight).__name__}.{weight.name} is in the torch hub cache")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    overrides = {name: getattr(args, name) for name in ("host", "port") if getattr(args, name) is not None}
+    settings = settings_from_args(args, **overrides)
+    echo(f"deepfeat serving {settings.data_dir} on http://{settings.host}:{settings.port}/ (API docs at /docs)")
+    # One process per model copy: scale out with more processes/replicas behind a load balancer,
+    # not uvicorn workers sharing one data dir's writer.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_keep_alive=5,
+        proxy_headers=True,
+    )
     return 0
 
 

@@ -115,8 +115,8 @@ class _FileDataset(Dataset[_Item]):
             "ok",
             sha256=sha,
             tensor=tensor,
-            width=loaded.width,
-            height=loaded.height,
+            width=loaded.upright_size[0],
+            height=loaded.upright_size[1],
             nbytes=len(data),
             thumbnail=thumb,
         )

@@ -1,0 +1,116 @@
+"""The FastAPI application: ``create_app(settings)`` builds everything once in the lifespan.
+
+Start-up never crashes on a bad store or missing weights: the app comes up, ``/health`` answers, and
+``/ready`` plus every model route answer 503 with the reason, so an orchestrator sees why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse
+
+from app.deps import AppState, Runtime
+from app.errors import install_error_handlers
+from app.inference import Inference
+from app.metrics import Metrics, MetricsMiddleware
+from app.middleware import BodyLimitMiddleware
+from app.routes import classify, embed, health, images, search
+from app.runtime import build_embedder, image_limits, open_store
+from app.settings import Settings
+from index.errors import StoreError
+from models.errors import ModelError
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+
+def _build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    embedder = build_embedder(settings)
+    store = open_store(settings, embedder)
+    metrics.track_index_size(lambda: store.count)
+    return Runtime(
+        settings=settings,
+        metrics=metrics,
+        inference=Inference(embedder, metrics),
+        store=store,
+        limits=image_limits(settings),
+    )
+
+
+async def _refresh_forever(runtime: Runtime, interval: float) -> None:
+    """Pick up images added or deleted by other writers (the batch indexer) without a restart."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            changed = await asyncio.to_thread(runtime.store.refresh)
+        except StoreError as exc:
+            log.warning("refresh from the catalog failed: %s", exc)
+            continue
+        if changed:
+            log.info("picked up %d changes made by other writers", changed)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = AppState(settings=settings, metrics=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            runtime = await asyncio.to_thread(_build_runtime, settings, metrics)
+        except (ModelError, StoreError) as exc:
+            state.not_ready_reason = f"{exc.code}: {exc}"
+            log.error("not ready: %s", state.not_ready_reason)
+            yield
+            return
+        state.runtime = runtime
+        state.not_ready_reason = None
+        refresher = asyncio.create_task(_refresh_forever(runtime, settings.refresh_interval_s))
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            state.runtime = None
+            state.not_ready_reason = "shutting down"
+            await asyncio.to_thread(runtime.store.close)
+
+    app = FastAPI(
+        title="deepfeat",
+        version="0.1.0",
+        summary="Search images by image, classify them, and get their deep CNN features.",
+        lifespan=lifespan,
+        form_limits={"max_files": 1, "max_fields": 8, "max_part_size": 64 * 1024},
+    )
+    app.state.deepfeat = state
+    install_error_handlers(app)
+    for module in (search, classify, embed, images, health):
+        app.include_router(module.router)
+
+    page = resources.files("app").joinpath("web", "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

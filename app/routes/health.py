@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import AppState, State, require_read
+from app.routes.common import model_info
+from app.schemas import ErrorResponse, HealthResponse, ReadyResponse, StatsResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthResponse)
+def health() -> HealthResponse:
+    """Liveness: the process answers."""
+    return HealthResponse(status="ok")
+
+
+@router.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+def ready(request: Request, response: Response) -> ReadyResponse:
+    """Readiness: model loaded and store open and consistent."""
+    state: AppState = request.app.state.deepfeat
+    if state.runtime is None:
+        response.status_code = 503
+        return ReadyResponse(status="not_ready", detail=state.not_ready_reason)
+    return ReadyResponse(status="ready")
+
+
+@router.get("/v1/stats", response_model=StatsResponse, responses={503: {"model": ErrorResponse}}, dependencies=[Depends(require_read)])
+def stats(state: State) -> StatsResponse:
+    """Index size, model, layer, dimension and index type."""
+    return StatsResponse(
+        count=state.store.count,
+        model=model_info(state.inference.embedder),
+        dim=state.store.dim,
+        index_factory=state.store.stats()["index_factory"],
+        data_dir=str(state.settings.data_dir),
+        read_only=False,
+    )
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    state: AppState = request.app.state.deepfeat
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

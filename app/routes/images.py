@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
+
+from app.deps import State, read_upload, require_read, require_write
+from app.errors import APIError
+from app.routes.common import image_info
+from app.schemas import AddImageResponse, DeleteResponse, ErrorResponse, ImageInfo
+from index.store import NewImage
+from models.images import make_thumbnail
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+MAX_METADATA_BYTES = 16 * 1024
+MAX_SOURCE_CHARS = 4096
+ImageId = Annotated[str, Path(description="The image id returned when it was added", max_length=256)]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+def _parse_metadata(raw: str | None) -> dict[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    if len(raw.encode("utf-8")) > MAX_METADATA_BYTES:
+        raise APIError(422, "invalid_metadata", f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise APIError(422, "invalid_metadata", f"metadata is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise APIError(422, "invalid_metadata", "metadata must be a JSON object")
+    return value
+
+
+@router.post(
+    "",
+    response_model=AddImageResponse,
+    status_code=201,
+    responses={200: {"model": AddImageResponse, "description": "Already indexed"}, **_errors(401, 413, 415, 422, 503, 507)},
+    dependencies=[Depends(require_write)],
+)
+def add_image(
+    state: State,
+    response: Response,
+    file: Annotated[UploadFile, File(description="The image to index")],
+    source: Annotated[str | None, Form(max_length=MAX_SOURCE_CHARS, description="Free text, stored as data")] = None,
+    metadata: Annotated[str | None, Form(description="A JSON object stored with the image")] = None,
+) -> AddImageResponse:
+    """Index an image; 201 when new, 200 with created=false when the same content is already indexed."""
+    meta = _parse_metadata(metadata)
+    image = read_upload(state, file)
+    existing = state.store.find_existing([image.sha256])
+    if image.sha256 in existing:
+        response.status_code = 200
+        return AddImageResponse(id=existing[image.sha256], created=False)
+    vector = state.inference.embed([image.image])
+    result = state.store.add(
+        vector,
+        [
+            NewImage(
+                sha256=image.sha256,
+                source=source,
+                width=image.upright_size[0],
+                height=image.upright_size[1],
+                nbytes=image.nbytes,
+                metadata=meta,
+                thumbnail=make_thumbnail(image.image),
+            )
+        ],
+    )[0]
+    if not result.created:
+        response.status_code = 200
+    return AddImageResponse(id=result.id, created=result.created)
+
+
+@router.get("/{image_id}", response_model=ImageInfo, responses=_errors(401, 404, 422, 503), dependencies=[Depends(require_read)])
+def get_image(state: State, image_id: ImageId) -> ImageInfo:
+    """What the store knows about one image."""
+    return image_info(state.store.get(image_id))
+
+
+@router.get(
+    "/{image_id}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, **_errors(401, 404, 422, 503)},
+    dependencies=[Depends(require_read)],
+)
+def get_thumbnail(state: State, image_id: ImageId) -> Response:
+    """A small re-encoded JPEG of the image."""
+    data = state.store.thumbnail(image_id)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+
+@router.delete(
+    "/{image_id}", response_model=DeleteResponse, responses=_errors(401, 404, 422, 503, 507), dependencies=[Depends(require_write)]
+)
+def delete_image(state: State, image_id: ImageId) -> DeleteResponse:
+    """Remove an image from the store and from search results."""
+    state.store.delete(image_id)
+    return DeleteResponse(id=image_id, deleted=True)

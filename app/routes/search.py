@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, UploadFile
+
+from app.deps import State, read_upload, require_read
+from app.routes.common import model_info, thumbnail_url
+from app.schemas import ErrorResponse, SearchHit, SearchResponse
+
+router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+
+
+@router.post("/search", response_model=SearchResponse, responses=_ERRORS)
+def search(
+    state: State,
+    file: Annotated[UploadFile, File(description="The query image")],
+    k: Annotated[int, Query(ge=1, le=10_000, description="Number of results")] = 10,
+) -> SearchResponse:
+    """Find the indexed images most similar to the uploaded one (cosine similarity, best first)."""
+    started = time.perf_counter()
+    k = min(k, state.settings.max_k)
+    image = read_upload(state, file)
+    vector = state.inference.embed([image.image])
+    hits = state.store.search(vector, k)[0]
+    return SearchResponse(
+        results=[
+            SearchHit(
+                id=hit.id,
+                score=hit.score,
+                source=hit.record.source,
+                metadata=hit.record.metadata,
+                thumbnail_url=thumbnail_url(hit.id),
+            )
+            for hit in hits
+        ],
+        model=model_info(state.inference.embedder),
+        took_ms=round((time.perf_counter() - started) * 1000, 2),
+    )

@@ -1,0 +1,112 @@
+"""Request/response models; every route declares one, so /docs shows the real contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "ErrorResponse",
+    "ModelInfo",
+    "SearchHit",
+    "SearchResponse",
+    "PredictionOut",
+    "ClassifyResponse",
+    "EmbedResponse",
+    "AddImageResponse",
+    "ImageInfo",
+    "DeleteResponse",
+    "HealthResponse",
+    "ReadyResponse",
+    "StatsResponse",
+]
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What went wrong, for people")
+    code: str = Field(description="Stable machine-readable error code")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    weights: str
+    pretrained: bool
+    layer: str
+    pooling: str
+    dim: int
+    device: str
+    precision: str
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float = Field(description="Cosine similarity, higher is more similar")
+    source: str | None
+    metadata: dict[str, Any]
+    thumbnail_url: str
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    model: ModelInfo
+    took_ms: float
+
+
+class PredictionOut(BaseModel):
+    label: str
+    class_index: int
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[PredictionOut]
+    model: ModelInfo
+
+
+class EmbedResponse(BaseModel):
+    model: ModelInfo
+    layer: str
+    pooling: str
+    dim: int
+    vector: list[float]
+
+
+class AddImageResponse(BaseModel):
+    id: str
+    created: bool
+
+
+class ImageInfo(BaseModel):
+    id: str
+    sha256: str
+    source: str | None
+    width: int
+    height: int
+    nbytes: int
+    metadata: dict[str, Any]
+    added_at: float
+    thumbnail_url: str
+
+
+class DeleteResponse(BaseModel):
+    id: str
+    deleted: bool
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class StatsResponse(BaseModel):
+    count: int
+    model: ModelInfo
+    dim: int
+    index_factory: str
+    data_dir: str
+    read_only: bool

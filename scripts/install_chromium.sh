@@ -1,0 +1,31 @@
+#!/usr/bin/env sh
+# Install Debian's headless-capable Chromium and its WebDriver for the browser tests.
+# Idempotent: exits at once when chromium is already on PATH. Quiet unless something fails.
+set -eu
+
+if command -v chromium >/dev/null 2>&1; then
+    exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install_chromium.sh: apt-get not found; install chromium and chromium-driver by hand" >&2
+    exit 1
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=""
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO="sudo"
+else
+    echo "install_chromium.sh: not root and sudo is missing; cannot install chromium" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+
+command -v chromium >/dev/null 2>&1 || {
+    echo "install_chromium.sh: chromium still missing after apt-get install" >&2
+    exit 1
+}

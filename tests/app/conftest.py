@@ -1,0 +1,52 @@
+"""App fixtures: a real app (lifespan and all) over a temporary data dir, via TestClient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import jpeg_bytes
+
+MakeClient = Callable[..., Any]
+
+
+@contextmanager
+def _client(tmp: Path, **overrides: Any) -> Iterator[TestClient]:
+    settings = Settings(data_dir=tmp / "data", **overrides)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Build a client with extra settings; closed at teardown."""
+    stack: list[Any] = []
+
+    def make(**overrides: Any) -> TestClient:
+        cm = _client(tmp_path, **overrides)
+        stack.append(cm)
+        return cm.__enter__()
+
+    yield make
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """One app per test module (the model loads once), empty store."""
+    with _client(tmp_path_factory.mktemp("app")) as c:
+        yield c
+
+
+def upload(image: Image.Image | bytes, name: str = "photo.jpg", content_type: str = "image/jpeg") -> dict[str, Any]:
+    data = image if isinstance(image, bytes) else jpeg_bytes(image)
+    return {"file": (name, data, content_type)}
