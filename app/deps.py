@@ -42,13 +42,17 @@ class AppState:
 def get_runtime(request: Request) -> Runtime:
     state: AppState = request.app.state.deepfeat
     if state.runtime is None:
-        raise APIError(503, "not_ready", f"service not ready: {state.not_ready_reason}", headers={"Retry-After": "5"})
+        raise APIError(
+            503, "not_ready", f"service not ready: {state.not_ready_reason}", headers={"Retry-After": "5"}
+        )
     return state.runtime
 
 
 State = Annotated[Runtime, Depends(get_runtime)]
 
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key, when the server sets one")
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="API key, when the server sets one"
+)
 
 
 def _digest(value: str) -> bytes:

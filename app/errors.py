@@ -26,7 +26,9 @@ class APIError(StarletteHTTPException):
     A Starlette HTTPException subclass, so FastAPI re-raises it untouched even from inside body parsing.
     """
 
-    def __init__(self, status_code: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status_code: int, code: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(status_code=status_code, detail=detail, headers=headers)
         self.code = code
 
@@ -59,7 +61,9 @@ _CODE_BY_STATUS = {
 }
 
 
-def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
 
 

@@ -43,5 +43,7 @@ class Inference:
     def classify(self, images: list[Image.Image], *, k: int) -> list[list[Prediction]]:
         return self._run(len(images), lambda: self.embedder.classify(images, k=k))
 
-    def embed_and_classify(self, images: list[Image.Image], *, k: int) -> tuple[np.ndarray, list[list[Prediction]]]:
+    def embed_and_classify(
+        self, images: list[Image.Image], *, k: int
+    ) -> tuple[np.ndarray, list[list[Prediction]]]:
         return self._run(len(images), lambda: self.embedder.embed_and_classify(images, k=k))

@@ -32,7 +32,6 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 
-
 def _build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     embedder = build_embedder(settings)
     store = open_store(settings, embedder)

@@ -26,7 +26,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.errors = Counter("deepfeat_errors", "Error responses by stable error code", ["code"], registry=self.registry)
+        self.errors = Counter(
+            "deepfeat_errors", "Error responses by stable error code", ["code"], registry=self.registry
+        )
         self.batch_size = Histogram(
             "deepfeat_embed_batch_size",
             "Images per forward pass",
@@ -34,7 +36,10 @@ class Metrics:
             registry=self.registry,
         )
         self.forward_seconds = Histogram(
-            "deepfeat_forward_seconds", "Model forward pass time", buckets=_LATENCY_BUCKETS, registry=self.registry
+            "deepfeat_forward_seconds",
+            "Model forward pass time",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.index_size = Gauge("deepfeat_index_size", "Images in the store", registry=self.registry)
 

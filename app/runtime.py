@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from index.store import ImageStore
-
 from app.settings import Settings
+from index.store import ImageStore
 from models.embedder import Embedder
 from models.images import ImageLimits
 from models.registry import weights_argument

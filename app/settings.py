@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(None, description="Required for write routes when set")
     read_api_key: SecretStr | None = Field(None, description="Required for read routes when set")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body (the whole multipart upload)")
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest request body (the whole multipart upload)"
+    )
     max_k: int = Field(100, ge=1, le=10_000)
     cors_origins: list[str] = Field(default_factory=list)
     refresh_interval_s: float = Field(

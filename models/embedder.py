@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINGERPRINT_VERSION = 1
+
+_TRACE_LOCK = threading.Lock()
 """Bumped whenever the meaning of a vector changes for the same model/layer/pooling."""
 
 
@@ -146,8 +148,14 @@ class Embedder:
         self.pretrained = resolved.pretrained
         self.categories = resolved.categories
         self.transform = build_transform(self.spec.preprocess)
-        self._trunks: dict[tuple[str, ...], torch.nn.Module] = {}
-        self._trunk_lock = threading.Lock()
+        # Both trunks are traced here, once: FX tracing patches torch.nn.Module.__call__ process-wide,
+        # so tracing while another thread runs a forward pass would corrupt that pass. After __init__
+        # nothing is ever traced again, whatever layer a request asks for.
+        with _TRACE_LOCK:
+            # Hot path (indexing, search): pruned right after the chosen layer.
+            self._single: torch.nn.Module | None = build_trunk(net, {self.layer.node: self.layer.node})
+            # Every selectable layer and the logits from one pass: classify, embed+classify, variants.
+            self._all = build_trunk(net, {spec.node: spec.node for spec in self.spec.layers})
         log.info(
             "loaded %s (%s) layer=%s pooling=%s dim=%d on %s precision=%s",
             self.spec.name,
@@ -159,13 +167,17 @@ class Embedder:
             precision,
         )
 
-    def variant(self, *, layer: str | int | None = None, pooling: str | None = None, gem_p: float | None = None) -> Embedder:
+    def variant(
+        self, *, layer: str | int | None = None, pooling: str | None = None, gem_p: float | None = None
+    ) -> Embedder:
         """The same loaded backbone read at another layer/pooling (no weight copy, shared trunk cache).
 
         Lets the service return features from any layer without loading the model twice.
         """
         other = copy.copy(self)
         other.layer = self.spec.get_layer(self.layer.name if layer is None else layer)
+        if other.layer.node != self.layer.node:
+            other._single = None  # served by the all-layers trunk
         other.gem_p = self.gem_p if gem_p is None else float(gem_p)
         other.pooling = other._check_pooling(pooling)
         other._pool = get_pooling(other.pooling, gem_p=other.gem_p) if other.layer.kind == "conv" else None
@@ -238,12 +250,9 @@ class Embedder:
     # forward passes
 
     def _trunk(self, nodes: tuple[str, ...]) -> torch.nn.Module:
-        with self._trunk_lock:
-            trunk = self._trunks.get(nodes)
-            if trunk is None:
-                trunk = build_trunk(self._net, {node: node for node in nodes})
-                self._trunks[nodes] = trunk
-            return trunk
+        if self._single is not None and nodes == (self.layer.node,):
+            return self._single
+        return self._all
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self._autocast_dtype is None:
@@ -266,7 +275,7 @@ class Embedder:
         batch = batch.to(self.device, non_blocking=non_blocking).contiguous(memory_format=memory_format)
         with torch.inference_mode(), self._autocast():
             out: dict[str, torch.Tensor] = self._trunk(nodes)(batch)
-        return {k: v.float() for k, v in out.items()}
+        return {k: out[k].float() for k in nodes}
 
     def _vectors(self, feat: torch.Tensor) -> np.ndarray:
         if self._pool is not None:

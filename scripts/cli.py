@@ -66,9 +66,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from index.store import ImageStore
-
     from app.runtime import build_embedder, image_limits, open_store
+    from index.store import ImageStore
     from models.images import load_image
 
     settings = settings_from_args(args)
@@ -158,7 +157,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in ("host", "port") if getattr(args, name) is not None}
     settings = settings_from_args(args, **overrides)
-    echo(f"deepfeat serving {settings.data_dir} on http://{settings.host}:{settings.port}/ (API docs at /docs)")
+    echo(
+        f"deepfeat serving {settings.data_dir} on http://{settings.host}:{settings.port}/ (API docs at /docs)"
+    )
     # One process per model copy: scale out with more processes/replicas behind a load balancer,
     # not uvicorn workers sharing one data dir's writer.
     uvicorn.run(
@@ -204,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="number of classes (default 5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("serve", help="run the HTTP service (API + web page) on a store")
+    add_common_arguments(p)
+    p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in the Docker image)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
         "weights", help="download torchvision weights into the torch hub cache (needs internet)"

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from index.store import ImageStore, NewImage
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+from index.store import ImageStore, NewImage
 from models.embedder import Embedder
 from models.errors import ImageError
 from models.images import ImageLimits, load_image, make_thumbnail

@@ -24,7 +24,8 @@ def classify(
     predictions = state.inference.classify([image.image], k=k)[0]
     return ClassifyResponse(
         predictions=[
-            PredictionOut(label=p.label, class_index=p.class_index, probability=p.probability) for p in predictions
+            PredictionOut(label=p.label, class_index=p.class_index, probability=p.probability)
+            for p in predictions
         ],
         model=model_info(state.inference.embedder),
     )

@@ -17,8 +17,12 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
 def embed(
     state: State,
     file: Annotated[UploadFile, File(description="The image")],
-    layer: Annotated[str | None, Query(max_length=64, description="Layer name or position k from the top")] = None,
-    pooling: Annotated[str | None, Query(max_length=16, description="avg, max, gem or rmac (conv layers)")] = None,
+    layer: Annotated[
+        str | None, Query(max_length=64, description="Layer name or position k from the top")
+    ] = None,
+    pooling: Annotated[
+        str | None, Query(max_length=16, description="avg, max, gem or rmac (conv layers)")
+    ] = None,
 ) -> EmbedResponse:
     """The deep-feature vector of the uploaded image (L2-normalised), from the store's layer or another one."""
     embedder = state.inference.embedder

@@ -26,7 +26,12 @@ def ready(request: Request, response: Response) -> ReadyResponse:
     return ReadyResponse(status="ready")
 
 
-@router.get("/v1/stats", response_model=StatsResponse, responses={503: {"model": ErrorResponse}}, dependencies=[Depends(require_read)])
+@router.get(
+    "/v1/stats",
+    response_model=StatsResponse,
+    responses={503: {"model": ErrorResponse}},
+    dependencies=[Depends(require_read)],
+)
 def stats(state: State) -> StatsResponse:
     """Index size, model, layer, dimension and index type."""
     return StatsResponse(

@@ -41,14 +41,19 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
     "",
     response_model=AddImageResponse,
     status_code=201,
-    responses={200: {"model": AddImageResponse, "description": "Already indexed"}, **_errors(401, 413, 415, 422, 503, 507)},
+    responses={
+        200: {"model": AddImageResponse, "description": "Already indexed"},
+        **_errors(401, 413, 415, 422, 503, 507),
+    },
     dependencies=[Depends(require_write)],
 )
 def add_image(
     state: State,
     response: Response,
     file: Annotated[UploadFile, File(description="The image to index")],
-    source: Annotated[str | None, Form(max_length=MAX_SOURCE_CHARS, description="Free text, stored as data")] = None,
+    source: Annotated[
+        str | None, Form(max_length=MAX_SOURCE_CHARS, description="Free text, stored as data")
+    ] = None,
     metadata: Annotated[str | None, Form(description="A JSON object stored with the image")] = None,
 ) -> AddImageResponse:
     """Index an image; 201 when new, 200 with created=false when the same content is already indexed."""
@@ -78,7 +83,12 @@ def add_image(
     return AddImageResponse(id=result.id, created=result.created)
 
 
-@router.get("/{image_id}", response_model=ImageInfo, responses=_errors(401, 404, 422, 503), dependencies=[Depends(require_read)])
+@router.get(
+    "/{image_id}",
+    response_model=ImageInfo,
+    responses=_errors(401, 404, 422, 503),
+    dependencies=[Depends(require_read)],
+)
 def get_image(state: State, image_id: ImageId) -> ImageInfo:
     """What the store knows about one image."""
     return image_info(state.store.get(image_id))
@@ -97,7 +107,10 @@ def get_thumbnail(state: State, image_id: ImageId) -> Response:
 
 
 @router.delete(
-    "/{image_id}", response_model=DeleteResponse, responses=_errors(401, 404, 422, 503, 507), dependencies=[Depends(require_write)]
+    "/{image_id}",
+    response_model=DeleteResponse,
+    responses=_errors(401, 404, 422, 503, 507),
+    dependencies=[Depends(require_write)],
 )
 def delete_image(state: State, image_id: ImageId) -> DeleteResponse:
     """Remove an image from the store and from search results."""

@@ -47,6 +47,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         yield c
 
 
-def upload(image: Image.Image | bytes, name: str = "photo.jpg", content_type: str = "image/jpeg") -> dict[str, Any]:
+def upload(
+    image: Image.Image | bytes, name: str = "photo.jpg", content_type: str = "image/jpeg"
+) -> dict[str, Any]:
     data = image if isinstance(image, bytes) else jpeg_bytes(image)
     return {"file": (name, data, content_type)}

@@ -30,7 +30,10 @@ def _error(resp, status: int, code: str) -> dict:
 @pytest.fixture(scope="module")
 def indexed(client: TestClient, photos: dict[str, Image.Image]) -> dict[str, str]:
     """name -> id of each real photo, added through the API."""
-    return {name: _add(client, img, f"{name}.jpg", metadata=json.dumps({"name": name}))["id"] for name, img in photos.items()}
+    return {
+        name: _add(client, img, f"{name}.jpg", metadata=json.dumps({"name": name}))["id"]
+        for name, img in photos.items()
+    }
 
 
 # --- health ---------------------------------------------------------------------------------------
@@ -44,7 +47,9 @@ def test_health_ready_stats(client: TestClient, indexed: dict[str, str]) -> None
     assert stats["model"]["name"] == "efficientnet_lite0" and stats["model"]["pretrained"] is True
 
 
-def test_metrics_after_traffic(client: TestClient, indexed: dict[str, str], photos: dict[str, Image.Image]) -> None:
+def test_metrics_after_traffic(
+    client: TestClient, indexed: dict[str, str], photos: dict[str, Image.Image]
+) -> None:
     client.post("/v1/search", files=upload(photos["coffee"]))
     client.get("/v1/images/" + "0" * 32)
     text = client.get("/metrics").text
@@ -57,8 +62,18 @@ def test_metrics_after_traffic(client: TestClient, indexed: dict[str, str], phot
 
 def test_openapi_lists_every_route(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/v1/search", "/v1/classify", "/v1/embed", "/v1/images", "/v1/images/{image_id}",
-                 "/v1/images/{image_id}/thumbnail", "/health", "/ready", "/v1/stats", "/metrics"):
+    for path in (
+        "/v1/search",
+        "/v1/classify",
+        "/v1/embed",
+        "/v1/images",
+        "/v1/images/{image_id}",
+        "/v1/images/{image_id}/thumbnail",
+        "/health",
+        "/ready",
+        "/v1/stats",
+        "/metrics",
+    ):
         assert path in paths, path
 
 
@@ -87,8 +102,12 @@ def test_search_finds_a_reencoded_copy_first(
     assert body["model"]["layer"] == "penultimate" and body["took_ms"] > 0
 
 
-def test_search_k_is_bounded(client: TestClient, indexed: dict[str, str], photos: dict[str, Image.Image]) -> None:
-    assert len(client.post("/v1/search?k=100", files=upload(photos["rocket"])).json()["results"]) == len(indexed)
+def test_search_k_is_bounded(
+    client: TestClient, indexed: dict[str, str], photos: dict[str, Image.Image]
+) -> None:
+    assert len(client.post("/v1/search?k=100", files=upload(photos["rocket"])).json()["results"]) == len(
+        indexed
+    )
     _error(client.post("/v1/search?k=0", files=upload(photos["rocket"])), 422, "invalid_request")
     _error(client.post("/v1/search?k=abc", files=upload(photos["rocket"])), 422, "invalid_request")
 
@@ -103,13 +122,25 @@ def test_classify_real_photos(client: TestClient, photos: dict[str, Image.Image]
 def test_embed_returns_the_features(client: TestClient, photos: dict[str, Image.Image]) -> None:
     body = client.post("/v1/embed", files=upload(photos["coffee"])).json()
     vector = np.array(body["vector"], dtype=np.float32)
-    assert body["dim"] == 1280 == vector.shape[0] and body["layer"] == "penultimate" and body["pooling"] == "none"
+    assert (
+        body["dim"] == 1280 == vector.shape[0]
+        and body["layer"] == "penultimate"
+        and body["pooling"] == "none"
+    )
     assert abs(np.linalg.norm(vector) - 1) < 1e-4
     other = client.post("/v1/embed?layer=blocks.4&pooling=gem", files=upload(photos["coffee"])).json()
-    assert other["dim"] == 112 == len(other["vector"]) and other["layer"] == "blocks.4" and other["pooling"] == "gem(p=3)"
+    assert (
+        other["dim"] == 112 == len(other["vector"])
+        and other["layer"] == "blocks.4"
+        and other["pooling"] == "gem(p=3)"
+    )
     assert other["model"]["layer"] == "penultimate"  # the store's own layer is unchanged
     _error(client.post("/v1/embed?layer=fc99", files=upload(photos["coffee"])), 422, "unknown_layer")
-    _error(client.post("/v1/embed?layer=head&pooling=median", files=upload(photos["coffee"])), 422, "unknown_pooling")
+    _error(
+        client.post("/v1/embed?layer=head&pooling=median", files=upload(photos["coffee"])),
+        422,
+        "unknown_pooling",
+    )
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -118,7 +149,9 @@ def test_embed_returns_the_features(client: TestClient, photos: dict[str, Image.
 def test_add_duplicate_get_thumbnail_delete(client: TestClient, photos: dict[str, Image.Image]) -> None:
     img = photos["astronaut"].rotate(90)
     data = jpeg_bytes(img)
-    first = client.post("/v1/images", files=upload(data), data={"source": "../../etc/passwd", "metadata": '{"a": [1, 2]}'})
+    first = client.post(
+        "/v1/images", files=upload(data), data={"source": "../../etc/passwd", "metadata": '{"a": [1, 2]}'}
+    )
     assert first.status_code == 201 and first.json()["created"] is True
     image_id = first.json()["id"]
     again = client.post("/v1/images", files=upload(data, name="other-name.jpg"))
@@ -141,9 +174,15 @@ def test_add_duplicate_get_thumbnail_delete(client: TestClient, photos: dict[str
     _error(client.delete(f"/v1/images/{image_id}"), 404, "not_found")
 
 
-@pytest.mark.parametrize("bad_id", ["..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f", "x" * 200, "ABCDEF" * 6, "' OR 1=1 --"])
+@pytest.mark.parametrize(
+    "bad_id", ["..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f", "x" * 200, "ABCDEF" * 6, "' OR 1=1 --"]
+)
 def test_hostile_ids_are_404(client: TestClient, bad_id: str) -> None:
-    for method, path in (("GET", f"/v1/images/{bad_id}"), ("GET", f"/v1/images/{bad_id}/thumbnail"), ("DELETE", f"/v1/images/{bad_id}")):
+    for method, path in (
+        ("GET", f"/v1/images/{bad_id}"),
+        ("GET", f"/v1/images/{bad_id}/thumbnail"),
+        ("DELETE", f"/v1/images/{bad_id}"),
+    ):
         resp = client.request(method, path)
         assert resp.status_code in (404, 422), (method, path, resp.status_code)
         assert resp.json()["code"] in ("invalid_id", "not_found", "invalid_request")
@@ -151,10 +190,20 @@ def test_hostile_ids_are_404(client: TestClient, bad_id: str) -> None:
 
 @pytest.mark.parametrize(
     ("metadata", "fragment"),
-    [("not json", "not valid JSON"), ("[1, 2]", "JSON object"), ('{"x": "' + "a" * 20000 + '"}', "larger than")],
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"x": "' + "a" * 20000 + '"}', "larger than"),
+    ],
 )
-def test_bad_metadata(client: TestClient, photos: dict[str, Image.Image], metadata: str, fragment: str) -> None:
-    body = _error(client.post("/v1/images", files=upload(photos["rocket"]), data={"metadata": metadata}), 422, "invalid_metadata")
+def test_bad_metadata(
+    client: TestClient, photos: dict[str, Image.Image], metadata: str, fragment: str
+) -> None:
+    body = _error(
+        client.post("/v1/images", files=upload(photos["rocket"]), data={"metadata": metadata}),
+        422,
+        "invalid_metadata",
+    )
     assert fragment in body["detail"]
 
 
@@ -162,28 +211,44 @@ def test_bad_metadata(client: TestClient, photos: dict[str, Image.Image], metada
 
 
 def test_not_an_image_is_415_whatever_it_claims(client: TestClient) -> None:
-    for payload in (b"hello world, not an image", b"PK\x03\x04" + b"\x00" * 100, b"%PDF-1.7\n" + b"0" * 100,
-                    b'<svg xmlns="http://www.w3.org/2000/svg"></svg>'):
+    for payload in (
+        b"hello world, not an image",
+        b"PK\x03\x04" + b"\x00" * 100,
+        b"%PDF-1.7\n" + b"0" * 100,
+        b'<svg xmlns="http://www.w3.org/2000/svg"></svg>',
+    ):
         for route in ("/v1/search", "/v1/classify", "/v1/embed", "/v1/images"):
-            _error(client.post(route, files=upload(payload, "cat.jpg", "image/jpeg")), 415, "unsupported_format")
+            _error(
+                client.post(route, files=upload(payload, "cat.jpg", "image/jpeg")), 415, "unsupported_format"
+            )
 
 
-def test_corrupt_small_and_huge_images_are_422(client: TestClient, photos: dict[str, Image.Image], make_client: MakeClient) -> None:
+def test_corrupt_small_and_huge_images_are_422(
+    client: TestClient, photos: dict[str, Image.Image], make_client: MakeClient
+) -> None:
     full = jpeg_bytes(photos["chelsea"])
     _error(client.post("/v1/search", files=upload(full[: len(full) // 2])), 422, "corrupt_image")
     _error(client.post("/v1/search", files=upload(b"")), 422, "corrupt_image")
-    _error(client.post("/v1/search", files=upload(jpeg_bytes(Image.new("RGB", (1, 1))))), 422, "image_too_small")
+    _error(
+        client.post("/v1/search", files=upload(jpeg_bytes(Image.new("RGB", (1, 1))))), 422, "image_too_small"
+    )
     small = make_client(max_pixels=100_000)
     _error(small.post("/v1/search", files=upload(full)), 422, "image_too_large")  # 451x300 > 100k pixels
 
 
 def test_missing_or_misnamed_field_is_422(client: TestClient, photos: dict[str, Image.Image]) -> None:
     _error(client.post("/v1/search"), 422, "invalid_request")
-    body = _error(client.post("/v1/search", files={"image": ("a.jpg", jpeg_bytes(photos["rocket"]), "image/jpeg")}), 422, "invalid_request")
+    body = _error(
+        client.post("/v1/search", files={"image": ("a.jpg", jpeg_bytes(photos["rocket"]), "image/jpeg")}),
+        422,
+        "invalid_request",
+    )
     assert "file" in body["detail"]
 
 
-def test_body_limit_with_and_without_content_length(make_client: MakeClient, photos: dict[str, Image.Image]) -> None:
+def test_body_limit_with_and_without_content_length(
+    make_client: MakeClient, photos: dict[str, Image.Image]
+) -> None:
     client = make_client(max_upload_bytes=50_000)
     big = jpeg_bytes(photos["astronaut"], quality=95)
     assert len(big) > 50_000
@@ -192,13 +257,15 @@ def test_body_limit_with_and_without_content_length(make_client: MakeClient, pho
 
     # Streamed without Content-Length (chunked): counted while it arrives.
     def chunks():
-        boundary = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"
+        boundary = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
         yield boundary
         for i in range(0, len(big), 8192):
             yield big[i : i + 8192]
         yield b"\r\n--xyz--\r\n"
 
-    resp = client.post("/v1/search", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    resp = client.post(
+        "/v1/search", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
     _error(resp, 413, "payload_too_large")
     # The server still answers normally afterwards.
     ok = client.post("/v1/search", files=upload(jpeg_bytes(photos["rocket"], quality=50, scale=0.3)))
@@ -206,7 +273,11 @@ def test_body_limit_with_and_without_content_length(make_client: MakeClient, pho
 
 
 def test_malformed_multipart_is_400(client: TestClient) -> None:
-    resp = client.post("/v1/search", content=b"--nope\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    resp = client.post(
+        "/v1/search",
+        content=b"--nope\r\ngarbage",
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
     _error(resp, 400, "malformed_body")
 
 
@@ -233,16 +304,28 @@ def test_write_routes_need_the_key(make_client: MakeClient, photos: dict[str, Im
 def test_read_key_guards_reads(make_client: MakeClient, photos: dict[str, Image.Image]) -> None:
     client = make_client(api_key="writer", read_api_key="reader")
     _error(client.post("/v1/search", files=upload(photos["coffee"])), 401, "unauthorized")
-    assert client.post("/v1/search", files=upload(photos["coffee"]), headers={"X-API-Key": "reader"}).status_code == 200
-    assert client.post("/v1/search", files=upload(photos["coffee"]), headers={"X-API-Key": "writer"}).status_code == 200
-    _error(client.post("/v1/images", files=upload(photos["coffee"]), headers={"X-API-Key": "reader"}), 401, "unauthorized")
+    assert (
+        client.post("/v1/search", files=upload(photos["coffee"]), headers={"X-API-Key": "reader"}).status_code
+        == 200
+    )
+    assert (
+        client.post("/v1/search", files=upload(photos["coffee"]), headers={"X-API-Key": "writer"}).status_code
+        == 200
+    )
+    _error(
+        client.post("/v1/images", files=upload(photos["coffee"]), headers={"X-API-Key": "reader"}),
+        401,
+        "unauthorized",
+    )
     assert client.get("/health").status_code == 200  # probes stay open
 
 
 # --- not ready ------------------------------------------------------------------------------------
 
 
-def test_incompatible_store_is_503_not_a_crash(make_client: MakeClient, photos: dict[str, Image.Image]) -> None:
+def test_incompatible_store_is_503_not_a_crash(
+    make_client: MakeClient, photos: dict[str, Image.Image]
+) -> None:
     first = make_client(layer="head", pooling="gem")
     assert first.post("/v1/images", files=upload(photos["coffee"])).status_code == 201
     # Same data dir, another layer set explicitly: refused, the app says why.
@@ -259,4 +342,6 @@ def test_existing_store_decides_the_layer(make_client: MakeClient, photos: dict[
     assert first.post("/v1/images", files=upload(photos["coffee"])).status_code == 201
     second = make_client()  # nothing explicit: the manifest's layer and pooling are used
     stats = second.get("/v1/stats").json()
-    assert stats["model"]["layer"] == "head" and stats["model"]["pooling"] == "gem(p=3)" and stats["count"] == 1
+    assert (
+        stats["model"]["layer"] == "head" and stats["model"]["pooling"] == "gem(p=3)" and stats["count"] == 1
+    )

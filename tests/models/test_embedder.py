@@ -150,3 +150,13 @@ def test_cuda_path_matches_cpu(lite0: Embedder, photos: dict[str, Image.Image]) 
         cos = np.sum(gpu.embed(images) * lite0.embed(images), axis=1)
         assert cos.min() >= 0.99, (precision, cos)
         assert gpu.classify([photos["chelsea"]])[0][0].class_index in (281, 282, 285)
+
+
+def test_variant_shares_the_backbone(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
+    head_gem = lite0.variant(layer="head", pooling="gem")
+    assert head_gem._net is lite0._net and head_gem.layer.name == "head" and head_gem.pooling == "gem"
+    direct = Embedder("efficientnet_lite0", layer="head", pooling="gem", device="cpu")
+    assert np.allclose(head_gem.embed([photos["coffee"]]), direct.embed([photos["coffee"]]), atol=1e-5)
+    assert lite0.layer.name == "penultimate"  # the original is untouched
+    with pytest.raises(UnknownPoolingError):
+        lite0.variant(layer="logits", pooling="max")

@@ -1,0 +1,94 @@
+"""The ``deepfeat`` command: models, index, search, classify, and its error reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from scripts.cli import main
+from tests.conftest import jpeg_bytes
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_availability_and_layers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    assert "efficientnet_lite0  [weights available]" in out
+    assert "resnet50  [weights not available]" in out and "resnet50-11ad3fa6.pth" in out
+    assert "vgg16  [weights not available]" in out
+    assert "k=1  penultimate  dim=2048" in out
+    code, out, _ = run(capsys, "models", "--json")
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["efficientnet_lite0"]["weights_available"] is True
+    assert (
+        rows["resnet18"]["weights_available"] is False and "not on this machine" in rows["resnet18"]["reason"]
+    )
+    assert [layer["dim"] for layer in rows["vgg16"]["layers"]][:3] == [1000, 4096, 4096]
+
+
+def test_index_search_classify(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, photo_dir: Path, photos: dict[str, Image.Image]
+) -> None:
+    data = str(tmp_path / "data")
+    code, out, _ = run(capsys, "index", str(photo_dir), "--data-dir", data, "--workers", "0", "--no-progress")
+    assert code == 0 and f"indexed {len(photos)}, already present 0, failed 0" in out
+
+    query = tmp_path / "query.jpg"
+    query.write_bytes(jpeg_bytes(photos["rocket"], quality=70, scale=0.7))
+    code, out, _ = run(capsys, "search", str(query), "-k", "2", "--data-dir", data, "--json")
+    body = json.loads(out)
+    assert code == 0 and len(body["results"]) == 2 and body["results"][0]["source"].endswith("rocket.jpg")
+    code, out, _ = run(capsys, "search", str(query), "-k", "1", "--data-dir", data)
+    assert code == 0 and "rocket.jpg" in out
+
+    cat = tmp_path / "cat.jpg"
+    cat.write_bytes(jpeg_bytes(photos["chelsea"]))
+    code, out, _ = run(capsys, "classify", str(cat), "-k", "3", "--json")
+    preds = json.loads(out)["predictions"]
+    assert code == 0 and len(preds) == 3 and preds[0]["class_index"] in (281, 282, 285)
+
+    # Another layer on the same store is refused with the stable code, not a traceback.
+    code, _, err = run(capsys, "search", str(query), "--data-dir", data, "--layer", "logits")
+    assert code == 2 and "error [incompatible_index]" in err and "layer" in err
+
+
+def test_errors_are_one_line_with_a_code(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = tmp_path / "a.jpg"
+    text.write_text("not an image")
+    code, _, err = run(capsys, "classify", str(text))
+    assert code == 2 and err.startswith("error [unsupported_format]")
+    code, out, _ = run(capsys, "search", str(text), "--data-dir", str(tmp_path / "none"))
+    assert code == 2 and "no_store" in out
+    code, _, err = run(capsys, "classify", str(text), "--model", "alexnet")
+    assert code == 2 and "error [unknown_model]" in err
+    code, _, err = run(capsys, "index", str(tmp_path), "--data-dir", str(tmp_path / "d"), "--batch-size", "0")
+    assert code == 2 and "error [invalid_settings]" in err and "batch_size" in err
+    code, _, err = run(
+        capsys, "classify", str(text), "--model", "resnet50", "--weights", str(tmp_path / "missing.pth")
+    )
+    assert code == 2 and "error [weights_unavailable]" in err and "missing.pth" in err
+
+
+def test_console_script_is_installed(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "deepfeat"
+    assert exe.exists(), "pip install -e . provides the deepfeat command"
+    result = subprocess.run(
+        [str(exe), "--help"], capture_output=True, text=True, timeout=120, env={**os.environ}
+    )
+    assert result.returncode == 0
+    for command in ("models", "index", "search", "classify", "serve", "weights"):
+        assert command in result.stdout

@@ -1,0 +1,145 @@
+"""The batch indexer end to end: real photos, bad files skipped and reported, resumable, searchable."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index.errors import IncompatibleIndexError
+from index.store import ImageStore
+from models.embedder import Embedder
+from models.images import ImageLimits, load_image
+from scripts.index_images import index_paths, iter_image_files
+from tests.conftest import jpeg_bytes
+
+
+def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (what a decompression bomb looks like)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def messy_dir(tmp_path: Path, photo_dir: Path, photos: dict[str, Image.Image]) -> Path:
+    """The real photos plus a truncated JPEG, a text file named .jpg, a bomb, a duplicate and a README."""
+    root = tmp_path / "messy"
+    root.mkdir()
+    for path in photo_dir.rglob("*.jpg"):
+        target = root / path.relative_to(photo_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    full = jpeg_bytes(photos["coffee"])
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    (root / "notes.jpg").write_text("this is not an image")
+    (root / "bomb.png").write_bytes(png_bomb())
+    (root / "copy-of-chelsea.jpg").write_bytes((photo_dir / "chelsea.jpg").read_bytes())
+    (root / "README.txt").write_text("not picked up by the folder walk")
+    (root / ".hidden.jpg").write_bytes(full)
+    return root
+
+
+def _open(tmp_path: Path, embedder: Embedder) -> ImageStore:
+    return ImageStore.open(tmp_path / "data", fingerprint=embedder.fingerprint, dim=embedder.dim)
+
+
+def test_walk_is_recursive_sorted_and_filtered(messy_dir: Path) -> None:
+    files = list(iter_image_files([messy_dir], extensions=frozenset({".jpg", ".png"})))
+    names = [f.name for f in files]
+    assert "README.txt" not in names and ".hidden.jpg" not in names
+    assert "bomb.png" in names and any(f.parent.name == "sub" for f in files)
+    again = list(iter_image_files([messy_dir], extensions=frozenset({".jpg", ".png"})))
+    assert files == again and len(set(files)) == len(files)  # deterministic, no repeats
+    top_level = [f.name for f in files if f.parent == messy_dir]
+    assert top_level == sorted(top_level)
+    # a file named explicitly is always tried
+    assert list(iter_image_files([messy_dir / "README.txt"], extensions=frozenset({".jpg"}))) == [
+        messy_dir / "README.txt"
+    ]
+
+
+def test_index_skips_bad_files_reports_them_and_resumes(
+    tmp_path: Path, messy_dir: Path, lite0: Embedder, photos: dict[str, Image.Image]
+) -> None:
+    report = tmp_path / "report.jsonl"
+    limits = ImageLimits()
+    with _open(tmp_path, lite0) as store:
+        summary = index_paths(
+            [messy_dir],
+            embedder=lite0,
+            store=store,
+            limits=limits,
+            batch_size=4,
+            workers=2,
+            report_path=report,
+            progress=False,
+        )
+        assert summary.files == len(photos) + 4
+        assert summary.indexed == len(photos)
+        assert summary.already_present == 1  # the copy of chelsea maps to the first id
+        assert summary.failed == 3
+        failures = {Path(f["path"]).name: f["code"] for f in map(json.loads, report.read_text().splitlines())}
+        assert failures == {
+            "truncated.jpg": "corrupt_image",
+            "notes.jpg": "unsupported_format",
+            "bomb.png": "image_too_large",
+        }
+        assert store.count == len(photos)
+
+        # Each real photo is its own top-1 for a resized, re-encoded copy.
+        for name, img in photos.items():
+            query = load_image(jpeg_bytes(img, quality=70, scale=0.6), draft_size=lite0.decode_size)
+            hit = store.search(lite0.embed([query.image]), 1)[0][0]
+            assert Path(hit.record.source or "").stem == name, (name, hit)
+        before = [
+            [(h.id, h.score) for h in row] for row in store.search(lite0.embed(list(photos.values())), 3)
+        ]
+
+    # Re-run: nothing is decoded or embedded again.
+    with _open(tmp_path, lite0) as store:
+        again = index_paths(
+            [messy_dir],
+            embedder=lite0,
+            store=store,
+            limits=limits,
+            batch_size=4,
+            workers=0,
+            report_path=None,
+            progress=False,
+        )
+        assert (again.indexed, again.embedded, again.failed) == (0, 0, 3)
+        assert again.already_present == len(photos) + 1
+        after = [
+            [(h.id, h.score) for h in row] for row in store.search(lite0.embed(list(photos.values())), 3)
+        ]
+    assert [[i for i, _ in row] for row in after] == [[i for i, _ in row] for row in before]
+    assert np.allclose(
+        [[s for _, s in row] for row in after], [[s for _, s in row] for row in before], atol=1e-6
+    )
+
+
+def test_a_store_refuses_another_layer(tmp_path: Path, photo_dir: Path, lite0: Embedder) -> None:
+    with _open(tmp_path, lite0) as store:
+        index_paths([photo_dir], embedder=lite0, store=store, limits=ImageLimits(), workers=0, progress=False)
+    other = lite0.variant(layer="head", pooling="gem")
+    with pytest.raises(IncompatibleIndexError, match="layer"):
+        ImageStore.open(tmp_path / "data", fingerprint=other.fingerprint, dim=other.dim)
