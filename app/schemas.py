@@ -81,9 +81,9 @@ class ImageInfo(BaseModel):
     id: str
     sha256: str
     source: str | None
-    width: int
-    height: int
-    nbytes: int
+    width: int | None
+    height: int | None
+    nbytes: int | None
     metadata: dict[str, Any]
     added_at: float
     thumbnail_url: str

@@ -142,7 +142,9 @@ class Embedder:
                     f"weights {resolved.identity} do not fit {self.spec.name}: {str(exc)[:500]}"
                 ) from exc
         net.eval().requires_grad_(False)
-        net.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        net.to(self.device)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
         self._net = net
         self.weights_identity = resolved.identity
         self.pretrained = resolved.pretrained

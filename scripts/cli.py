@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -27,7 +28,7 @@ log = logging.getLogger("deepfeat")
 def _cmd_models(args: argparse.Namespace) -> int:
     from models.registry import get_model, list_models
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_models():
         spec = get_model(name)
         reason = spec.weights_status(args.weights or "DEFAULT")

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
@@ -10,7 +10,7 @@ from app.schemas import EmbedResponse, ErrorResponse
 
 router = APIRouter(prefix="/v1", tags=["embed"], dependencies=[Depends(require_read)])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=_ERRORS)

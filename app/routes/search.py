@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
@@ -11,7 +11,7 @@ from app.schemas import ErrorResponse, SearchHit, SearchResponse
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
 
 
 @router.post("/search", response_model=SearchResponse, responses=_ERRORS)
