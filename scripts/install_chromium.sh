@@ -22,8 +22,14 @@ else
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq >/dev/null
-$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Quiet on success; the whole apt log on failure.
+if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "install_chromium.sh: apt-get could not install chromium" >&2
+    exit 1
+fi
 
 command -v chromium >/dev/null 2>&1 || {
     echo "install_chromium.sh: chromium still missing after apt-get install" >&2
