@@ -28,6 +28,9 @@ def embedder_options(settings: Settings) -> dict[str, Any]:
         "layer": settings.layer,
         "pooling": settings.pooling,
         "gem_p": settings.gem_p,
+        "resize_mode": settings.resize_mode,
+        "max_side": settings.max_side,
+        "scales": tuple(settings.scales),
     }
     manifest = ImageStore.read_manifest(settings.data_dir)
     if manifest is not None:
@@ -42,6 +45,13 @@ def embedder_options(settings: Settings) -> dict[str, Any]:
             from_store["gem_p"] = float(pooling[len("gem(p=") : -1])
         elif pooling != "none":
             from_store["pooling"] = pooling
+        preprocess = recorded.get("preprocess") or {}
+        if preprocess.get("mode") in ("crop", "full"):
+            from_store["resize_mode"] = preprocess["mode"]
+            if preprocess["mode"] == "full":
+                from_store["max_side"] = preprocess.get("max_side")
+        if recorded.get("scales"):
+            from_store["scales"] = tuple(recorded["scales"])
         weights = weights_argument(str(recorded.get("weights", "")))
         if weights is not None:
             from_store["weights"] = weights

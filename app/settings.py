@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "EMBEDDER_FIELDS"]
 
-EMBEDDER_FIELDS = ("model", "weights", "layer", "pooling", "gem_p")
+EMBEDDER_FIELDS = ("model", "weights", "layer", "pooling", "gem_p", "resize_mode", "max_side", "scales")
 """The settings that decide what a vector means; an existing store's manifest supplies them unless set."""
 
 
@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     layer: str | None = Field(None, description="Embedding layer name or its position k from the top")
     pooling: str | None = Field(None, description="avg, max, gem or rmac (conv layers only)")
     gem_p: float = Field(3.0, gt=0, description="GeM power")
+    resize_mode: str = Field("crop", description="crop (centre crop) or full (whole image, aspect kept)")
+    max_side: int = Field(512, ge=64, le=4096, description="Longest side in full resize mode")
+    scales: list[float] = Field(default_factory=lambda: [1.0], description="Multi-scale factors, e.g. [1, 0.707]")
     index_factory: str = Field("Flat", description="FAISS index factory string for new stores")
 
     # --- how it runs ---

@@ -27,6 +27,7 @@ record was deleted in between is dropped (never returned without its record).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ from index.errors import (
 )
 from index.manifest import Manifest, SnapshotInfo, check_compatible, normalize_fingerprint
 from index.vectors import VectorIndex
+from index.whitening import Whitening
 
 __all__ = [
     "CATALOG_FILE",
@@ -77,6 +79,7 @@ SNAPSHOT_FILE = "vectors.faiss"
 LOCK_FILE = ".lock"
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
+_WHITENING_RE = re.compile(r"whitening-[0-9a-f]{16}\.faiss")
 _TRAIN_SAMPLE = 100_000  # vectors drawn from the catalog to retrain an IVF/PQ index on rebuild
 _REPLAY_BATCH = 10_000
 
@@ -140,8 +143,10 @@ class ImageStore:
         seq_mark: int,
         del_mark: int,
         pending: int,
+        whitening: Whitening | None = None,
     ) -> None:
         """Assemble an opened store (internal: call :meth:`open`)."""
+        self._whitening = whitening
         self._data_dir = data_dir
         self._catalog = catalog
         self._vectors = vectors
@@ -272,6 +277,8 @@ class ImageStore:
     ) -> ImageStore:
         """Load (or rebuild) FAISS and reconcile it with the catalog. Runs under the open-time lock."""
         factory = manifest.index_factory
+        whitening = _load_whitening(data_dir, manifest)
+        index_dim = whitening.d_out if whitening is not None else manifest.dim
         snap_path = data_dir / SNAPSHOT_FILE
         vectors: VectorIndex | None = None
         rebuilt = False
@@ -283,8 +290,8 @@ class ImageStore:
                 vectors = VectorIndex.load(
                     snap_path, expected_sha256=manifest.snapshot.sha256, factory=factory
                 )
-                if vectors.dim != manifest.dim:
-                    raise CorruptStoreError(f"snapshot has dim {vectors.dim}, manifest says {manifest.dim}")
+                if vectors.dim != index_dim:
+                    raise CorruptStoreError(f"snapshot has dim {vectors.dim}, the index needs {index_dim}")
             except CorruptStoreError as exc:
                 vectors = None
                 rebuilt = True
@@ -296,7 +303,10 @@ class ImageStore:
                     os.replace(snap_path, aside)
                     logger.warning("moved the bad snapshot to %s", aside.name)
         if vectors is None:
-            vectors = VectorIndex.create(manifest.dim, factory)
+            vectors = VectorIndex.create(index_dim, factory)
+
+        def project(x: np.ndarray) -> np.ndarray:
+            return whitening.apply(x) if whitening is not None else x
 
         # One consistent read: the live seqs and the watermarks they correspond to.
         max_seq, del_rowid, live = catalog.state()
@@ -314,9 +324,9 @@ class ImageStore:
                     )
                 ]
                 if sample:
-                    vectors.train(np.concatenate(sample))
+                    vectors.train(project(np.concatenate(sample)))
             for seqs, vecs in catalog.vectors_for_seqs(missing.tolist(), batch=_REPLAY_BATCH):
-                vectors.add(seqs, vecs)
+                vectors.add(seqs, project(vecs))
         if extra.size or missing.size:
             logger.info(
                 "reconciled the index with the catalog: removed %d, added %d",
@@ -334,6 +344,7 @@ class ImageStore:
             seq_mark=max_seq,
             del_mark=del_rowid,
             pending=int(extra.size + missing.size),
+            whitening=whitening,
         )
         if not read_only and (rebuilt or (manifest.snapshot is None and vectors.ntotal)):
             # A rebuild is expensive: persist it now rather than at close.
@@ -434,13 +445,13 @@ class ImageStore:
                     seqs = np.concatenate([p[0] for p in parts])
                     vecs = np.concatenate([p[1] for p in parts])
                     with self._index_lock:
-                        self._vectors.add(seqs, vecs)
+                        self._vectors.add(seqs, self._project(vecs))
                     self._seq_mark = int(seqs[-1])
                     added = int(seqs.size)
             else:
                 for seqs, vecs in chunks:
                     with self._index_lock:
-                        self._vectors.add(seqs, vecs)
+                        self._vectors.add(seqs, self._project(vecs))
                     self._seq_mark = int(seqs[-1])
                     added += int(seqs.size)
             # Every row with seq <= marks[0] was either read above or deleted before it could be, so the
@@ -464,7 +475,112 @@ class ImageStore:
             StoreError: The store is closed.
         """
         self._check_open()
+        on_disk = Manifest.load(self._data_dir / MANIFEST_FILE)
+        if on_disk is not None and on_disk.extra.get("whitening") != self._manifest.extra.get("whitening"):
+            # Another process changed the whitening: every vector must be re-projected.
+            with self._sync_lock:
+                self._rebuild(_load_whitening(self._data_dir, on_disk))
+                self._manifest = on_disk
+            return self.count
         return self._sync(atomic=False)
+
+    # ================================================================== whitening
+
+    def _project(self, vectors: np.ndarray) -> np.ndarray:
+        return self._whitening.apply(vectors) if self._whitening is not None else vectors
+
+    @property
+    def whitening(self) -> Whitening | None:
+        """The PCA-whitening applied to stored vectors and queries, if any."""
+        return self._whitening
+
+    @property
+    def index_dim(self) -> int:
+        """Dimension of the vectors in FAISS (the whitening's output, else ``dim``)."""
+        return self._whitening.d_out if self._whitening is not None else self.dim
+
+    def _rebuild(self, whitening: Whitening | None) -> None:
+        """Rebuild FAISS from the raw vectors in the catalog through ``whitening`` (no re-embedding)."""
+        with self._sync_lock:
+            max_seq, del_rowid, live = self._catalog.state()
+            fresh = VectorIndex.create(
+                whitening.d_out if whitening is not None else self.dim, self.index_factory
+            )
+            project = whitening.apply if whitening is not None else (lambda x: x)
+            if not fresh.is_trained and live.size:
+                sample = [
+                    v
+                    for _, v in self._catalog.vectors_for_seqs(
+                        live[:_TRAIN_SAMPLE].tolist(), batch=_REPLAY_BATCH
+                    )
+                ]
+                fresh.train(project(np.concatenate(sample)))
+            for seqs, vecs in self._catalog.vectors_for_seqs(live.tolist(), batch=_REPLAY_BATCH):
+                fresh.add(seqs, project(vecs))
+            with self._index_lock:
+                self._vectors = fresh
+                self._whitening = whitening
+                self._seq_mark, self._del_mark = max_seq, del_rowid
+            self._changes_since_snapshot += int(live.size)
+
+    def set_whitening(self, whitening: Whitening | None) -> None:
+        """Apply (or with None remove) a whitening: re-projects every stored vector from the raw ones
+        kept in the catalog, then writes the whitening, the snapshot and the manifest.
+
+        Crash-safe: the whitening file is content-addressed and the manifest, written last, is the
+        commit point; until then the previous whitening and manifest stay valid.
+
+        Raises:
+            ReadOnlyStoreError: Opened read-only.
+            InvalidArgumentError: The whitening's input dimension is not the store's.
+        """
+        self._check_writable("change the whitening")
+        if whitening is not None and whitening.d_in != self.dim:
+            raise InvalidArgumentError(
+                f"whitening expects {whitening.d_in}-d vectors, the store holds {self.dim}-d"
+            )
+        with self._sync_lock, self._lock.hold():
+            entry: dict[str, Any] | None = None
+            if whitening is not None:
+                data = whitening.to_bytes()
+                sha = hashlib.sha256(data).hexdigest()
+                name = f"whitening-{sha[:16]}.faiss"
+                whitening.save(self._data_dir / name)
+                entry = {"file": name, "sha256": sha, "d_in": whitening.d_in, "d_out": whitening.d_out}
+            self._rebuild(whitening)
+            extra = {k: v for k, v in self._manifest.extra.items() if k != "whitening"}
+            if entry is not None:
+                extra["whitening"] = entry
+            self._manifest = replace(self._manifest, extra=extra)
+            self._write_snapshot(whitening_changed=True)
+            keep = entry["file"] if entry is not None else None
+            for old in self._data_dir.glob("whitening-*.faiss"):
+                if old.name != keep:
+                    old.unlink(missing_ok=True)
+        logger.info("whitening %s", f"set: {entry['d_in']} -> {entry['d_out']}" if entry else "removed")
+
+    def fit_whitening(self, *, dim: int | None = None, sample: int = 100_000, seed: int = 0) -> Whitening:
+        """Learn PCA-whitening from (a sample of) the stored raw vectors and apply it.
+
+        Args:
+            dim: Output dimension (None: as many as the data allows, up to the input dimension).
+            sample: At most this many vectors are used to fit (drawn uniformly, seeded).
+            seed: Sampling seed.
+        Returns:
+            The fitted whitening.
+        Raises:
+            InvalidArgumentError: Too few stored vectors for ``dim``.
+        """
+        self._check_writable("fit a whitening")
+        _, _, live = self._catalog.state()
+        if live.size > sample:
+            live = np.sort(np.random.default_rng(seed).choice(live, size=sample, replace=False))
+        parts = [v for _, v in self._catalog.vectors_for_seqs(live.tolist(), batch=_REPLAY_BATCH)]
+        if not parts:
+            raise InvalidArgumentError("cannot fit a whitening on an empty store")
+        whitening = Whitening.fit(np.concatenate(parts), dim=dim)
+        self.set_whitening(whitening)
+        return whitening
 
     # ================================================================== writes
 
@@ -582,8 +698,17 @@ class ImageStore:
             self._sync(atomic=False)
             self._write_snapshot()
 
-    def _write_snapshot(self) -> None:
+    def _write_snapshot(self, *, whitening_changed: bool = False) -> None:
         with self._sync_lock, self._lock.hold():
+            on_disk = Manifest.load(self._data_dir / MANIFEST_FILE)
+            if (
+                not whitening_changed
+                and on_disk is not None
+                and on_disk.extra.get("whitening") != self._manifest.extra.get("whitening")
+            ):
+                # Another process re-whitened the store; our vectors are stale. refresh() rebuilds.
+                logger.info("skipping snapshot: the whitening changed on disk since this process loaded it")
+                return
             remove_stale_temps(self._data_dir, SNAPSHOT_FILE)
             remove_stale_temps(self._data_dir, MANIFEST_FILE)
             path = self._data_dir / SNAPSHOT_FILE
@@ -598,8 +723,16 @@ class ImageStore:
                 count=self._vectors.ntotal,
             )
             # Base the update on the file on disk so fields another process wrote survive.
-            current = Manifest.load(self._data_dir / MANIFEST_FILE) or self._manifest
-            manifest = replace(current, updated_at=time.time(), count=self._catalog.count(), snapshot=info)
+            current = on_disk or self._manifest
+            manifest = replace(
+                current,
+                updated_at=time.time(),
+                count=self._catalog.count(),
+                snapshot=info,
+                extra={**current.extra, **self._manifest.extra}
+                if not whitening_changed
+                else self._manifest.extra,
+            )
             manifest.save(self._data_dir / MANIFEST_FILE)
             self._manifest = manifest
             self._added_since_snapshot = 0
@@ -669,6 +802,7 @@ class ImageStore:
             raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
         q = self._check_vectors(queries, "queries")
         with self._index_lock:
+            q = self._project(q)
             scores, ids = self._vectors.search(q, int(k))  # (m, k') each, k' = min(k, ntotal)
         found = ids[ids >= 0]
         records = self._catalog.get_many_by_seq(np.unique(found).tolist()) if found.size else {}
@@ -705,6 +839,8 @@ class ImageStore:
             "fingerprint": self.fingerprint,
             "snapshot": None if snap is None else asdict(snap),
             "unsnapshotted_changes": self._changes_since_snapshot,
+            "whitening": self._manifest.extra.get("whitening"),
+            "index_dim": self.index_dim,
             "read_only": self._read_only,
             "data_dir": str(self._data_dir),
         }
@@ -825,3 +961,14 @@ def _reconcile_identity(
     if not read_only:
         manifest.save(data_dir / MANIFEST_FILE)
     return manifest
+
+
+def _load_whitening(data_dir: Path, manifest: Manifest) -> Whitening | None:
+    """The whitening the manifest names, verified against its checksum (never a path from the file)."""
+    entry = manifest.extra.get("whitening")
+    if not entry:
+        return None
+    name = str(entry.get("file", ""))
+    if not _WHITENING_RE.fullmatch(name):
+        raise CorruptStoreError(f"manifest names an invalid whitening file {name!r}")
+    return Whitening.load(data_dir / name, expected_sha256=str(entry.get("sha256")))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,16 @@ from models.layers import build_trunk
 from models.pooling import get_pooling, list_poolings
 from models.registry import DEFAULT_MODEL, LayerSpec, ModelSpec, Preprocess, build_seeded, get_model
 
-__all__ = ["Embedder", "Prediction", "resolve_device", "build_transform", "PRECISIONS", "FINGERPRINT_VERSION"]
+__all__ = [
+    "Embedder",
+    "Prediction",
+    "FullImageTransform",
+    "resolve_device",
+    "build_transform",
+    "PRECISIONS",
+    "RESIZE_MODES",
+    "FINGERPRINT_VERSION",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +103,38 @@ def build_transform(pre: Preprocess) -> T.Compose:
     )
 
 
+RESIZE_MODES = ("crop", "full")
+_SIDE_MULTIPLE = 32
+
+
+class FullImageTransform:
+    """Whole-image preprocessing for retrieval: keep the aspect ratio, longest side = ``max_side``.
+
+    A centre crop throws the border away, which hurts copy and instance retrieval (a cropped query
+    then misses half of what it should match). The shorter side is rounded to a multiple of 32 so
+    photos of common aspect ratios share a shape and batch together (at most ~3% aspect change).
+    Picklable (DataLoader workers run it).
+    """
+
+    def __init__(self, pre: Preprocess, max_side: int) -> None:
+        self.max_side = max_side
+        self.interpolation = T.InterpolationMode(pre.interpolation)
+        self.tail = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(pre.mean), std=list(pre.std))])
+        self.to_image = T.ToImage()
+
+    def size_for(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) of the resized image."""
+        long_side, short_side = max(width, height), min(width, height)
+        short = max(_SIDE_MULTIPLE, round(self.max_side * short_side / long_side / _SIDE_MULTIPLE) * _SIDE_MULTIPLE)
+        short = min(short, self.max_side)
+        return (short, self.max_side) if width >= height else (self.max_side, short)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = self.size_for(image.width, image.height)
+        tensor = T.functional.resize(self.to_image(image), list(size), interpolation=self.interpolation, antialias=True)
+        return self.tail(tensor)
+
+
 class Embedder:
     """Batch-first feature extractor and classifier over one pretrained backbone.
 
@@ -106,6 +147,11 @@ class Embedder:
         device: auto / cpu / cuda / cuda:N.
         precision: auto / fp32 / bf16 / fp16 (autocast; vectors are always returned as float32).
         channels_last: NHWC memory format, faster for convs on recent CPUs and GPUs.
+        resize_mode: "crop" (resize + centre crop, as the weights were trained: classification's
+            preprocessing) or "full" (whole image, aspect kept, longest side ``max_side``).
+        max_side: longest side in "full" mode.
+        scales: multi-scale descriptors: the input is also resized by each factor, the pooled
+            descriptors are averaged over scales and re-normalised (1 and 1/sqrt(2) is typical).
     Raises:
         ModelError subclasses for unknown names, unavailable weights, bad options.
     """
@@ -121,8 +167,12 @@ class Embedder:
         device: str = "auto",
         precision: str = "fp32",
         channels_last: bool = True,
+        resize_mode: str = "crop",
+        max_side: int = 512,
+        scales: Sequence[float] = (1.0,),
     ) -> None:
         self.spec: ModelSpec = get_model(model)
+        self._set_resize(resize_mode, max_side, scales)
         self.layer: LayerSpec = self.spec.get_layer(layer)
         self.pooling = self._check_pooling(pooling)
         self.gem_p = float(gem_p)
@@ -149,7 +199,7 @@ class Embedder:
         self.weights_identity = resolved.identity
         self.pretrained = resolved.pretrained
         self.categories = resolved.categories
-        self.transform = build_transform(self.spec.preprocess)
+        self.classify_transform = build_transform(self.spec.preprocess)
         # Both trunks are traced here, once: FX tracing patches torch.nn.Module.__call__ process-wide,
         # so tracing while another thread runs a forward pass would corrupt that pass. After __init__
         # nothing is ever traced again, whatever layer a request asks for.
@@ -170,7 +220,14 @@ class Embedder:
         )
 
     def variant(
-        self, *, layer: str | int | None = None, pooling: str | None = None, gem_p: float | None = None
+        self,
+        *,
+        layer: str | int | None = None,
+        pooling: str | None = None,
+        gem_p: float | None = None,
+        resize_mode: str | None = None,
+        max_side: int | None = None,
+        scales: Sequence[float] | None = None,
     ) -> Embedder:
         """The same loaded backbone read at another layer/pooling (no weight copy, shared trunk cache).
 
@@ -183,7 +240,29 @@ class Embedder:
         other.gem_p = self.gem_p if gem_p is None else float(gem_p)
         other.pooling = other._check_pooling(pooling)
         other._pool = get_pooling(other.pooling, gem_p=other.gem_p) if other.layer.kind == "conv" else None
+        other._set_resize(
+            resize_mode or self.resize_mode,
+            self.max_side if max_side is None else max_side,
+            self.scales if scales is None else scales,
+        )
         return other
+
+    def _set_resize(self, resize_mode: str, max_side: int, scales: Sequence[float]) -> None:
+        if resize_mode not in RESIZE_MODES:
+            raise InvalidOptionError(f"unknown resize mode {resize_mode!r}; choose one of: {', '.join(RESIZE_MODES)}")
+        if not 64 <= int(max_side) <= 4096:
+            raise InvalidOptionError(f"max_side must be between 64 and 4096, got {max_side}")
+        clean = tuple(float(x) for x in scales)
+        if not clean or any(not 0.1 <= x <= 2.0 for x in clean):
+            raise InvalidOptionError(f"scales must be a non-empty list of factors in [0.1, 2], got {list(scales)}")
+        self.resize_mode = resize_mode
+        self.max_side = int(max_side)
+        self.scales = clean
+        self.transform: Callable[[Image.Image], torch.Tensor] = (
+            build_transform(self.spec.preprocess)
+            if resize_mode == "crop"
+            else FullImageTransform(self.spec.preprocess, self.max_side)
+        )
 
     # ---------------------------------------------------------------------------------------------
     # identity
@@ -229,7 +308,12 @@ class Embedder:
             "layer": self.layer.name,
             "pooling": self.pooling_id,
             "dim": self.dim,
-            "preprocess": self.spec.preprocess.to_dict(),
+            "preprocess": (
+                {"mode": "crop", **self.spec.preprocess.to_dict()}
+                if self.resize_mode == "crop"
+                else {"mode": "full", "max_side": self.max_side, **self.spec.preprocess.to_dict(), "resize": None, "crop": None}
+            ),
+            "scales": list(self.scales),
             "normalize": "l2",
         }
 
@@ -245,7 +329,8 @@ class Embedder:
     @property
     def decode_size(self) -> tuple[int, int]:
         """The smallest decode that loses nothing for this preprocessing (JPEG draft hint)."""
-        side = self.spec.preprocess.resize
+        side = self.spec.preprocess.resize if self.resize_mode == "crop" else self.max_side
+        side = int(round(side * max(max(self.scales), 1.0)))
         return side, side
 
     # ---------------------------------------------------------------------------------------------
@@ -261,11 +346,12 @@ class Embedder:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> (n, 3, crop, crop) float tensor on the CPU."""
+    def preprocess(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """RGB PIL images -> (3, H, W) float tensors on the CPU, as the embedding needs them
+        (all the same size in "crop" mode; per-image sizes in "full" mode)."""
         if not images:
             raise InvalidOptionError("no images given")
-        return torch.stack([self.transform(img) for img in images])
+        return [self.transform(img) for img in images]
 
     def _forward(self, batch: torch.Tensor, nodes: tuple[str, ...]) -> dict[str, torch.Tensor]:
         if batch.ndim != 4 or batch.shape[1] != 3:
@@ -279,11 +365,11 @@ class Embedder:
             out: dict[str, torch.Tensor] = self._trunk(nodes)(batch)
         return {k: out[k].float() for k in nodes}
 
-    def _vectors(self, feat: torch.Tensor) -> np.ndarray:
+    def _pooled(self, feat: torch.Tensor) -> torch.Tensor:
+        """Layer output -> (n, dim) unit vectors."""
         if self._pool is not None:
             feat = self._pool(feat)  # (n, c, h, w) -> (n, c)
-        feat = feat.flatten(1)
-        return F.normalize(feat, dim=1).cpu().numpy().astype(np.float32, copy=False)
+        return F.normalize(feat.flatten(1), dim=1)
 
     def _predictions(self, logits: torch.Tensor, k: int) -> list[list[Prediction]]:
         if k < 1:
@@ -298,23 +384,58 @@ class Embedder:
             for row_p, row_i in zip(top_p, top_i, strict=True)
         ]
 
-    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        """Preprocessed (n, 3, H, W) batch -> (n, dim) float32, unit L2 norm."""
-        return self._vectors(self._forward(batch, (self.layer.node,))[self.layer.node])
+    def _descriptors(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) same-size batch -> (n, dim) unit vectors, averaged over the scales."""
+        descriptors = []
+        for scale in self.scales:
+            x = batch
+            if scale != 1.0:
+                x = F.interpolate(batch, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+            descriptors.append(self._pooled(self._forward(x, (self.layer.node,))[self.layer.node]))
+        return F.normalize(torch.stack(descriptors).sum(dim=0), dim=1)
+
+    def embed_tensors(self, tensors: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
+        """Preprocessed images -> (n, dim) float32, unit L2 norm.
+
+        Takes a (n, 3, H, W) batch or a list of (3, H, W) tensors of possibly different sizes;
+        same-size tensors are stacked into one forward pass each, results come back in input order.
+        """
+        if isinstance(tensors, torch.Tensor):
+            if tensors.ndim != 4:
+                raise InvalidOptionError(f"expected a (n, 3, H, W) batch, got shape {tuple(tensors.shape)}")
+            return self._descriptors(tensors).cpu().numpy().astype(np.float32, copy=False)
+        if not tensors:
+            raise InvalidOptionError("no images given")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, tensor in enumerate(tensors):
+            groups.setdefault(tuple(tensor.shape), []).append(i)
+        out = np.empty((len(tensors), self.dim), dtype=np.float32)
+        for indices in groups.values():
+            batch = torch.stack([tensors[i] for i in indices])
+            out[indices] = self._descriptors(batch).cpu().numpy()
+        return out
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """RGB PIL images -> (n, dim) float32, unit L2 norm. One forward pass for the whole batch."""
+        """RGB PIL images -> (n, dim) float32, unit L2 norm (one forward pass per image size and scale)."""
         return self.embed_tensors(self.preprocess(images))
 
+    def _classify_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if not images:
+            raise InvalidOptionError("no images given")
+        return torch.stack([self.classify_transform(img) for img in images])
+
     def classify(self, images: Sequence[Image.Image], *, k: int = 5) -> list[list[Prediction]]:
-        """Top-k ImageNet classes per image, best first."""
-        logits = self._forward(self.preprocess(images), (self.spec.logits_node,))[self.spec.logits_node]
+        """Top-k ImageNet classes per image, best first (always on the centre crop the weights expect)."""
+        logits = self._forward(self._classify_batch(images), (self.spec.logits_node,))[self.spec.logits_node]
         return self._predictions(logits, k)
 
     def embed_and_classify(
         self, images: Sequence[Image.Image], *, k: int = 5
     ) -> tuple[np.ndarray, list[list[Prediction]]]:
-        """Vectors and top-k classes from a single forward pass."""
+        """Vectors and top-k classes; a single forward pass when the embedding uses the crop at one scale."""
+        if self.resize_mode != "crop" or self.scales != (1.0,):
+            return self.embed(images), self.classify(images, k=k)
         nodes = tuple(dict.fromkeys((self.layer.node, self.spec.logits_node)))
-        out = self._forward(self.preprocess(images), nodes)
-        return self._vectors(out[self.layer.node]), self._predictions(out[self.spec.logits_node], k)
+        out = self._forward(self._classify_batch(images), nodes)
+        vectors = self._pooled(out[self.layer.node]).cpu().numpy().astype(np.float32, copy=False)
+        return vectors, self._predictions(out[self.spec.logits_node], k)

@@ -24,6 +24,9 @@ _FLAG_FIELDS = (
     "layer",
     "pooling",
     "gem_p",
+    "resize_mode",
+    "max_side",
+    "scales",
     "device",
     "precision",
     "index_factory",
@@ -43,10 +46,20 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer", help="layer name or its position k from the top (0 = logits)")
     group.add_argument("--pooling", choices=["avg", "max", "gem", "rmac"], help="pooling for conv layers")
     group.add_argument("--gem-p", type=float, help="GeM power (default 3)")
+    group.add_argument("--resize-mode", choices=["crop", "full"], help="centre crop, or the full image (aspect kept)")
+    group.add_argument("--max-side", type=int, help="longest side in full resize mode (default 512)")
+    group.add_argument("--scales", type=_scales, help="multi-scale factors, e.g. 1,0.707 (default 1)")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     group.add_argument("--index-factory", help="FAISS factory string for a new store (default Flat)")
     group.add_argument("--max-pixels", type=int, help="reject larger images (default 40M)")
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
 
 
 def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:

@@ -18,14 +18,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2 as T
+from PIL import Image
 from tqdm import tqdm
 
 from index.store import ImageStore, NewImage
@@ -78,7 +78,7 @@ class _FileDataset(Dataset[_Item]):
         self,
         files: Sequence[Path],
         *,
-        transform: T.Compose,
+        transform: Callable[[Image.Image], torch.Tensor],
         limits: ImageLimits,
         decode_size: tuple[int, int],
         known_sha256: frozenset[str],

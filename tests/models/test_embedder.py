@@ -160,3 +160,60 @@ def test_variant_shares_the_backbone(lite0: Embedder, photos: dict[str, Image.Im
     assert lite0.layer.name == "penultimate"  # the original is untouched
     with pytest.raises(UnknownPoolingError):
         lite0.variant(layer="logits", pooling="max")
+
+
+def test_full_image_transform_keeps_the_aspect_ratio(lite0: Embedder) -> None:
+    from models.embedder import FullImageTransform
+
+    tf = FullImageTransform(lite0.spec.preprocess, 512)
+    assert tf.size_for(4000, 3000) == (384, 512)  # 4:3 landscape -> 512 x 384
+    assert tf.size_for(3000, 4000) == (512, 384)  # portrait
+    assert tf.size_for(451, 300) == (352, 512)  # 340.5 rounds to the nearest multiple of 32
+    assert tf.size_for(5000, 100) == (32, 512)  # never below 32
+    assert tuple(tf(Image.new("RGB", (640, 427))).shape) == (3, 352, 512)
+
+
+def test_full_mode_batches_mixed_sizes_and_matches_single(photos: dict[str, Image.Image]) -> None:
+    emb = Embedder("efficientnet_lite0", layer="head", pooling="gem", resize_mode="full", max_side=320, device="cpu")
+    images = list(photos.values())  # several aspect ratios
+    batch = emb.embed(images)
+    single = np.concatenate([emb.embed([img]) for img in images])
+    assert batch.shape == (len(images), 1280) and np.min(np.sum(batch * single, axis=1)) >= 0.999
+    assert emb.fingerprint["preprocess"]["mode"] == "full" and emb.fingerprint["preprocess"]["max_side"] == 320
+    assert emb.decode_size == (320, 320)
+
+
+def test_full_mode_sees_the_border_a_crop_drops(photos: dict[str, Image.Image]) -> None:
+    """A wide panorama: its left and right thirds are outside the centre crop but not the full image."""
+    left, right = photos["coffee"].resize((300, 300)), photos["rocket"].resize((300, 300))
+    middle = Image.new("RGB", (300, 300), (128, 128, 128))
+    pano = Image.new("RGB", (900, 300))
+    for i, part in enumerate((left, middle, right)):
+        pano.paste(part, (300 * i, 0))
+    crop = Embedder("efficientnet_lite0", layer="head", device="cpu")
+    full = crop.variant(resize_mode="full", max_side=448)
+    gray = Image.new("RGB", (300, 300), (128, 128, 128))
+    # Compared with a plain grey image, the crop sees mostly grey; the full image sees coffee and rocket.
+    assert (full.embed([pano]) @ full.embed([gray]).T).item() < (crop.embed([pano]) @ crop.embed([gray]).T).item()
+
+
+def test_multi_scale(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
+    ms = lite0.variant(layer="head", pooling="gem", scales=(1.0, 0.7071))
+    v = ms.embed([photos["chelsea"], photos["rocket"]])
+    assert v.shape == (2, 1280) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    one = lite0.variant(layer="head", pooling="gem")
+    assert not np.allclose(v, one.embed([photos["chelsea"], photos["rocket"]]))
+    assert ms.fingerprint["scales"] == [1.0, 0.7071] and one.fingerprint["scales"] == [1.0]
+    # classification is unaffected by the embedding's preprocessing
+    assert ms.classify([photos["chelsea"]])[0][0].class_index == lite0.classify([photos["chelsea"]])[0][0].class_index
+
+
+def test_resize_option_errors(lite0: Embedder) -> None:
+    with pytest.raises(InvalidOptionError, match="resize mode"):
+        lite0.variant(resize_mode="stretch")
+    with pytest.raises(InvalidOptionError, match="max_side"):
+        lite0.variant(resize_mode="full", max_side=10)
+    with pytest.raises(InvalidOptionError, match="scales"):
+        lite0.variant(scales=())
+    with pytest.raises(InvalidOptionError, match="scales"):
+        lite0.variant(scales=(1.0, 5.0))
