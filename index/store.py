@@ -845,6 +845,45 @@ class ImageStore:
             "data_dir": str(self._data_dir),
         }
 
+    def near_duplicates(self, threshold: float, *, k: int = 10, batch: int = 1024) -> list[list[ImageRecord]]:
+        """Groups of near-identical images, found with the index itself (k-NN per stored vector),
+        never an all-pairs matrix: cost n * one search, memory O(n).
+
+        Two images are linked when either is among the other's k nearest with cosine >= ``threshold``;
+        groups are the connected components (so A~B~C groups all three), largest first.
+
+        Args:
+            threshold: Cosine similarity in (0, 1]; 0.95+ finds re-encodes and resizes.
+            k: Neighbours examined per image (bounds the size a group can be discovered at).
+            batch: Vectors searched per call.
+        """
+        self._check_open()
+        if not 0.0 < threshold <= 1.0:
+            raise InvalidArgumentError(f"threshold must be in (0, 1], got {threshold}")
+        parent: dict[int, int] = {}
+
+        def find(a: int) -> int:
+            parent.setdefault(a, a)
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        for seqs, vecs in self._catalog.iter_vectors(batch=batch):
+            with self._index_lock:
+                scores, ids = self._vectors.search(self._project(vecs), k + 1)
+            for seq, row_scores, row_ids in zip(seqs.tolist(), scores, ids, strict=True):
+                for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
+                    if other >= 0 and other != seq and score >= threshold:
+                        parent[find(seq)] = find(other)
+        groups: dict[int, list[int]] = {}
+        for seq in parent:
+            groups.setdefault(find(seq), []).append(seq)
+        members = [sorted(g) for g in groups.values() if len(g) > 1]
+        records = self._catalog.get_many_by_seq([seq for g in members for seq in g]) if members else {}
+        out = [[records[seq] for seq in g if seq in records] for g in members]
+        return sorted((g for g in out if len(g) > 1), key=lambda g: (-len(g), g[0].added_at))
+
     # ================================================================== lifecycle
 
     def close(self) -> None:

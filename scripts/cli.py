@@ -151,6 +151,82 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_existing(args: argparse.Namespace, *, read_only: bool) -> tuple[Any, Any] | None:
+    """Embedder + store for a command that needs an existing store (None, after a message, if absent)."""
+    from app.runtime import build_embedder, open_store
+    from index.store import ImageStore
+
+    settings = settings_from_args(args)
+    if ImageStore.read_manifest(settings.data_dir) is None:
+        echo(f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first")
+        return None
+    embedder = build_embedder(settings)
+    return embedder, open_store(settings, embedder, read_only=read_only)
+
+
+def _cmd_whiten(args: argparse.Namespace) -> int:
+    """Learn PCA-whitening from the store (or a folder) and re-project the stored vectors."""
+    from app.runtime import image_limits
+    from index.whitening import Whitening
+    from models.errors import ImageError
+    from models.images import load_image
+    from scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
+
+    opened = _open_existing(args, read_only=False)
+    if opened is None:
+        return 2
+    embedder, store = opened
+    with store:
+        if args.remove:
+            store.set_whitening(None)
+            echo("whitening removed; vectors re-projected from the raw ones in the catalog")
+            return 0
+        if args.from_folder:
+            limits = image_limits(settings_from_args(args))
+            vectors = []
+            files = list(iter_image_files([args.from_folder], extensions=DEFAULT_EXTENSIONS))
+            for start in range(0, len(files), 32):
+                images = []
+                for path in files[start : start + 32]:
+                    try:
+                        images.append(load_image(path, limits=limits, draft_size=embedder.decode_size).image)
+                    except ImageError as exc:
+                        log.warning("skipped %s: %s", path, exc)
+                if images:
+                    vectors.append(embedder.embed(images))
+            if not vectors:
+                echo(f"error [no_images]: no readable images in {args.from_folder}")
+                return 2
+            import numpy as np
+
+            whitening = Whitening.fit(np.concatenate(vectors), dim=args.dim)
+            store.set_whitening(whitening)
+            source = f"{sum(len(v) for v in vectors)} images in {args.from_folder}"
+        else:
+            whitening = store.fit_whitening(dim=args.dim)
+            source = f"{store.count} stored vectors"
+        echo(f"whitening {whitening.d_in} -> {whitening.d_out} learned from {source}; applied to every query")
+    return 0
+
+
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    opened = _open_existing(args, read_only=True)
+    if opened is None:
+        return 2
+    _, store = opened
+    with store:
+        groups = store.near_duplicates(args.threshold, k=args.neighbours)
+    if args.json:
+        echo_json([[{"id": r.id, "source": r.source, "sha256": r.sha256} for r in g] for g in groups])
+        return 0
+    for i, group in enumerate(groups, 1):
+        echo(f"group {i} ({len(group)} images)")
+        for record in group:
+            echo(f"    {record.id}  {record.source or ''}")
+    echo(f"{len(groups)} groups of near-duplicates at cosine >= {args.threshold}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -206,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="number of classes (default 5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("whiten", help="learn PCA-whitening for a store (applied to every query automatically)")
+    add_common_arguments(p)
+    p.add_argument("--dim", type=int, help="output dimension, e.g. 128/256/512 (default: keep all)")
+    p.add_argument("--from", dest="from_folder", help="learn from the images in this folder instead of the store")
+    p.add_argument("--remove", action="store_true", help="remove the whitening (back to raw vectors)")
+    p.set_defaults(func=_cmd_whiten)
+
+    p = sub.add_parser("duplicates", help="list groups of near-identical images in a store")
+    add_common_arguments(p)
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    p.add_argument("--neighbours", type=int, default=10, help="neighbours examined per image (default 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_duplicates)
 
     p = sub.add_parser("serve", help="run the HTTP service (API + web page) on a store")
     add_common_arguments(p)

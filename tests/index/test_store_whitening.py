@@ -93,3 +93,21 @@ def test_bad_whitening_is_refused_or_detected(tmp_path: Path) -> None:
     file.write_bytes(file.read_bytes()[:-8] + b"\x00" * 8)
     with pytest.raises(CorruptStoreError, match="checksum"):
         _open(tmp_path / "s")
+
+
+def test_near_duplicate_groups_use_the_index(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    base = _data(50, seed=3)
+    # three near-copies of image 0 (a chain), two of image 7; the rest distinct
+    copies = [base[0] + 0.01 * rng.standard_normal(DIM), base[0] + 0.02 * rng.standard_normal(DIM),
+              base[7] + 0.01 * rng.standard_normal(DIM)]
+    x = np.vstack([base, np.array(copies)]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with _open(tmp_path / "s") as store:
+        store.add(x, _images(len(x)))
+        groups = store.near_duplicates(0.99)
+        names = [sorted(r.source for r in g) for g in groups]
+        assert names == [["img0", "img50", "img51"], ["img52", "img7"]]
+        assert store.near_duplicates(1.0) == []
+        with pytest.raises(InvalidArgumentError):
+            store.near_duplicates(0.0)

@@ -92,3 +92,28 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     assert result.returncode == 0
     for command in ("models", "index", "search", "classify", "serve", "weights"):
         assert command in result.stdout
+
+
+def test_whiten_and_duplicates(capsys: pytest.CaptureFixture[str], tmp_path: Path, photo_dir: Path, photos: dict[str, Image.Image]) -> None:
+    data = str(tmp_path / "data")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "chelsea-small.jpg").write_bytes(jpeg_bytes(photos["chelsea"], quality=80, scale=0.8))
+    assert run(capsys, "index", str(photo_dir), str(extra), "--data-dir", data, "--workers", "0", "--no-progress")[0] == 0
+
+    code, out, _ = run(capsys, "duplicates", "--data-dir", data, "--threshold", "0.9", "--json")
+    groups = json.loads(out)
+    assert code == 0 and len(groups) == 1 and sorted(Path(r["source"]).name for r in groups[0]) == ["chelsea-small.jpg", "chelsea.jpg"]
+
+    code, out, _ = run(capsys, "whiten", "--data-dir", data, "--dim", "4")
+    assert code == 0 and "1280 -> 4" in out
+    query = tmp_path / "q.jpg"
+    query.write_bytes(jpeg_bytes(photos["coffee"], scale=0.7))
+    code, out, _ = run(capsys, "search", str(query), "-k", "1", "--data-dir", data, "--json")
+    assert code == 0 and json.loads(out)["results"][0]["source"].endswith("coffee.jpg")
+    code, out, _ = run(capsys, "whiten", "--data-dir", data, "--dim", "3", "--from", str(photo_dir))
+    assert code == 0 and "1280 -> 3" in out and f"{len(photos)} images" in out
+    code, out, _ = run(capsys, "whiten", "--data-dir", data, "--remove")
+    assert code == 0 and "removed" in out
+    code, _, err = run(capsys, "whiten", "--data-dir", data, "--dim", "5000")
+    assert code == 2 and "error [invalid_argument]" in err
