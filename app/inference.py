@@ -1,18 +1,22 @@
-"""Model calls for the service: bounded concurrency, metrics, and the one place a forward pass happens.
+"""Model calls for the service: micro-batched forward passes, bounded queues, metrics.
 
-Routes never touch the Embedder directly, so batching strategies can change here without touching them.
+Routes never touch the Embedder directly. Preprocessing (resize, normalise) runs in the request's
+own worker thread, in parallel; only the forward pass is serialised and batched.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
+import torch
 from PIL import Image
 
+from app.batching import MicroBatcher, Overloaded
+from app.errors import APIError
 from app.metrics import Metrics
 from models.embedder import Embedder, Prediction
 
@@ -22,28 +26,102 @@ T = TypeVar("T")
 
 
 class Inference:
-    def __init__(self, embedder: Embedder, metrics: Metrics, *, max_concurrency: int = 2) -> None:
+    """Args:
+    embedder: the loaded model.
+    metrics: where batch sizes and forward times go.
+    batching: gather concurrent requests into one forward pass (else one pass per request).
+    max_batch: most images per forward pass.
+    max_wait_ms: how long the first request of a batch waits for company.
+    max_queue: images allowed to wait; beyond that requests get 503 ``overloaded``.
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        metrics: Metrics,
+        *,
+        batching: bool = True,
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 64,
+    ) -> None:
         self.embedder = embedder
         self.metrics = metrics
-        # More concurrent forward passes than cores only thrash the CPU's caches and threads.
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self.batching = batching
+        self._direct = threading.Lock()  # one forward pass at a time: each already uses every core
+        self._waiting = threading.BoundedSemaphore(max_queue)
+        self._embedder_batcher: MicroBatcher[torch.Tensor, np.ndarray] | None = None
+        self._logits_batcher: MicroBatcher[torch.Tensor, torch.Tensor] | None = None
+        if batching:
+            common = {"max_batch": max_batch, "max_wait_s": max_wait_ms / 1000, "max_queue": max_queue}
+            self._embedder_batcher = MicroBatcher(
+                self._embed_batch, name="embed-batcher", on_batch=self._observe, **common
+            )
+            self._logits_batcher = MicroBatcher(
+                self._logits_batch, name="classify-batcher", on_batch=self._observe, **common
+            )
 
-    def _run(self, n: int, fn: Callable[[], T]) -> T:
-        with self._slots:
-            started = time.perf_counter()
-            result = fn()
-            self.metrics.forward_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(n)
-            return result
+    # -- batch functions (run in the batcher thread) --------------------------------------------
 
-    def embed(self, images: list[Image.Image], embedder: Embedder | None = None) -> np.ndarray:
-        emb = embedder or self.embedder
-        return self._run(len(images), lambda: emb.embed(images))
+    def _timed(self, fn: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        result = fn()
+        self.metrics.forward_seconds.observe(time.perf_counter() - started)
+        return result
 
-    def classify(self, images: list[Image.Image], *, k: int) -> list[list[Prediction]]:
-        return self._run(len(images), lambda: self.embedder.classify(images, k=k))
+    def _observe(self, n: int) -> None:
+        self.metrics.batch_size.observe(n)
 
-    def embed_and_classify(
-        self, images: list[Image.Image], *, k: int
-    ) -> tuple[np.ndarray, list[list[Prediction]]]:
-        return self._run(len(images), lambda: self.embedder.embed_and_classify(images, k=k))
+    def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        return list(self._timed(lambda: self.embedder.embed_tensors(tensors)))
+
+    def _logits_batch(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self._timed(lambda: self.embedder.logits(tensors)))
+
+    # -- request side ----------------------------------------------------------------------------
+
+    def _run_direct(self, n: int, fn: Callable[[], T]) -> T:
+        if not self._waiting.acquire(blocking=False):
+            raise _overloaded()
+        try:
+            with self._direct:
+                result = self._timed(fn)
+                self._observe(n)
+                return result
+        finally:
+            self._waiting.release()
+
+    def embed(self, images: Sequence[Image.Image], embedder: Embedder | None = None) -> np.ndarray:
+        """(n, dim) vectors; ``embedder`` may be a variant (another layer) of the loaded model."""
+        if embedder is not None and embedder is not self.embedder:
+            variant = embedder
+            return self._run_direct(len(images), lambda: variant.embed(images))
+        tensors = self.embedder.preprocess(images)
+        if self._embedder_batcher is None:
+            return self._run_direct(len(images), lambda: self.embedder.embed_tensors(tensors))
+        try:
+            return np.stack(self._embedder_batcher.submit_many(tensors))
+        except Overloaded:
+            raise _overloaded() from None
+
+    def classify(self, images: Sequence[Image.Image], *, k: int) -> list[list[Prediction]]:
+        tensors = self.embedder.classify_inputs(images)
+        if self._logits_batcher is None:
+            logits = self._run_direct(len(images), lambda: self.embedder.logits(tensors))
+        else:
+            try:
+                logits = torch.stack(self._logits_batcher.submit_many(tensors))
+            except Overloaded:
+                raise _overloaded() from None
+        return self.embedder.top_k(logits, k=k)
+
+    def close(self) -> None:
+        for batcher in (self._embedder_batcher, self._logits_batcher):
+            if batcher is not None:
+                batcher.close()
+
+
+def _overloaded() -> APIError:
+    return APIError(
+        503, "overloaded", "too many requests are waiting for the model; retry shortly", {"Retry-After": "1"}
+    )

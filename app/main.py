@@ -39,7 +39,14 @@ def _build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     return Runtime(
         settings=settings,
         metrics=metrics,
-        inference=Inference(embedder, metrics),
+        inference=Inference(
+            embedder,
+            metrics,
+            batching=settings.batching,
+            max_batch=settings.batch_max_size,
+            max_wait_ms=settings.batch_max_wait_ms,
+            max_queue=settings.max_queue,
+        ),
         store=store,
         limits=image_limits(settings),
     )
@@ -83,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await refresher
             state.runtime = None
             state.not_ready_reason = "shutting down"
+            await asyncio.to_thread(runtime.inference.close)
             await asyncio.to_thread(runtime.store.close)
 
     app = FastAPI(

@@ -32,7 +32,7 @@ class BodyLimitMiddleware:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                await error_response(400, "bad_request", "invalid Content-Length header")(
+                await error_response(400, "malformed_body", "invalid Content-Length header")(
                     scope, receive, send
                 )
                 return

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     gem_p: float = Field(3.0, gt=0, description="GeM power")
     resize_mode: str = Field("crop", description="crop (centre crop) or full (whole image, aspect kept)")
     max_side: int = Field(512, ge=64, le=4096, description="Longest side in full resize mode")
-    scales: list[float] = Field(default_factory=lambda: [1.0], description="Multi-scale factors, e.g. [1, 0.707]")
+    scales: list[float] = Field(
+        default_factory=lambda: [1.0], description="Multi-scale factors, e.g. [1, 0.707]"
+    )
     index_factory: str = Field("Flat", description="FAISS index factory string for new stores")
 
     # --- how it runs ---
@@ -61,6 +63,14 @@ class Settings(BaseSettings):
     )
     max_k: int = Field(100, ge=1, le=10_000)
     cors_origins: list[str] = Field(default_factory=list)
+    batching: bool = Field(True, description="Gather concurrent requests into one forward pass")
+    batch_max_size: int = Field(16, ge=1, le=256, description="Most images per batched forward pass")
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a batch waits for more requests"
+    )
+    max_queue: int = Field(
+        64, ge=1, description="Images allowed to wait for the model; more get 503 overloaded"
+    )
     refresh_interval_s: float = Field(
         2.0, gt=0, description="How often the server picks up other writers' changes"
     )

@@ -119,19 +119,25 @@ class FullImageTransform:
     def __init__(self, pre: Preprocess, max_side: int) -> None:
         self.max_side = max_side
         self.interpolation = T.InterpolationMode(pre.interpolation)
-        self.tail = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(pre.mean), std=list(pre.std))])
+        self.tail = T.Compose(
+            [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(pre.mean), std=list(pre.std))]
+        )
         self.to_image = T.ToImage()
 
     def size_for(self, width: int, height: int) -> tuple[int, int]:
         """(height, width) of the resized image."""
         long_side, short_side = max(width, height), min(width, height)
-        short = max(_SIDE_MULTIPLE, round(self.max_side * short_side / long_side / _SIDE_MULTIPLE) * _SIDE_MULTIPLE)
+        short = max(
+            _SIDE_MULTIPLE, round(self.max_side * short_side / long_side / _SIDE_MULTIPLE) * _SIDE_MULTIPLE
+        )
         short = min(short, self.max_side)
         return (short, self.max_side) if width >= height else (self.max_side, short)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = self.size_for(image.width, image.height)
-        tensor = T.functional.resize(self.to_image(image), list(size), interpolation=self.interpolation, antialias=True)
+        tensor = T.functional.resize(
+            self.to_image(image), list(size), interpolation=self.interpolation, antialias=True
+        )
         return self.tail(tensor)
 
 
@@ -249,12 +255,16 @@ class Embedder:
 
     def _set_resize(self, resize_mode: str, max_side: int, scales: Sequence[float]) -> None:
         if resize_mode not in RESIZE_MODES:
-            raise InvalidOptionError(f"unknown resize mode {resize_mode!r}; choose one of: {', '.join(RESIZE_MODES)}")
+            raise InvalidOptionError(
+                f"unknown resize mode {resize_mode!r}; choose one of: {', '.join(RESIZE_MODES)}"
+            )
         if not 64 <= int(max_side) <= 4096:
             raise InvalidOptionError(f"max_side must be between 64 and 4096, got {max_side}")
         clean = tuple(float(x) for x in scales)
         if not clean or any(not 0.1 <= x <= 2.0 for x in clean):
-            raise InvalidOptionError(f"scales must be a non-empty list of factors in [0.1, 2], got {list(scales)}")
+            raise InvalidOptionError(
+                f"scales must be a non-empty list of factors in [0.1, 2], got {list(scales)}"
+            )
         self.resize_mode = resize_mode
         self.max_side = int(max_side)
         self.scales = clean
@@ -311,7 +321,13 @@ class Embedder:
             "preprocess": (
                 {"mode": "crop", **self.spec.preprocess.to_dict()}
                 if self.resize_mode == "crop"
-                else {"mode": "full", "max_side": self.max_side, **self.spec.preprocess.to_dict(), "resize": None, "crop": None}
+                else {
+                    "mode": "full",
+                    "max_side": self.max_side,
+                    **self.spec.preprocess.to_dict(),
+                    "resize": None,
+                    "crop": None,
+                }
             ),
             "scales": list(self.scales),
             "normalize": "l2",
@@ -390,7 +406,9 @@ class Embedder:
         for scale in self.scales:
             x = batch
             if scale != 1.0:
-                x = F.interpolate(batch, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+                x = F.interpolate(
+                    batch, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False
+                )
             descriptors.append(self._pooled(self._forward(x, (self.layer.node,))[self.layer.node]))
         return F.normalize(torch.stack(descriptors).sum(dim=0), dim=1)
 
@@ -423,6 +441,20 @@ class Embedder:
         if not images:
             raise InvalidOptionError("no images given")
         return torch.stack([self.classify_transform(img) for img in images])
+
+    def classify_inputs(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """RGB PIL images -> (3, crop, crop) tensors as classification needs them."""
+        return list(self._classify_batch(images))
+
+    def logits(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Classification inputs (see ``classify_inputs``) -> (n, classes) float32 logits, one forward pass."""
+        return self._forward(torch.stack(list(tensors)), (self.spec.logits_node,))[
+            self.spec.logits_node
+        ].cpu()
+
+    def top_k(self, logits: torch.Tensor, *, k: int) -> list[list[Prediction]]:
+        """(n, classes) logits -> top-k predictions per row, best first."""
+        return self._predictions(logits, k)
 
     def classify(self, images: Sequence[Image.Image], *, k: int = 5) -> list[list[Prediction]]:
         """Top-k ImageNet classes per image, best first (always on the centre crop the weights expect)."""

@@ -158,7 +158,9 @@ def _open_existing(args: argparse.Namespace, *, read_only: bool) -> tuple[Any, A
 
     settings = settings_from_args(args)
     if ImageStore.read_manifest(settings.data_dir) is None:
-        echo(f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first")
+        echo(
+            f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first"
+        )
         return None
     embedder = build_embedder(settings)
     return embedder, open_store(settings, embedder, read_only=read_only)
@@ -283,10 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classify)
 
-    p = sub.add_parser("whiten", help="learn PCA-whitening for a store (applied to every query automatically)")
+    p = sub.add_parser(
+        "whiten", help="learn PCA-whitening for a store (applied to every query automatically)"
+    )
     add_common_arguments(p)
     p.add_argument("--dim", type=int, help="output dimension, e.g. 128/256/512 (default: keep all)")
-    p.add_argument("--from", dest="from_folder", help="learn from the images in this folder instead of the store")
+    p.add_argument(
+        "--from", dest="from_folder", help="learn from the images in this folder instead of the store"
+    )
     p.add_argument("--remove", action="store_true", help="remove the whitening (back to raw vectors)")
     p.set_defaults(func=_cmd_whiten)
 

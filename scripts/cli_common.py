@@ -46,7 +46,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer", help="layer name or its position k from the top (0 = logits)")
     group.add_argument("--pooling", choices=["avg", "max", "gem", "rmac"], help="pooling for conv layers")
     group.add_argument("--gem-p", type=float, help="GeM power (default 3)")
-    group.add_argument("--resize-mode", choices=["crop", "full"], help="centre crop, or the full image (aspect kept)")
+    group.add_argument(
+        "--resize-mode", choices=["crop", "full"], help="centre crop, or the full image (aspect kept)"
+    )
     group.add_argument("--max-side", type=int, help="longest side in full resize mode (default 512)")
     group.add_argument("--scales", type=_scales, help="multi-scale factors, e.g. 1,0.707 (default 1)")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N")

@@ -47,7 +47,15 @@ from PIL import Image
 
 from scripts.cli_common import echo
 
-__all__ = ["Collection", "DatasetError", "list_collections", "get_collection", "prepare", "main", "default_cache"]
+__all__ = [
+    "Collection",
+    "DatasetError",
+    "list_collections",
+    "get_collection",
+    "prepare",
+    "main",
+    "default_cache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +187,7 @@ _register(
         ),
         select=_select_photos,
         kind="originals",
-        notes=(
-            "interiors holds two pairs of near-identical shots of one scene (harder negatives, kept).",
-        ),
+        notes=("interiors holds two pairs of near-identical shots of one scene (harder negatives, kept).",),
     )
 )
 
@@ -194,7 +200,9 @@ def get_collection(name: str) -> Collection:
     try:
         return _COLLECTIONS[name]
     except KeyError:
-        raise DatasetError(f"unknown collection {name!r}; choose one of: {', '.join(list_collections())}") from None
+        raise DatasetError(
+            f"unknown collection {name!r}; choose one of: {', '.join(list_collections())}"
+        ) from None
 
 
 def default_cache() -> Path:
@@ -233,9 +241,16 @@ def _fetch_deb(pkg: Package, downloads: Path) -> Path:
         got = sorted(downloads.glob(f"{pkg.name}_*.deb"))
         if proc.returncode == 0 and got:
             if spec == pkg.name:
-                log.warning("%s %s is not available; used %s (figures may differ)", pkg.name, pkg.version, got[-1].name)
+                log.warning(
+                    "%s %s is not available; used %s (figures may differ)",
+                    pkg.name,
+                    pkg.version,
+                    got[-1].name,
+                )
             return got[-1]
-        tried.append(f"{spec}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        tried.append(
+            f"{spec}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        )
     raise DatasetError(
         f"could not download Debian package {pkg.name} ({'; '.join(tried)}); run 'apt-get update' first "
         f"(apt needs its package lists), or fetch the .deb elsewhere and put it in {downloads}"
@@ -329,7 +344,9 @@ def prepare(name: str, dest: str | os.PathLike[str], *, cache: str | os.PathLike
         log.info("%s already prepared in %s", name, dest)
         return dest
     if dest.exists() and any(dest.iterdir()) and _read_manifest(dest) is None:
-        raise DatasetError(f"{dest} exists, is not empty and holds no {MANIFEST}; choose an empty or new folder")
+        raise DatasetError(
+            f"{dest} exists, is not empty and holds no {MANIFEST}; choose an empty or new folder"
+        )
 
     cache_dir = Path(cache) if cache is not None else default_cache()
     downloads = cache_dir / "downloads"
@@ -361,7 +378,9 @@ def prepare(name: str, dest: str | os.PathLike[str], *, cache: str | os.PathLike
         files: list[dict[str, object]] = []
         for group, paths in sorted(groups.items()):
             if not paths:
-                raise DatasetError(f"collection {name}: group {group!r} came out empty; the package layout changed?")
+                raise DatasetError(
+                    f"collection {name}: group {group!r} came out empty; the package layout changed?"
+                )
             (staging / group).mkdir()
             seen: set[str] = set()
             for src in paths:
@@ -414,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="fetch a collection and lay it out as DEST/<group>/<file>")
     prep.add_argument("name", choices=list_collections())
     prep.add_argument("dest", type=Path)
-    prep.add_argument("--cache", type=Path, default=None, help="download/unpack cache (default ~/.cache/deepfeat/datasets)")
+    prep.add_argument(
+        "--cache", type=Path, default=None, help="download/unpack cache (default ~/.cache/deepfeat/datasets)"
+    )
     return parser
 
 

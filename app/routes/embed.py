@@ -10,7 +10,9 @@ from app.schemas import EmbedResponse, ErrorResponse
 
 router = APIRouter(prefix="/v1", tags=["embed"], dependencies=[Depends(require_read)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)
+}
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=_ERRORS)

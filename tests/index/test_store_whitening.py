@@ -24,7 +24,10 @@ def _data(n: int = 400, seed: int = 0) -> np.ndarray:
 
 
 def _images(n: int, offset: int = 0) -> list[NewImage]:
-    return [NewImage(sha256=f"{i + offset:064x}", source=f"img{i + offset}", width=8, height=8, nbytes=1) for i in range(n)]
+    return [
+        NewImage(sha256=f"{i + offset:064x}", source=f"img{i + offset}", width=8, height=8, nbytes=1)
+        for i in range(n)
+    ]
 
 
 def _open(path: Path, **kw) -> ImageStore:
@@ -41,7 +44,9 @@ def test_fit_applies_to_stored_vectors_and_queries(tmp_path: Path) -> None:
         # Expected: brute force in the whitened space.
         wx = w.apply(x)
         expected = np.argsort(-(w.apply(x[:5]) @ wx.T), axis=1)[:, :3]
-        assert [[h.record.source for h in row] for row in hits] == [[f"img{j}" for j in row] for row in expected]
+        assert [[h.record.source for h in row] for row in hits] == [
+            [f"img{j}" for j in row] for row in expected
+        ]
         assert hits[0][0].score == pytest.approx(1.0, abs=1e-5)
         # New adds are projected too.
         extra = _data(20, seed=9)
@@ -99,8 +104,11 @@ def test_near_duplicate_groups_use_the_index(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     base = _data(50, seed=3)
     # three near-copies of image 0 (a chain), two of image 7; the rest distinct
-    copies = [base[0] + 0.01 * rng.standard_normal(DIM), base[0] + 0.02 * rng.standard_normal(DIM),
-              base[7] + 0.01 * rng.standard_normal(DIM)]
+    copies = [
+        base[0] + 0.01 * rng.standard_normal(DIM),
+        base[0] + 0.02 * rng.standard_normal(DIM),
+        base[7] + 0.01 * rng.standard_normal(DIM),
+    ]
     x = np.vstack([base, np.array(copies)]).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     with _open(tmp_path / "s") as store:

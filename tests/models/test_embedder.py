@@ -174,12 +174,16 @@ def test_full_image_transform_keeps_the_aspect_ratio(lite0: Embedder) -> None:
 
 
 def test_full_mode_batches_mixed_sizes_and_matches_single(photos: dict[str, Image.Image]) -> None:
-    emb = Embedder("efficientnet_lite0", layer="head", pooling="gem", resize_mode="full", max_side=320, device="cpu")
+    emb = Embedder(
+        "efficientnet_lite0", layer="head", pooling="gem", resize_mode="full", max_side=320, device="cpu"
+    )
     images = list(photos.values())  # several aspect ratios
     batch = emb.embed(images)
     single = np.concatenate([emb.embed([img]) for img in images])
     assert batch.shape == (len(images), 1280) and np.min(np.sum(batch * single, axis=1)) >= 0.999
-    assert emb.fingerprint["preprocess"]["mode"] == "full" and emb.fingerprint["preprocess"]["max_side"] == 320
+    assert (
+        emb.fingerprint["preprocess"]["mode"] == "full" and emb.fingerprint["preprocess"]["max_side"] == 320
+    )
     assert emb.decode_size == (320, 320)
 
 
@@ -194,7 +198,9 @@ def test_full_mode_sees_the_border_a_crop_drops(photos: dict[str, Image.Image]) 
     full = crop.variant(resize_mode="full", max_side=448)
     gray = Image.new("RGB", (300, 300), (128, 128, 128))
     # Compared with a plain grey image, the crop sees mostly grey; the full image sees coffee and rocket.
-    assert (full.embed([pano]) @ full.embed([gray]).T).item() < (crop.embed([pano]) @ crop.embed([gray]).T).item()
+    assert (full.embed([pano]) @ full.embed([gray]).T).item() < (
+        crop.embed([pano]) @ crop.embed([gray]).T
+    ).item()
 
 
 def test_multi_scale(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
@@ -205,7 +211,10 @@ def test_multi_scale(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
     assert not np.allclose(v, one.embed([photos["chelsea"], photos["rocket"]]))
     assert ms.fingerprint["scales"] == [1.0, 0.7071] and one.fingerprint["scales"] == [1.0]
     # classification is unaffected by the embedding's preprocessing
-    assert ms.classify([photos["chelsea"]])[0][0].class_index == lite0.classify([photos["chelsea"]])[0][0].class_index
+    assert (
+        ms.classify([photos["chelsea"]])[0][0].class_index
+        == lite0.classify([photos["chelsea"]])[0][0].class_index
+    )
 
 
 def test_resize_option_errors(lite0: Embedder) -> None:

@@ -94,16 +94,27 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
         assert command in result.stdout
 
 
-def test_whiten_and_duplicates(capsys: pytest.CaptureFixture[str], tmp_path: Path, photo_dir: Path, photos: dict[str, Image.Image]) -> None:
+def test_whiten_and_duplicates(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, photo_dir: Path, photos: dict[str, Image.Image]
+) -> None:
     data = str(tmp_path / "data")
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / "chelsea-small.jpg").write_bytes(jpeg_bytes(photos["chelsea"], quality=80, scale=0.8))
-    assert run(capsys, "index", str(photo_dir), str(extra), "--data-dir", data, "--workers", "0", "--no-progress")[0] == 0
+    assert (
+        run(
+            capsys, "index", str(photo_dir), str(extra), "--data-dir", data, "--workers", "0", "--no-progress"
+        )[0]
+        == 0
+    )
 
     code, out, _ = run(capsys, "duplicates", "--data-dir", data, "--threshold", "0.9", "--json")
     groups = json.loads(out)
-    assert code == 0 and len(groups) == 1 and sorted(Path(r["source"]).name for r in groups[0]) == ["chelsea-small.jpg", "chelsea.jpg"]
+    assert (
+        code == 0
+        and len(groups) == 1
+        and sorted(Path(r["source"]).name for r in groups[0]) == ["chelsea-small.jpg", "chelsea.jpg"]
+    )
 
     code, out, _ = run(capsys, "whiten", "--data-dir", data, "--dim", "4")
     assert code == 0 and "1280 -> 4" in out
