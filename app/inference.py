@@ -53,12 +53,22 @@ class Inference:
         self._embedder_batcher: MicroBatcher[torch.Tensor, np.ndarray] | None = None
         self._logits_batcher: MicroBatcher[torch.Tensor, torch.Tensor] | None = None
         if batching:
-            common = {"max_batch": max_batch, "max_wait_s": max_wait_ms / 1000, "max_queue": max_queue}
+            wait = max_wait_ms / 1000
             self._embedder_batcher = MicroBatcher(
-                self._embed_batch, name="embed-batcher", on_batch=self._observe, **common
+                self._embed_batch,
+                max_batch=max_batch,
+                max_wait_s=wait,
+                max_queue=max_queue,
+                name="embed-batcher",
+                on_batch=self._observe,
             )
             self._logits_batcher = MicroBatcher(
-                self._logits_batch, name="classify-batcher", on_batch=self._observe, **common
+                self._logits_batch,
+                max_batch=max_batch,
+                max_wait_s=wait,
+                max_queue=max_queue,
+                name="classify-batcher",
+                on_batch=self._observe,
             )
 
     # -- batch functions (run in the batcher thread) --------------------------------------------

@@ -80,7 +80,7 @@ class Whitening:
 
     def to_bytes(self) -> bytes:
         writer = faiss.VectorIOWriter()
-        faiss.write_VectorTransform(self._pca, writer)
+        faiss.write_VectorTransform(self._pca, writer)  # type: ignore[arg-type]  # stubs list only the path overload
         return faiss.vector_to_array(writer.data).tobytes()
 
     @classmethod
@@ -88,12 +88,12 @@ class Whitening:
         reader = faiss.VectorIOReader()
         faiss.copy_array_to_vector(np.frombuffer(data, dtype=np.uint8), reader.data)
         try:
-            transform = faiss.read_VectorTransform(reader)
+            transform = faiss.read_VectorTransform(reader)  # type: ignore[arg-type]  # ditto
         except RuntimeError as exc:
             raise CorruptStoreError(f"whitening data could not be read: {exc}") from exc
         pca = faiss.downcast_VectorTransform(transform)
         # The downcast wrapper must own the C++ object, or it dies with ``transform``.
-        transform.this.disown()
+        transform.this.disown()  # type: ignore[attr-defined]  # SWIG proxy attribute
         pca.this.own(True)
         if not isinstance(pca, faiss.PCAMatrix):
             raise CorruptStoreError(f"whitening data holds a {type(pca).__name__}, not a PCA matrix")
