@@ -94,7 +94,7 @@ class Whitening:
         pca = faiss.downcast_VectorTransform(transform)
         # The downcast wrapper must own the C++ object, or it dies with ``transform``.
         transform.this.disown()  # type: ignore[attr-defined]  # SWIG proxy attribute
-        pca.this.own(True)
+        pca.this.own(True)  # type: ignore[attr-defined]
         if not isinstance(pca, faiss.PCAMatrix):
             raise CorruptStoreError(f"whitening data holds a {type(pca).__name__}, not a PCA matrix")
         return cls(pca)
