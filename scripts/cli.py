@@ -229,6 +229,27 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCHES = {
+    "extract": "scripts.bench_extract",
+    "search": "scripts.bench_search",
+    "serve": "scripts.bench_serve",
+}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Delegate to the benchmark scripts (each has its own --help)."""
+    import importlib
+
+    module = importlib.import_module(_BENCHES[args.which])
+    return int(module.main(args.rest))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from scripts import evaluate
+
+    return int(evaluate.main(args.rest))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -302,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbours", type=int, default=10, help="neighbours examined per image (default 10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_duplicates)
+
+    p = sub.add_parser("bench", help="benchmarks: extract, search or serve (prints medians and ratios)")
+    p.add_argument("which", choices=sorted(_BENCHES))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("eval", help="retrieval evaluation: category or copy detection, with sweeps")
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="options of the evaluation (see `deepfeat eval --help`)"
+    )
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("serve", help="run the HTTP service (API + web page) on a store")
     add_common_arguments(p)

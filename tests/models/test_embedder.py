@@ -226,3 +226,11 @@ def test_resize_option_errors(lite0: Embedder) -> None:
         lite0.variant(scales=())
     with pytest.raises(InvalidOptionError, match="scales"):
         lite0.variant(scales=(1.0, 5.0))
+
+
+def test_auto_precision_uses_bf16_only_with_native_support() -> None:
+    from models.embedder import _resolve_precision, cpu_has_native_bf16
+
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert _resolve_precision("auto", torch.device("cpu")) == expected
+    assert _resolve_precision("fp32", torch.device("cpu")) is None

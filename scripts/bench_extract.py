@@ -1,0 +1,384 @@
+"""Feature-extraction benchmark: the project's indexer against the naive baseline, in one run.
+
+The baseline is what most tutorials and img2vec-style libraries do: open with PIL at full resolution,
+torchvision transforms, one image at a time, fp32, default memory format. Both sides run as fresh
+processes on the same files, so the end-to-end figures include interpreter start, model load and
+decoding. Model-only throughput is compared with this machine's measured matrix-multiply ceiling.
+
+    python -m scripts.bench_extract --photos 400 --models efficientnet_lite0,resnet50
+    deepfeat bench extract --photos 400
+
+Prints medians and ratios; ``--json`` writes everything. No timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "make_photo_set", "matmul_ceiling", "model_throughput", "naive_index"]
+
+# Camera/phone resolutions the benchmark photos are resampled to (several megapixels, mixed).
+CAMERA_SIZES = [
+    (4032, 3024),
+    (3024, 4032),
+    (4000, 3000),
+    (3000, 2000),
+    (1920, 1080),
+    (2048, 1536),
+    (1280, 960),
+]
+
+
+def _seed_photos() -> list[Any]:
+    """Real photos shipped inside wheels: scikit-image's data set and matplotlib's sample photo."""
+    import matplotlib
+    import skimage.data
+    from PIL import Image
+
+    names = [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+    ]
+    images = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in names]
+    images.append(Image.fromarray(skimage.data.stereo_motorcycle()[0]).convert("RGB"))
+    with Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")) as img:
+        images.append(img.convert("RGB"))
+    return images
+
+
+def make_photo_set(
+    dest: Path, count: int, *, seed: int = 0, sizes: list[tuple[int, int]] | None = None
+) -> list[Path]:
+    """Write ``count`` distinct JPEGs (quality 90) made from real photos: random crop, flip, colour
+    jitter, resampled to camera resolutions. Idempotent: existing files are reused."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    dest.mkdir(parents=True, exist_ok=True)
+    sizes = sizes or CAMERA_SIZES
+    paths = [dest / f"photo-{i:05d}.jpg" for i in range(count)]
+    todo = [(i, p) for i, p in enumerate(paths) if not p.exists()]
+    if not todo:
+        return paths
+    seeds = _seed_photos()
+    for i, path in todo:
+        rng = random.Random(seed * 1_000_003 + i)
+        img = seeds[i % len(seeds)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        out = img.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            out = ImageOps.mirror(out)
+        out = ImageEnhance.Color(out).enhance(rng.uniform(0.6, 1.4))
+        out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.8, 1.2))
+        out = out.resize(sizes[i % len(sizes)], Image.Resampling.BILINEAR)
+        tmp = path.with_suffix(".tmp")
+        out.save(tmp, "JPEG", quality=90)
+        os.replace(tmp, path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# the naive baseline (runs in its own process via `naive` sub-command)
+
+
+def naive_index(files: list[Path], model_name: str) -> int:
+    """One image at a time, PIL at full resolution, torchvision transforms, fp32, NCHW."""
+    import numpy as np
+    import torch
+    from torchvision import transforms
+
+    from models.registry import build_seeded, get_model
+
+    spec = get_model(model_name)
+    model = build_seeded(spec.build).eval()
+    pre = spec.preprocess
+    tf = transforms.Compose(
+        [
+            transforms.Resize(pre.resize),
+            transforms.CenterCrop(pre.crop),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
+    from PIL import Image
+
+    out = []
+    with torch.no_grad():
+        for path in files:
+            img = Image.open(path).convert("RGB")
+            vec = model(tf(img).unsqueeze(0))  # logits of the full network, as img2vec-style code does
+            out.append(torch.nn.functional.normalize(vec, dim=1).numpy())
+    return int(np.concatenate(out).shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# model-only measurements
+
+
+def matmul_ceiling(*, size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a large square matmul in fp32 and bf16 on this machine (median of ``repeats``)."""
+    import torch
+
+    out: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - started)
+        out[name] = 2 * size**3 / statistics.median(times) / 1e9
+    return out
+
+
+def model_flops(model_name: str) -> float:
+    """Forward FLOPs for one 224x224 image (torch's FLOP counter: 2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.registry import build_seeded, get_model
+
+    spec = get_model(model_name)
+    model = build_seeded(spec.build).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.randn(1, 3, spec.preprocess.crop, spec.preprocess.crop))
+    return float(counter.get_total_flops())
+
+
+def model_throughput(
+    model_name: str, *, precision: str, channels_last: bool, batch: int = 32, repeats: int = 5
+) -> float:
+    """Images/s of the forward pass alone (full network), median over ``repeats`` batches."""
+    import torch
+
+    from models.embedder import Embedder
+
+    emb = Embedder(
+        model_name, weights="none", layer=0, device="cpu", precision=precision, channels_last=channels_last
+    )
+    x = torch.randn(batch, 3, emb.spec.preprocess.crop, emb.spec.preprocess.crop)
+    emb.embed_tensors(x)
+    emb.embed_tensors(x)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        emb.embed_tensors(x)
+        times.append(time.perf_counter() - started)
+    return batch / statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------------
+# end-to-end runs as fresh processes
+
+
+def _megapixels(path: Path) -> float:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.width * img.height / 1e6
+
+
+def _timed_process(cmd: list[str]) -> float:
+    """Wall seconds of a child process, start to exit."""
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - started
+
+
+def _peak_rss_kib(cmd: list[str]) -> int:
+    """Peak RSS of one child, read by GNU time-style wait4 (ru_maxrss of that child alone)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[:4]} failed")
+    return int(usage.ru_maxrss)
+
+
+def _deepfeat(*args: str) -> list[str]:
+    return [sys.executable, "-m", "scripts.cli", *args]
+
+
+def run_end_to_end(
+    photos: Path,
+    files: list[Path],
+    model: str,
+    *,
+    precision: str,
+    workers: int,
+    batch_size: int,
+    repeats: int,
+) -> dict[str, Any]:
+    naive_s, ours_s = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            list_file = Path(tmp) / "files.txt"
+            list_file.write_text("\n".join(map(str, files)))
+            naive_s.append(
+                _timed_process(
+                    [sys.executable, "-m", "scripts.bench_extract", "naive", str(list_file), model]
+                )
+            )
+            seconds = _timed_process(
+                _deepfeat(
+                    "index", str(photos), "--data-dir", str(Path(tmp) / "data"), "--model", model,
+                    "--weights", "none", "--precision", precision, "--workers", str(workers),
+                    "--batch-size", str(batch_size), "--no-progress",
+                )
+            )  # fmt: skip
+            ours_s.append(seconds)
+    naive, ours = statistics.median(naive_s), statistics.median(ours_s)
+    return {
+        "model": model,
+        "images": len(files),
+        "naive_s": round(naive, 2),
+        "deepfeat_s": round(ours, 2),
+        "naive_img_s": round(len(files) / naive, 2),
+        "deepfeat_img_s": round(len(files) / ours, 2),
+        "speedup": round(naive / ours, 2),
+        "repeats": repeats,
+    }
+
+
+def rss_scaling(
+    root: Path, model: str, counts: list[int], *, precision: str, workers: int
+) -> list[dict[str, Any]]:
+    """Peak RSS of `deepfeat index` at growing collection sizes (small distinct JPEGs)."""
+    rows = []
+    for count in counts:
+        folder = root / f"rss-{count}"
+        make_photo_set(folder, count, seed=7, sizes=[(480, 360), (360, 480), (640, 426)])
+        with tempfile.TemporaryDirectory() as tmp:
+            kib = _peak_rss_kib(
+                _deepfeat(
+                    "index", str(folder), "--data-dir", str(Path(tmp) / "data"), "--model", model,
+                    "--weights", "none", "--precision", precision, "--workers", str(workers), "--no-progress",
+                )
+            )  # fmt: skip
+        rows.append({"images": count, "peak_rss_mib": round(kib / 1024, 1)})
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
+    lines += ["  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench_extract", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    sub = parser.add_subparsers(dest="command")
+    naive = sub.add_parser("naive", help=argparse.SUPPRESS)
+    naive.add_argument("list_file", type=Path)
+    naive.add_argument("model")
+    parser.add_argument("--photos", type=int, default=400, help="number of benchmark photos (default 400)")
+    parser.add_argument(
+        "--photo-dir", type=Path, default=Path(tempfile.gettempdir()) / "deepfeat-bench-photos"
+    )
+    parser.add_argument("--models", default="efficientnet_lite0,resnet50")
+    parser.add_argument("--precision", default="auto", help="precision for the deepfeat side (default auto)")
+    parser.add_argument("--workers", type=int, default=1, help="decode workers for the deepfeat side")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="end-to-end repeats (median)")
+    parser.add_argument(
+        "--rss", default="", help="also report peak RSS at these image counts, e.g. 1000,10000"
+    )
+    parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--json", type=Path, help="write all results here")
+    args = parser.parse_args(argv)
+
+    if args.command == "naive":
+        files = [Path(line) for line in args.list_file.read_text().splitlines() if line]
+        naive_index(files, args.model)
+        return 0
+
+    import torch
+
+    from models.embedder import _resolve_precision, resolve_device
+
+    models = [m for m in args.models.split(",") if m]
+    report: dict[str, Any] = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    ceiling = matmul_ceiling()
+    report["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
+    sys.stdout.write(
+        f"matmul ceiling: fp32 {ceiling['fp32']:.1f} GFLOP/s, bf16 {ceiling['bf16']:.1f} GFLOP/s\n\n"
+    )
+
+    model_rows = []
+    for model in models:
+        flops = model_flops(model)
+        for precision in ("fp32", "bf16"):
+            for channels_last in (False, True):
+                ips = model_throughput(model, precision=precision, channels_last=channels_last)
+                achieved = flops * ips / 1e9
+                model_rows.append(
+                    {
+                        "model": model,
+                        "precision": precision,
+                        "channels_last": channels_last,
+                        "img_s": round(ips, 1),
+                        "gflops_per_img": round(flops / 1e9, 2),
+                        "achieved_gflops": round(achieved, 1),
+                        "of_ceiling": f"{achieved / ceiling[precision]:.0%}",
+                    }
+                )
+    report["model_only"] = model_rows
+    sys.stdout.write("model only (batch 32, forward pass, median of 5):\n" + _table(model_rows) + "\n\n")
+    auto = _resolve_precision("auto", resolve_device("cpu"))
+    report["auto_precision_cpu"] = "fp32" if auto is None else str(auto).replace("torch.", "")
+
+    if not args.skip_end_to_end:
+        files = make_photo_set(args.photo_dir, args.photos)
+        megapixels = statistics.median(_megapixels(f) for f in files[:50])
+        e2e = [
+            run_end_to_end(
+                args.photo_dir, files, model, precision=args.precision, workers=args.workers,
+                batch_size=args.batch_size, repeats=args.repeats,
+            )
+            for model in models
+        ]  # fmt: skip
+        report["end_to_end"] = e2e
+        report["photos_median_megapixels"] = round(megapixels, 1)
+        sys.stdout.write(
+            f"end to end ({len(files)} JPEGs, median {megapixels:.1f} MP; process start, decode, model, store):\n"
+            + _table(e2e)
+            + "\n\n"
+        )
+    if args.rss:
+        counts = [int(c) for c in args.rss.split(",") if c]
+        rss = rss_scaling(
+            args.photo_dir.parent, models[0], counts, precision=args.precision, workers=args.workers
+        )
+        report["peak_rss"] = rss
+        sys.stdout.write(f"peak RSS of `deepfeat index` ({models[0]}):\n" + _table(rss) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

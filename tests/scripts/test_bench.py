@@ -1,0 +1,42 @@
+"""Benchmark scripts: structure and correctness of what they measure (never their timings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app.settings import Settings
+from scripts.bench_extract import make_photo_set, matmul_ceiling, model_flops, naive_index
+from scripts.bench_serve import drive
+from tests.app.live import live_server
+
+
+def test_photo_set_is_distinct_camera_sized_and_idempotent(tmp_path: Path) -> None:
+    files = make_photo_set(tmp_path / "p", 4, sizes=[(800, 600), (600, 800)])
+    assert [Image.open(f).size for f in files] == [(800, 600), (600, 800), (800, 600), (600, 800)]
+    assert len({f.read_bytes() for f in files}) == 4
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert make_photo_set(tmp_path / "p", 4) == files and [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_flop_count_matches_the_published_figure() -> None:
+    # ResNet-18 is 1.82 GMACs at 224x224, i.e. ~3.6 GFLOPs.
+    assert model_flops("resnet18") / 1e9 == pytest.approx(3.64, rel=0.03)
+
+
+def test_matmul_ceiling_reports_both_precisions() -> None:
+    out = matmul_ceiling(size=256, repeats=1)
+    assert set(out) == {"fp32", "bf16"} and all(v > 0 for v in out.values())
+
+
+def test_naive_baseline_embeds_every_file(tmp_path: Path) -> None:
+    files = make_photo_set(tmp_path / "p", 2, sizes=[(640, 480)])
+    assert naive_index(files, "resnet18") == 2
+
+
+def test_serve_driver_counts_requests(tmp_path: Path) -> None:
+    with live_server(Settings(data_dir=tmp_path / "data")) as base:
+        row = drive(base, clients=2, requests=6, seconds=60)
+    assert row["ok"] == 6 and row["errors"] == {} and row["p99_ms"] >= row["p50_ms"] > 0
