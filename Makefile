@@ -1,32 +1,38 @@
 # The two commands a fresh machine needs (see README):
 #   make run    set up (idempotent) and start the service on ./data with the bundled model
-#   make test   set up (idempotent, with test extras and Chromium) and run the whole test suite
+#   make test   set up (idempotent, with the test extras and Chromium) and run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+RUN_STAMP := $(VENV)/.installed-run-$(HASH)
+TEST_STAMP := $(VENV)/.installed-test-$(HASH)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint setup
+.PHONY: run test lint
 
 $(PY):
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
+$(RUN_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-run-* && touch $@
+
+$(TEST_STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+	rm -f $(VENV)/.installed-* && touch $@ $(RUN_STAMP)
 
-setup: $(STAMP)
-
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/deepfeat serve --data-dir $${DEEPFEAT_DATA_DIR:-data} --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	bash scripts/install_chromium.sh
+	$(VENV)/bin/ruff check app models index scripts tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check app models index scripts tests
 	$(VENV)/bin/ruff format --check app models index scripts tests
 	$(VENV)/bin/mypy
