@@ -30,6 +30,7 @@ run: $(RUN_STAMP)
 test: $(TEST_STAMP)
 	bash scripts/install_chromium.sh
 	$(VENV)/bin/ruff check app models index scripts tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)

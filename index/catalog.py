@@ -640,10 +640,11 @@ class Catalog:
         return [int(r[1]) for r in rows], int(rows[-1][0])
 
     def quick_check(self) -> None:
-        """Run ``PRAGMA quick_check``.
+        """Run ``PRAGMA quick_check``, then check that every stored vector has the catalog's dimension.
 
         Raises:
-            CorruptStoreError: SQLite reports any problem (the first lines are in the message).
+            CorruptStoreError: SQLite reports any problem (the first lines are in the message), or a row
+                holds a vector of the wrong size.
         """
         try:
             rows = self._conn().execute("PRAGMA quick_check").fetchall()
@@ -652,3 +653,17 @@ class Catalog:
         problems = [str(r[0]) for r in rows if str(r[0]).lower() != "ok"]
         if problems:
             raise CorruptStoreError(f"catalog {self._path} failed quick_check: {'; '.join(problems[:5])}")
+        # quick_check vouches for the file's structure, not for what the rows hold. A vector of the wrong
+        # size would only surface on the next rebuild of the index, long after start-up said "ready".
+        # length() of a BLOB reads no overflow pages, so this costs about what quick_check does.
+        width = self._dim * _VECTOR_DTYPE.itemsize
+        with _translated("checking vector sizes"):
+            torn = self._conn().execute(
+                "SELECT seq FROM images WHERE typeof(vector) != 'blob' OR length(vector) != ? LIMIT 5",
+                (width,),
+            ).fetchall()
+        if torn:
+            seqs = ", ".join(str(r[0]) for r in torn)
+            raise CorruptStoreError(
+                f"catalog {self._path} holds vectors that are not {self._dim} float32 values (rows {seqs})"
+            )

@@ -11,10 +11,19 @@ How ids are attached depends on the index type:
 * Anything else (``"Flat"``, ``"HNSW32"``, ``"PQ16"``...) is wrapped in ``faiss.IndexIDMap2`` unless the
   factory string already produced an ``IDMap``/``IDMap2``.
 
-Training: an untrained index (IVF, PQ...) is trained on the first batch given to :meth:`add`. That
-batch must hold enough vectors (at least ``nlist`` for IVF, 256 per PQ codebook); otherwise a
-:class:`StoreError` tells the caller to add a bigger first batch or use ``"Flat"``. Keeping this simple
-is deliberate: a serious IVF deployment should train offline on a sample and pick nlist ~ sqrt(n).
+Training: an untrained index (IVF, PQ...) is trained on the first batch given to :meth:`add`, or on
+a random sample of it when it is large (at most ``max(100_000, 40 * nlist)`` vectors: k-means time grows
+with the sample, and FAISS itself stops gaining at a few hundred points per centroid). That batch must
+hold enough vectors (at least ``nlist`` for IVF, 256 per PQ codebook); otherwise a :class:`StoreError`
+tells the caller to add a bigger first batch or use ``"Flat"``. :func:`index.choose.ivf_nlist` gives
+nlist ~ 4 sqrt(n).
+
+Search-time parameters (``efSearch``, ``nprobe``, ``quantizer_efSearch``, ``k_factor_rf``: FAISS
+``ParameterSpace`` names) get :func:`index.choose.default_search_params` at :meth:`create` (FAISS's own
+defaults, ``efSearch=16`` and ``nprobe=1``, give poor recall), can be changed with
+:meth:`set_search_params`, and are read back by :attr:`search_params`. FAISS stores them in the index
+file, so a snapshot keeps them. IVF with an HNSW coarse quantizer (``"IVF65536_HNSW32,PQ32x4fs"``) is
+an IVF index like any other here: ids live in its lists.
 
 Removal: indexes that cannot remove ids (HNSW) are rebuilt in memory from their own stored vectors
 (``reconstruct_n`` on the wrapped index, then ``reset`` and re-add the survivors). That is exact for
@@ -25,6 +34,7 @@ otherwise. It costs a full rebuild per call, so delete in batches where possible
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +42,38 @@ import faiss
 import numpy as np
 
 from index._fs import atomic_write, sha256_file
+from index.choose import default_search_params
 from index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError, StoreError
 
 __all__ = ["VectorIndex"]
 
 logger = logging.getLogger(__name__)
+
+_TRAIN_SAMPLE_MIN = 100_000
+_TRAIN_PER_LIST = 40
+_TRAIN_SEED = 1234
+
+
+def _parts(index: Any) -> Iterator[tuple[str, Any]]:
+    """Walk the wrappers of a FAISS index: ``(role, downcast index)`` for the index and what it wraps.
+
+    Roles: ``"top"`` for each layer down the main chain (IDMap, pre-transform, refine, IVF/HNSW...),
+    ``"refine"`` for an ``IndexRefine`` and ``"quantizer"`` for an IVF's coarse quantizer.
+    """
+    node: Any = faiss.downcast_index(index)
+    while node is not None:
+        if isinstance(node, faiss.IndexRefine):
+            yield "refine", node
+            node = faiss.downcast_index(node.base_index)
+            continue
+        yield "top", node
+        if isinstance(node, faiss.IndexIDMap | faiss.IndexIDMap2 | faiss.IndexPreTransform):
+            node = faiss.downcast_index(node.index)
+        elif isinstance(node, faiss.IndexIVF):
+            yield "quantizer", faiss.downcast_index(node.quantizer)
+            node = None
+        else:
+            node = None
 
 
 def _ivf_of(index: Any) -> Any | None:
@@ -74,18 +111,23 @@ class VectorIndex:
         self._factory = factory
 
     @classmethod
-    def create(cls, dim: int, factory: str = "Flat") -> VectorIndex:
+    def create(
+        cls, dim: int, factory: str = "Flat", *, search_params: Mapping[str, float] | None = None
+    ) -> VectorIndex:
         """Build an empty index from a FAISS factory string, metric inner product.
 
         Args:
             dim: Vector dimension.
             factory: FAISS ``index_factory`` string ("Flat", "HNSW32", "IVF4096,PQ32"...).
+            search_params: Search-time parameters (``ParameterSpace`` names) applied over
+                :func:`index.choose.default_search_params` for this factory.
 
         Returns:
             The empty index.
 
         Raises:
-            InvalidArgumentError: ``dim`` < 1 or a factory string FAISS does not understand.
+            InvalidArgumentError: ``dim`` < 1, a factory string FAISS does not understand, or a search
+                parameter that does not apply to it.
         """
         if not isinstance(dim, int) or dim < 1:
             raise InvalidArgumentError(f"dim must be a positive integer, got {dim!r}")
@@ -98,7 +140,12 @@ class VectorIndex:
             ) from exc
         if not isinstance(raw, faiss.IndexIDMap | faiss.IndexIDMap2) and _ivf_of(raw) is None:
             raw = faiss.IndexIDMap2(raw)
-        return cls(raw, factory=factory)
+        index = cls(raw, factory=factory)
+        params: dict[str, float] = dict(default_search_params(factory))
+        params.update(search_params or {})
+        if params:
+            index.set_search_params(params)
+        return index
 
     # ------------------------------------------------------------------ properties
 
@@ -121,6 +168,48 @@ class VectorIndex:
     def is_trained(self) -> bool:
         """Whether the index can accept vectors (Flat/HNSW always; IVF/PQ after :meth:`train`)."""
         return bool(self._index.is_trained)
+
+    @property
+    def search_params(self) -> dict[str, int | float]:
+        """The search-time parameters in effect (only those that apply to this index type).
+
+        Keys among ``efSearch`` (HNSW), ``nprobe`` (IVF), ``quantizer_efSearch`` (IVF over an HNSW
+        quantizer) and ``k_factor_rf`` (refinement), the names :meth:`set_search_params` takes.
+        """
+        out: dict[str, int | float] = {}
+        for role, node in _parts(self._index):
+            if role == "refine":
+                out["k_factor_rf"] = float(node.k_factor)
+            elif role == "quantizer" and isinstance(node, faiss.IndexHNSW):
+                out["quantizer_efSearch"] = int(node.hnsw.efSearch)
+            elif role == "top" and isinstance(node, faiss.IndexIVF):
+                out["nprobe"] = int(node.nprobe)
+            elif role == "top" and isinstance(node, faiss.IndexHNSW):
+                out["efSearch"] = int(node.hnsw.efSearch)
+        return out
+
+    def set_search_params(self, params: Mapping[str, float]) -> None:
+        """Set search-time parameters (kept in snapshots: FAISS writes them into the index file).
+
+        Args:
+            params: ``{name: value}`` with ``ParameterSpace`` names: ``efSearch``, ``nprobe``,
+                ``quantizer_efSearch``, ``k_factor_rf``.
+
+        Raises:
+            InvalidArgumentError: A name that does not apply to this index type, or a value < 1.
+        """
+        space = faiss.ParameterSpace()
+        for name, value in params.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 1:
+                raise InvalidArgumentError(f"search parameter {name} must be a number >= 1, got {value!r}")
+            try:
+                space.set_index_parameter(self._index, name, float(value))
+            except RuntimeError as exc:
+                applicable = ", ".join(sorted(self.search_params)) or "none"
+                raise InvalidArgumentError(
+                    f"search parameter {name!r} does not apply to index_factory {self._factory!r} "
+                    f"(applicable: {applicable})"
+                ) from exc
 
     @property
     def faiss_index(self) -> Any:
@@ -153,11 +242,19 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ mutation
 
-    def train(self, vectors: np.ndarray) -> None:
-        """Train the index (IVF centroids, PQ codebooks) on ``vectors``.
+    @property
+    def default_train_size(self) -> int:
+        """How many vectors :meth:`train` samples at most by default: ``max(100_000, 40 * nlist)``."""
+        ivf = _ivf_of(self._index)
+        return max(_TRAIN_SAMPLE_MIN, _TRAIN_PER_LIST * (int(ivf.nlist) if ivf is not None else 0))
+
+    def train(self, vectors: np.ndarray, *, max_vectors: int | None = None) -> None:
+        """Train the index (IVF centroids, PQ codebooks) on ``vectors``, or on a random sample of them.
 
         Args:
             vectors: (n, dim) float32 training vectors.
+            max_vectors: Train on at most this many (a seeded random sample); None means
+                ``max(100_000, 40 * nlist)``.
 
         Raises:
             InvalidVectorError: Wrong shape/dtype or non-finite values.
@@ -170,6 +267,11 @@ class VectorIndex:
                 f"index_factory {self._factory!r} needs at least {ivf.nlist} vectors to train its "
                 f"{ivf.nlist} IVF lists, got {x.shape[0]}; add a bigger first batch or use 'Flat'"
             )
+        if max_vectors is None:
+            max_vectors = self.default_train_size
+        if x.shape[0] > max_vectors:
+            rows = np.random.default_rng(_TRAIN_SEED).choice(x.shape[0], size=max_vectors, replace=False)
+            x = x[np.sort(rows)]
         try:
             self._index.train(x)
         except RuntimeError as exc:

@@ -304,7 +304,8 @@ def build_grid(
 ) -> list[Config]:
     """Every combination (vector layers take no pooling), plus the naive baseline of each model first.
 
-    ``layers`` None = the penultimate layer and the three conv layers nearest the top.
+    ``layers`` None = the three conv layers nearest the top (a penultimate layer that is the
+    avg-pooled top conv map, as in EfficientNet/ResNet, would repeat that layer's avg rows).
     """
     from models.registry import get_model
 
@@ -320,7 +321,7 @@ def build_grid(
             )
         grid.append(baseline)
         if layers is None:
-            chosen = [spec.get_layer(None)] + [s for s in spec.layers if s.kind == "conv"][:3]
+            chosen = [s for s in spec.layers if s.kind == "conv"][:3]
         else:
             chosen = [spec.get_layer(name) for name in layers]
         for layer in chosen:
@@ -514,6 +515,7 @@ class FeatureBank:
         emb = self.embedder(cfg.model, cfg.gem_p).variant(
             layer=cfg.layer,
             pooling=None if cfg.pooling == "none" else cfg.pooling,
+            gem_p=cfg.gem_p,
             resize_mode=cfg.resize_mode,
             max_side=cfg.max_side,
             scales=cfg.scales,
@@ -623,7 +625,7 @@ def evaluate_category(
                 "dim": int(x.shape[1]),
                 "metrics": {k: v for k, v in m.items() if k not in ("AP", "first_rank")},
                 "per_class_mAP": per_class,
-                "images_per_s": bank.images_per_second(cfg),
+                "images_per_s": _finite(bank.images_per_second(cfg)),
             }
         )
     primary = "mAP"
@@ -699,7 +701,7 @@ def evaluate_copy(
             "recall@1": float((first == 1).mean()),
             "recall@10": float(((first >= 1) & (first <= 10)).mean()),
             "mAP": float(aps.mean()),
-            "hard_recall@1": float((first[hard] == 1).mean()) if hard.any() else float("nan"),
+            "hard_recall@1": float((first[hard] == 1).mean()) if hard.any() else 0.0,
             "median_rank": float(np.median(first)),
         }
         results.append(
@@ -710,7 +712,7 @@ def evaluate_copy(
                 "dim": int(d.shape[1]),
                 "metrics": summary,
                 "per_transform": per_t,
-                "images_per_s": bank.images_per_second(cfg),
+                "images_per_s": _finite(bank.images_per_second(cfg)),
             }
         )
     return _report(
@@ -730,6 +732,10 @@ def evaluate_copy(
             "whiten_on": str(whiten_on) if whiten_on else "database (originals + distractors)",
         },
     )
+
+
+def _finite(x: float) -> float | None:
+    return round(x, 2) if math.isfinite(x) else None
 
 
 def _config_fields(cfg: Config) -> dict[str, Any]:
@@ -960,7 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--layers",
         default=None,
-        help="comma-separated layer names or k (default: penultimate + the top 3 conv layers)",
+        help="comma-separated layer names or k (default: the top 3 conv layers)",
     )
     parser.add_argument("--poolings", default="avg,max,gem,rmac")
     parser.add_argument("--gem-p", type=float, default=3.0)
@@ -998,7 +1004,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, *, bank: FeatureBank | None = None) -> dict[str, Any]:
+    """Evaluate as the parsed command line says; ``bank`` may bring already-loaded embedders."""
     for mode in _csv(args.resize_modes):
         if mode not in ("crop", "full"):
             raise EvalError(f"unknown resize mode {mode!r}; choose crop or full")
@@ -1022,7 +1029,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gem_p=args.gem_p,
     )
     log.info("%d configurations", len(configs))
-    bank = FeatureBank(device=args.device, batch_size=args.batch_size, verify=not args.no_verify)
+    if bank is None:
+        bank = FeatureBank(device=args.device, batch_size=args.batch_size, verify=not args.no_verify)
     started = time.perf_counter()
     if args.mode == "category":
         report = evaluate_category(
@@ -1045,12 +1053,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ks=ks,
         )
     report["seconds"] = round(time.perf_counter() - started, 1)
-    report["command"] = "deepfeat eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
     report["device"] = args.device
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, bank: FeatureBank | None = None) -> int:
+    """``deepfeat eval ...``: exit status 0, or 2 with one ``error [code]: message`` line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -1058,7 +1067,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.errors import ModelError
 
     try:
-        report = run(args)
+        report = run(args, bank=bank)
+        report["argv"] = argv
     except (EvalError, ModelError, StoreError) as exc:
         sys.stderr.write(f"error [{exc.code}]: {exc}\n")
         return 2

@@ -11,7 +11,7 @@ from app.schemas import ClassifyResponse, ErrorResponse, PredictionOut
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_read)])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
 }
 
 

@@ -11,7 +11,7 @@ from app.schemas import EmbedResponse, ErrorResponse
 router = APIRouter(prefix="/v1", tags=["embed"], dependencies=[Depends(require_read)])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
 }
 
 
@@ -20,10 +20,16 @@ def embed(
     state: State,
     file: Annotated[UploadFile, File(description="The image")],
     layer: Annotated[
-        str | None, Query(max_length=64, description="Layer name or position k from the top")
+        str | None,
+        Query(
+            max_length=64,
+            pattern=r"^[A-Za-z0-9_.\-]+$",  # ASCII only: "¹".isdigit() is True but int("¹") fails
+            description="Layer name or position k from the top",
+        ),
     ] = None,
     pooling: Annotated[
-        str | None, Query(max_length=16, description="avg, max, gem or rmac (conv layers)")
+        str | None,
+        Query(max_length=16, pattern=r"^[A-Za-z0-9_.\-]+$", description="avg, max, gem or rmac (conv layers)"),
     ] = None,
 ) -> EmbedResponse:
     """The deep-feature vector of the uploaded image (L2-normalised), from the store's layer or another one."""

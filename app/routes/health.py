@@ -29,7 +29,7 @@ def ready(request: Request, response: Response) -> ReadyResponse:
 @router.get(
     "/v1/stats",
     response_model=StatsResponse,
-    responses={503: {"model": ErrorResponse}},
+    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
     dependencies=[Depends(require_read)],
 )
 def stats(state: State) -> StatsResponse:

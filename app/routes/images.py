@@ -43,7 +43,7 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
     status_code=201,
     responses={
         200: {"model": AddImageResponse, "description": "Already indexed"},
-        **_errors(401, 413, 415, 422, 503, 507),
+        **_errors(400, 401, 413, 415, 422, 503, 507),
     },
     dependencies=[Depends(require_write)],
 )

@@ -12,7 +12,7 @@ from app.schemas import ErrorResponse, SearchHit, SearchResponse
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
 }
 
 
