@@ -27,9 +27,9 @@ class Settings(BaseSettings):
     model: str = Field("efficientnet_lite0", description="Model name (`deepfeat models` lists them)")
     weights: str = Field("DEFAULT", description="DEFAULT, a weights enum name, a checkpoint path, or none")
     layer: str | None = Field(None, description="Embedding layer name or its position k from the top")
-    pooling: str | None = Field(None, description="avg, max, gem or rmac (conv layers only)")
+    pooling: str | None = Field(None, description="avg, max, gem or rmac (conv layers only; default gem)")
     gem_p: float = Field(3.0, gt=0, description="GeM power")
-    resize_mode: str = Field("crop", description="crop (centre crop) or full (whole image, aspect kept)")
+    resize_mode: str = Field("full", description="full (whole image, aspect kept) or crop (centre crop)")
     max_side: int = Field(512, ge=64, le=4096, description="Longest side in full resize mode")
     scales: list[float] = Field(
         default_factory=lambda: [1.0], description="Multi-scale factors, e.g. [1, 0.707]"

@@ -120,6 +120,10 @@ def build_transform(pre: Preprocess) -> T.Compose:
 
 
 RESIZE_MODES = ("crop", "full")
+DEFAULT_SCALES = (1.0, 0.7071, 0.5)
+"""Defaults for new stores, set from `deepfeat eval` (README, "Retrieval quality"): the last conv block,
+GeM, the whole image at 512 px, three scales beat the penultimate/centre-crop baseline on both
+category retrieval (mAP 0.694 vs 0.611) and copy detection (recall@1 0.964 vs 0.880)."""
 _SIDE_MULTIPLE = 32
 
 
@@ -163,8 +167,9 @@ class Embedder:
     Args:
         model: registry name (``deepfeat models`` lists them).
         weights: ``DEFAULT``, a weights enum name, a checkpoint path, or ``none`` (seeded random init).
-        layer: layer name or its position k from the top (0 = logits); None = the model's default.
-        pooling: avg / max / gem / rmac for conv layers; None = avg. Vector layers take no pooling.
+        layer: layer name or its position k from the top (0 = logits); None = the model's default
+            (its last conv block).
+        pooling: avg / max / gem / rmac for conv layers; None = gem. Vector layers take no pooling.
         gem_p: GeM power.
         device: auto / cpu / cuda / cuda:N.
         precision: auto / fp32 / bf16 / fp16 (autocast; vectors are always returned as float32).
@@ -189,9 +194,9 @@ class Embedder:
         device: str = "auto",
         precision: str = "fp32",
         channels_last: bool = True,
-        resize_mode: str = "crop",
+        resize_mode: str = "full",
         max_side: int = 512,
-        scales: Sequence[float] = (1.0,),
+        scales: Sequence[float] = DEFAULT_SCALES,
     ) -> None:
         self.spec: ModelSpec = get_model(model)
         self._set_resize(resize_mode, max_side, scales)
@@ -303,7 +308,7 @@ class Embedder:
                 )
             return "none"
         if pooling is None:
-            return "avg"
+            return "gem"
         if pooling not in list_poolings():
             raise UnknownPoolingError(
                 f"unknown pooling {pooling!r}; choose one of: {', '.join(list_poolings())}"

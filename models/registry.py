@@ -104,6 +104,8 @@ class ModelSpec:
     check_available: Callable[[str], str | None]
     """Returns None when the weights can be loaded here, else the reason they cannot."""
     weights_choices: tuple[str, ...] = field(default_factory=tuple)
+    default_layer: str = "penultimate"
+    """The layer new stores use: the last conv block, GeM-pooled (best measured for retrieval)."""
 
     def get_layer(self, layer: str | int | None) -> LayerSpec:
         """Pick a layer by name, by its position k from the top ("2", 2, "last-2") or None for the default.
@@ -112,7 +114,7 @@ class ModelSpec:
             UnknownLayerError: the name or position does not exist; the message lists the choices.
         """
         if layer is None:
-            return self.layers[1]
+            layer = self.default_layer
         key = str(layer).strip()
         if key.startswith("last-"):
             key = key[len("last-") :]
@@ -310,7 +312,9 @@ _VGG16_LAYERS = (
 )
 
 
-def _register_torchvision(arch: str, layers: tuple[LayerSpec, ...], logits_node: str) -> None:
+def _register_torchvision(
+    arch: str, layers: tuple[LayerSpec, ...], logits_node: str, default_layer: str
+) -> None:
     def build() -> nn.Module:
         return torchvision.models.get_model(arch, weights=None)
 
@@ -326,6 +330,7 @@ def _register_torchvision(arch: str, layers: tuple[LayerSpec, ...], logits_node:
             resolve=_tv_resolve(arch),
             check_available=_tv_check(arch),
             weights_choices=("DEFAULT", *(w.name for w in enum), "none"),
+            default_layer=default_layer,
         )
     )
 
@@ -431,13 +436,15 @@ def _register_builtin() -> None:
             resolve=_lite0_resolve,
             check_available=_lite0_check,
             weights_choices=("DEFAULT", "none"),
+            default_layer="head",
         )
     )
-    _register_torchvision("vgg16", _VGG16_LAYERS, "classifier.6")
-    _register_torchvision("resnet18", _resnet_layers((128, 256, 512)), "fc")
-    _register_torchvision("resnet34", _resnet_layers((128, 256, 512)), "fc")
+    # VGG: conv5_3 before the last max-pool, as in the GeM/R-MAC literature.
+    _register_torchvision("vgg16", _VGG16_LAYERS, "classifier.6", "conv5_3")
+    _register_torchvision("resnet18", _resnet_layers((128, 256, 512)), "fc", "layer4")
+    _register_torchvision("resnet34", _resnet_layers((128, 256, 512)), "fc", "layer4")
     for arch in ("resnet50", "resnet101", "resnet152"):
-        _register_torchvision(arch, _resnet_layers((512, 1024, 2048)), "fc")
+        _register_torchvision(arch, _resnet_layers((512, 1024, 2048)), "fc", "layer4")
 
 
 DEFAULT_MODEL = "efficientnet_lite0"

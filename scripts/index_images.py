@@ -210,9 +210,8 @@ def index_paths(
                         report.write(json.dumps(failure) + "\n")
                         report.flush()
             if ok:
-                vectors = embedder.embed_tensors(
-                    torch.stack([item.tensor for item in ok if item.tensor is not None])
-                )
+                # Tensors may differ in size (full-image mode): the embedder batches equal shapes.
+                vectors = embedder.embed_tensors([item.tensor for item in ok if item.tensor is not None])
                 summary.embedded += len(ok)
                 results = store.add(
                     vectors,

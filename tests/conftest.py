@@ -59,12 +59,17 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, Image.
     return root
 
 
+FAST_EMBEDDER = {"layer": "penultimate", "resize_mode": "crop", "scales": (1.0,)}
+"""The classic, cheapest configuration (one 224 px crop). Most tests use it to stay fast on 2 cores;
+the retrieval defaults (last conv block, GeM, full image, 3 scales) have their own tests."""
+
+
 @pytest.fixture(scope="session")
 def lite0():
     """The default model with its real bundled ImageNet weights, loaded once per test session."""
     from models.embedder import Embedder
 
-    return Embedder("efficientnet_lite0", device="cpu")
+    return Embedder("efficientnet_lite0", device="cpu", **FAST_EMBEDDER)
 
 
 @pytest.fixture(scope="session")

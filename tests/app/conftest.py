@@ -18,9 +18,15 @@ from tests.conftest import jpeg_bytes
 MakeClient = Callable[..., Any]
 
 
+FAST = {"layer": "penultimate", "resize_mode": "crop", "scales": [1.0]}
+"""Unless a test sets them, app tests use the cheapest embedding (see tests/conftest.FAST_EMBEDDER)."""
+
+
 @contextmanager
-def _client(tmp: Path, **overrides: Any) -> Iterator[TestClient]:
-    settings = Settings(data_dir=tmp / "data", **overrides)
+def _client(tmp: Path, *, fast: bool = True, **overrides: Any) -> Iterator[TestClient]:
+    use_fast = fast and not {"layer", "model"} & overrides.keys()
+    explicit = FAST if use_fast else {}
+    settings = Settings(data_dir=tmp / "data", **{**explicit, **overrides})
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -30,8 +36,9 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Build a client with extra settings; closed at teardown."""
     stack: list[Any] = []
 
-    def make(**overrides: Any) -> TestClient:
-        cm = _client(tmp_path, **overrides)
+    def make(*, fast: bool = True, **overrides: Any) -> TestClient:
+        """``fast=False``: no embedder settings at all, as a user who sets none."""
+        cm = _client(tmp_path, fast=fast, **overrides)
         stack.append(cm)
         return cm.__enter__()
 

@@ -340,7 +340,7 @@ def test_incompatible_store_is_503_not_a_crash(
 def test_existing_store_decides_the_layer(make_client: MakeClient, photos: dict[str, Image.Image]) -> None:
     first = make_client(layer="head", pooling="gem")
     assert first.post("/v1/images", files=upload(photos["coffee"])).status_code == 201
-    second = make_client()  # nothing explicit: the manifest's layer and pooling are used
+    second = make_client(fast=False)  # nothing explicit: the manifest's layer and pooling are used
     stats = second.get("/v1/stats").json()
     assert (
         stats["model"]["layer"] == "head" and stats["model"]["pooling"] == "gem(p=3)" and stats["count"] == 1

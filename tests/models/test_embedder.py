@@ -10,6 +10,7 @@ from PIL import Image
 from models.embedder import Embedder, resolve_device
 from models.errors import InvalidOptionError, UnknownLayerError, UnknownPoolingError
 from models.registry import get_model, list_models
+from tests.conftest import FAST_EMBEDDER
 
 
 def test_lite0_classifies_real_photos(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
@@ -57,6 +58,24 @@ def test_embed_and_classify_in_one_pass(lite0: Embedder, photos: dict[str, Image
     assert [p[0].class_index for p in preds] == [p[0].class_index for p in lite0.classify(images, k=3)]
 
 
+def test_retrieval_defaults_are_the_measured_best(photos: dict[str, Image.Image]) -> None:
+    """New stores get the last conv block, GeM, the full image at 512 px and three scales."""
+    emb = Embedder("efficientnet_lite0", device="cpu")
+    fp = emb.fingerprint
+    assert (fp["layer"], fp["pooling"], fp["preprocess"]["mode"], fp["preprocess"]["max_side"]) == (
+        "head",
+        "gem(p=3)",
+        "full",
+        512,
+    )
+    assert fp["scales"] == [1.0, 0.7071, 0.5] and emb.dim == 1280
+    assert Embedder("resnet50", weights="none").layer.name == "layer4"
+    assert Embedder("vgg16", weights="none").layer.name == "conv5_3"
+    v = emb.embed([photos["chelsea"], photos["coffee"]])
+    assert v.shape == (2, 1280) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert emb.classify([photos["chelsea"]])[0][0].class_index in (281, 282, 285)
+
+
 def test_fingerprint_names_what_makes_a_vector(lite0: Embedder) -> None:
     fp = lite0.fingerprint
     assert fp["model"] == "efficientnet_lite0" and fp["layer"] == "penultimate" and fp["pooling"] == "none"
@@ -65,8 +84,8 @@ def test_fingerprint_names_what_makes_a_vector(lite0: Embedder) -> None:
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max", "gem", "rmac"])
-def test_conv_layer_poolings(pooling: str, photos: dict[str, Image.Image]) -> None:
-    emb = Embedder("efficientnet_lite0", layer="head", pooling=pooling, device="cpu")
+def test_conv_layer_poolings(pooling: str, lite0: Embedder, photos: dict[str, Image.Image]) -> None:
+    emb = lite0.variant(layer="head", pooling=pooling)
     v = emb.embed([photos["chelsea"], photos["coffee"]])
     assert v.shape == (2, 1280) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert emb.fingerprint["pooling"] == ("gem(p=3)" if pooling == "gem" else pooling)
@@ -99,14 +118,14 @@ def test_random_init_is_reproducible(photos: dict[str, Image.Image]) -> None:
 
 
 def test_bf16_agrees_with_fp32(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
-    bf16 = Embedder("efficientnet_lite0", device="cpu", precision="bf16")
+    bf16 = Embedder("efficientnet_lite0", device="cpu", precision="bf16", **FAST_EMBEDDER)
     images = list(photos.values())
     cos = np.sum(bf16.embed(images) * lite0.embed(images), axis=1)
     assert cos.min() >= 0.99, cos
 
 
 def test_channels_last_agrees_with_contiguous(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
-    plain = Embedder("efficientnet_lite0", device="cpu", channels_last=False)
+    plain = Embedder("efficientnet_lite0", device="cpu", channels_last=False, **FAST_EMBEDDER)
     images = list(photos.values())
     assert np.min(np.sum(plain.embed(images) * lite0.embed(images), axis=1)) >= 0.9999
 
@@ -145,7 +164,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
 def test_cuda_path_matches_cpu(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
     images = list(photos.values())
     for precision in ("fp32", "auto"):
-        gpu = Embedder("efficientnet_lite0", device="cuda", precision=precision)
+        gpu = Embedder("efficientnet_lite0", device="cuda", precision=precision, **FAST_EMBEDDER)
         assert gpu.device.type == "cuda"
         cos = np.sum(gpu.embed(images) * lite0.embed(images), axis=1)
         assert cos.min() >= 0.99, (precision, cos)
@@ -155,7 +174,9 @@ def test_cuda_path_matches_cpu(lite0: Embedder, photos: dict[str, Image.Image]) 
 def test_variant_shares_the_backbone(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
     head_gem = lite0.variant(layer="head", pooling="gem")
     assert head_gem._net is lite0._net and head_gem.layer.name == "head" and head_gem.pooling == "gem"
-    direct = Embedder("efficientnet_lite0", layer="head", pooling="gem", device="cpu")
+    direct = Embedder(
+        "efficientnet_lite0", layer="head", pooling="gem", device="cpu", resize_mode="crop", scales=(1.0,)
+    )
     assert np.allclose(head_gem.embed([photos["coffee"]]), direct.embed([photos["coffee"]]), atol=1e-5)
     assert lite0.layer.name == "penultimate"  # the original is untouched
     with pytest.raises(UnknownPoolingError):
@@ -194,7 +215,7 @@ def test_full_mode_sees_the_border_a_crop_drops(photos: dict[str, Image.Image]) 
     pano = Image.new("RGB", (900, 300))
     for i, part in enumerate((left, middle, right)):
         pano.paste(part, (300 * i, 0))
-    crop = Embedder("efficientnet_lite0", layer="head", device="cpu")
+    crop = Embedder("efficientnet_lite0", layer="head", device="cpu", resize_mode="crop", scales=(1.0,))
     full = crop.variant(resize_mode="full", max_side=448)
     gray = Image.new("RGB", (300, 300), (128, 128, 128))
     # Compared with a plain grey image, the crop sees mostly grey; the full image sees coffee and rocket.

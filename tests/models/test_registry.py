@@ -41,7 +41,7 @@ def test_layers_are_listed_top_down(name: str) -> None:
 
 def test_layer_selection_by_name_position_and_last_k() -> None:
     spec = get_model("resnet50")
-    assert spec.get_layer(None).name == "penultimate"
+    assert spec.get_layer(None).name == "layer4"  # the default: last conv block
     assert spec.get_layer(0).name == "logits"
     assert spec.get_layer("2").name == "layer4"
     assert spec.get_layer("last-3").name == "layer3"
