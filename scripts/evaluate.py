@@ -791,10 +791,9 @@ def format_table(report: dict[str, Any], *, top: int | None = None) -> str:
     mode = report["mode"]
     primary = report["primary_metric"]
     rows = sorted(report["results"], key=lambda r: -r["metrics"][primary])
-    if top is not None:
-        keep = rows[:top]
-        keep += [r for r in rows[top:] if r["baseline"]]
-        rows = keep
+    ranked = list(enumerate(rows, 1))
+    if top is not None:  # the N best, and the baseline wherever it ranks
+        ranked = [(i, r) for i, r in ranked if i <= top or r["baseline"]]
     if mode == "category":
         metric_cols = ["mAP"] + [f"P@{k}" for k in report["ks"]] + [f"R@{k}" for k in report["ks"]]
     else:
@@ -802,7 +801,7 @@ def format_table(report: dict[str, Any], *, top: int | None = None) -> str:
     head = f"{'#':>3} {'model':<18} {'layer':<11} {'pool':<6} {'resize':<8} {'scales':<11} {'white':<6}"
     head += "".join(f" {c[:8]:>8}" for c in metric_cols) + f" {'img/s':>7}"
     lines = [head, "-" * len(head)]
-    for i, r in enumerate(rows, 1):
+    for i, r in ranked:
         cfg_cols = (
             f"{i:>3} {r['model'][:18]:<18} {r['layer'][:11]:<11} {_pool_label(r):<6} {_resize_label(r):<8} "
             f"{'+'.join(f'{s:.2g}' for s in r['scales'])[:11]:<11} {_white_label(r):<6}"
@@ -887,13 +886,19 @@ def _hard(r: dict[str, Any], report: dict[str, Any]) -> str:
 
 def save_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Category: horizontal bars of mAP per configuration. Copy: recall@1 heat map, configs x transforms."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise EvalError("--plot needs matplotlib (pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     primary = report["primary_metric"]
-    rows = sorted(report["results"], key=lambda r: r["metrics"][primary])
+    # best at the top: bars count up from the bottom, heat-map rows down from the top
+    rows = sorted(
+        report["results"], key=lambda r: r["metrics"][primary], reverse=report["mode"] != "category"
+    )
     labels = [
         f"{r['layer']}/{_pool_label(r)}/{_resize_label(r)}/s{'+'.join(f'{s:.2g}' for s in r['scales'])}/w{_white_label(r)}"
         + (" [baseline]" if r["baseline"] else "")
@@ -1081,7 +1086,11 @@ def main(argv: Sequence[str] | None = None, *, bank: FeatureBank | None = None) 
         out.write(f"report: {args.json}\n")
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        save_plot(report, args.plot)
+        try:
+            save_plot(report, args.plot)
+        except EvalError as exc:
+            sys.stderr.write(f"error [{exc.code}]: {exc}\n")
+            return 2
         out.write(f"plot: {args.plot}\n")
     return 0
 
