@@ -312,13 +312,19 @@ def build_grid(
     grid: list[Config] = []
     for model in models:
         spec = get_model(model)
+        # The naive baseline: the penultimate vector (k=1: pool5 / fc7), centre crop, one scale.
+        naive = spec.get_layer(1)
         baseline = Config(
-            model, spec.get_layer(None).name, "none", "none", (1.0,), "crop", max_side, gem_p, True
+            model,
+            naive.name,
+            "none" if naive.kind == "vector" else "avg",
+            "none",
+            (1.0,),
+            "crop",
+            max_side,
+            gem_p,
+            True,
         )
-        if spec.get_layer(None).kind != "vector":
-            baseline = Config(
-                model, spec.get_layer(None).name, "avg", "none", (1.0,), "crop", max_side, gem_p, True
-            )
         grid.append(baseline)
         if layers is None:
             chosen = [s for s in spec.layers if s.kind == "conv"][:3]
