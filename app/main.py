@@ -16,12 +16,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
+from app.classifiers import CLASSIFIERS_DIR, ClassifierRegistry
 from app.deps import AppState, Runtime
 from app.errors import install_error_handlers
 from app.inference import Inference
 from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import BodyLimitMiddleware
-from app.routes import classify, embed, health, images, search
+from app.routes import classifiers, classify, embed, health, images, search
 from app.runtime import build_embedder, image_limits, open_store
 from app.settings import Settings
 from index.errors import StoreError
@@ -49,6 +50,7 @@ def _build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         ),
         store=store,
         limits=image_limits(settings),
+        classifiers=ClassifierRegistry(settings.data_dir / CLASSIFIERS_DIR, embedder),
     )
 
 
@@ -102,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.deepfeat = state
     install_error_handlers(app)
-    for module in (search, classify, embed, images, health):
+    for module in (search, classify, classifiers, embed, images, health):
         app.include_router(module.router)
 
     page = resources.files("app").joinpath("web", "index.html").read_text(encoding="utf-8")
@@ -118,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["X-API-Key", "Content-Type"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         20 * 1024 * 1024, ge=1024, description="Largest request body (the whole multipart upload)"
     )
     max_k: int = Field(100, ge=1, le=10_000)
+    body_timeout_s: float | None = Field(
+        60.0, gt=0, description="Seconds the whole request body may take; slower uploads get 408"
+    )
     cors_origins: list[str] = Field(default_factory=list)
     batching: bool = Field(True, description="Gather concurrent requests into one forward pass")
     batch_max_size: int = Field(16, ge=1, le=256, description="Most images per batched forward pass")

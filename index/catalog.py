@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -116,6 +117,22 @@ class InsertResult(NamedTuple):
     created: bool
 
 
+class _ThreadConnection:
+    """Holds one thread's connection; lives exactly as long as that thread's ``threading.local``."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
+def _close_connection(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:  # pragma: no cover - closing a connection in use by another thread
+        logger.warning("error closing a catalog connection", exc_info=True)
+
+
 def _is_corruption(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
@@ -172,7 +189,9 @@ class Catalog:
         self._read_only = read_only
         self._busy_ms = int(busy_timeout_s * 1000)
         self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        # One finalizer per thread's connection: it closes the connection when the thread's holder dies
+        # (the thread ended: worker pools retire idle threads) or when close() calls it.
+        self._conns: list[weakref.finalize[Any, Any]] = []
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
@@ -236,13 +255,18 @@ class Catalog:
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
             raise StoreError("catalog is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        holder: _ThreadConnection | None = getattr(self._local, "holder", None)
+        if holder is None:
             conn = self._connect()
-            self._local.conn = conn
+            holder = _ThreadConnection(conn)
+            self._local.holder = holder
+            # The thread-local is the holder's only strong reference, so when the thread ends the holder
+            # goes and the finalizer closes its connection: a server whose thread pool churns would
+            # otherwise keep a connection (three open files and a page cache) per thread it ever had.
             with self._conns_lock:
-                self._conns.append(conn)
-        return conn
+                self._conns = [f for f in self._conns if f.alive]
+                self._conns.append(weakref.finalize(holder, _close_connection, conn))
+        return holder.conn
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (for tests and diagnostics; do not start transactions on it)."""
@@ -252,12 +276,9 @@ class Catalog:
         """Close every thread's connection. Idempotent."""
         self._closed = True
         with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error:  # pragma: no cover - closing a connection in use by another thread
-                logger.warning("error closing a catalog connection", exc_info=True)
+            finalizers, self._conns = self._conns, []
+        for finalize in finalizers:
+            finalize()  # closes the connection now (once; a no-op if its thread already ended)
 
     @contextmanager
     def _write(self, action: str) -> Iterator[sqlite3.Connection]:
@@ -658,10 +679,14 @@ class Catalog:
         # length() of a BLOB reads no overflow pages, so this costs about what quick_check does.
         width = self._dim * _VECTOR_DTYPE.itemsize
         with _translated("checking vector sizes"):
-            torn = self._conn().execute(
-                "SELECT seq FROM images WHERE typeof(vector) != 'blob' OR length(vector) != ? LIMIT 5",
-                (width,),
-            ).fetchall()
+            torn = (
+                self._conn()
+                .execute(
+                    "SELECT seq FROM images WHERE typeof(vector) != 'blob' OR length(vector) != ? LIMIT 5",
+                    (width,),
+                )
+                .fetchall()
+            )
         if torn:
             seqs = ", ".join(str(r[0]) for r in torn)
             raise CorruptStoreError(

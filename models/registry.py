@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -118,7 +119,7 @@ class ModelSpec:
         key = str(layer).strip()
         if key.startswith("last-"):
             key = key[len("last-") :]
-        if key.lstrip("-").isdigit():
+        if re.fullmatch(r"-?[0-9]+", key):  # ASCII digits only: "¹".isdigit() is True
             k = int(key)
             if 0 <= k < len(self.layers):
                 return self.layers[k]

