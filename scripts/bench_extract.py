@@ -217,6 +217,10 @@ def _deepfeat(*args: str) -> list[str]:
     return [sys.executable, "-m", "scripts.cli", *args]
 
 
+MATCHED = ["--layer", "1", "--resize-mode", "crop", "--scales", "1"]
+"""The baseline's own work (penultimate vector of one 224 px centre crop), so the ratio compares pipelines."""
+
+
 def run_end_to_end(
     photos: Path,
     files: list[Path],
@@ -226,6 +230,8 @@ def run_end_to_end(
     workers: int,
     batch_size: int,
     repeats: int,
+    embed_args: list[str],
+    label: str,
 ) -> dict[str, Any]:
     naive_s, ours_s = [], []
     for _ in range(repeats):
@@ -241,13 +247,14 @@ def run_end_to_end(
                 _deepfeat(
                     "index", str(photos), "--data-dir", str(Path(tmp) / "data"), "--model", model,
                     "--weights", "none", "--precision", precision, "--workers", str(workers),
-                    "--batch-size", str(batch_size), "--no-progress",
+                    "--batch-size", str(batch_size), "--no-progress", *embed_args,
                 )
             )  # fmt: skip
             ours_s.append(seconds)
     naive, ours = statistics.median(naive_s), statistics.median(ours_s)
     return {
         "model": model,
+        "deepfeat_config": label,
         "images": len(files),
         "naive_s": round(naive, 2),
         "deepfeat_s": round(ours, 2),
@@ -270,7 +277,7 @@ def rss_scaling(
             kib = _peak_rss_kib(
                 _deepfeat(
                     "index", str(folder), "--data-dir", str(Path(tmp) / "data"), "--model", model,
-                    "--weights", "none", "--precision", precision, "--workers", str(workers), "--no-progress",
+                    "--weights", "none", "--precision", precision, "--workers", str(workers), "--no-progress", *MATCHED,
                 )
             )  # fmt: skip
         rows.append({"images": count, "peak_rss_mib": round(kib / 1024, 1)})
@@ -308,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rss", default="", help="also report peak RSS at these image counts, e.g. 1000,10000"
     )
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument(
+        "--with-defaults",
+        action="store_true",
+        help="also time the retrieval defaults (full image, 3 scales: several times the baseline's work)",
+    )
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
 
@@ -354,12 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_end_to_end:
         files = make_photo_set(args.photo_dir, args.photos)
         megapixels = statistics.median(_megapixels(f) for f in files[:50])
+        configs = [("same work as baseline", MATCHED)]
+        if args.with_defaults:
+            configs.append(("retrieval defaults", []))
         e2e = [
             run_end_to_end(
                 args.photo_dir, files, model, precision=args.precision, workers=args.workers,
-                batch_size=args.batch_size, repeats=args.repeats,
+                batch_size=args.batch_size, repeats=args.repeats, embed_args=extra, label=label,
             )
             for model in models
+            for label, extra in configs
         ]  # fmt: skip
         report["end_to_end"] = e2e
         report["photos_median_megapixels"] = round(megapixels, 1)
