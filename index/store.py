@@ -246,8 +246,15 @@ class ImageStore:
                     _check_manifest(manifest, given_fp, dim)
                 catalog = Catalog(catalog_path, dim=dim, read_only=read_only)
                 catalog.quick_check()
+                auto = index_factory == "auto"
                 manifest = _reconcile_identity(
-                    catalog, manifest, given_fp, dim, index_factory, data_dir=data_dir, read_only=read_only
+                    catalog,
+                    manifest,
+                    given_fp,
+                    dim,
+                    None if auto else index_factory,
+                    data_dir=data_dir,
+                    read_only=read_only,
                 )
                 store = cls._load_vectors(data_dir, catalog, manifest, lock, read_only, snapshot_every)
         except BaseException:
@@ -255,6 +262,8 @@ class ImageStore:
                 catalog.close()
             lock.close()
             raise
+        if not read_only and (index_factory == "auto" or store.manifest.extra.get("index_policy") == "auto"):
+            store.apply_auto_index()
         logger.info(
             "opened store %s: %d vectors, dim %d, factory %s%s",
             data_dir,
@@ -476,11 +485,11 @@ class ImageStore:
         """
         self._check_open()
         on_disk = Manifest.load(self._data_dir / MANIFEST_FILE)
-        if on_disk is not None and on_disk.extra.get("whitening") != self._manifest.extra.get("whitening"):
-            # Another process changed the whitening: every vector must be re-projected.
+        if on_disk is not None and _layout(on_disk) != _layout(self._manifest):
+            # Another process changed the whitening or the index type: rebuild from the catalog.
             with self._sync_lock:
-                self._rebuild(_load_whitening(self._data_dir, on_disk))
                 self._manifest = on_disk
+                self._rebuild(_load_whitening(self._data_dir, on_disk))
             return self.count
         return self._sync(atomic=False)
 
@@ -522,6 +531,34 @@ class ImageStore:
                 self._whitening = whitening
                 self._seq_mark, self._del_mark = max_seq, del_rowid
             self._changes_since_snapshot += int(live.size)
+
+    def apply_auto_index(self, *, memory_budget_bytes: int | None = None) -> str:
+        """``index_factory="auto"``: pick the index type for the current collection size
+        (:func:`index.choose.choose_factory`) and rebuild from the catalog when it changed.
+
+        Called at open for stores created with "auto"; as a collection grows past a threshold, the next
+        open (or an explicit call) moves it from Flat to HNSW to IVF. Returns the factory in use.
+        """
+        self._check_writable("change the index type")
+        from index.choose import choose_factory
+
+        desired = choose_factory(
+            max(1, self._catalog.count()), self.index_dim, memory_budget_bytes=memory_budget_bytes
+        )
+        if desired == self.index_factory and self._manifest.extra.get("index_policy") == "auto":
+            return desired
+        with self._sync_lock:
+            extra = {**self._manifest.extra, "index_policy": "auto"}
+            self._manifest = replace(self._manifest, index_factory=desired, extra=extra)
+            if desired != self._vectors.factory:
+                logger.info(
+                    "auto index: %d vectors -> %s (rebuilding from the catalog)",
+                    self._catalog.count(),
+                    desired,
+                )
+                self._rebuild(self._whitening)
+            self._write_snapshot(whitening_changed=True)
+        return desired
 
     def set_whitening(self, whitening: Whitening | None) -> None:
         """Apply (or with None remove) a whitening: re-projects every stored vector from the raw ones
@@ -699,15 +736,15 @@ class ImageStore:
             self._write_snapshot()
 
     def _write_snapshot(self, *, whitening_changed: bool = False) -> None:
+        """``whitening_changed``: this process just changed what the vectors in FAISS are (whitening or
+        index type), so its manifest is authoritative; otherwise the manifest on disk is the base."""
         with self._sync_lock, self._lock.hold():
             on_disk = Manifest.load(self._data_dir / MANIFEST_FILE)
-            if (
-                not whitening_changed
-                and on_disk is not None
-                and on_disk.extra.get("whitening") != self._manifest.extra.get("whitening")
-            ):
-                # Another process re-whitened the store; our vectors are stale. refresh() rebuilds.
-                logger.info("skipping snapshot: the whitening changed on disk since this process loaded it")
+            if not whitening_changed and on_disk is not None and _layout(on_disk) != _layout(self._manifest):
+                # Another process re-whitened or re-indexed the store; our vectors are stale. refresh() rebuilds.
+                logger.info(
+                    "skipping snapshot: the index layout changed on disk since this process loaded it"
+                )
                 return
             remove_stale_temps(self._data_dir, SNAPSHOT_FILE)
             remove_stale_temps(self._data_dir, MANIFEST_FILE)
@@ -723,7 +760,7 @@ class ImageStore:
                 count=self._vectors.ntotal,
             )
             # Base the update on the file on disk so fields another process wrote survive.
-            current = on_disk or self._manifest
+            current = self._manifest if whitening_changed else (on_disk or self._manifest)
             manifest = replace(
                 current,
                 updated_at=time.time(),
@@ -819,6 +856,52 @@ class ImageStore:
                 hits.append(Hit(id=record.id, score=float(score), record=record))
             results.append(hits)
         return results
+
+    def vectors_by_sha256(self, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of known contents, as they were added (before any whitening), so other
+        tools (training a classifier) reuse the index's work instead of embedding the files again.
+
+        Args:
+            sha256s: Content hashes (lowercase hex); unknown ones are simply absent from the result.
+
+        Returns:
+            ``{sha256: (dim,) float32 vector}``.
+        """
+        self._check_open()
+        wanted = list(dict.fromkeys(s for s in sha256s if isinstance(s, str)))
+        with self._catalog._read("looking up hashes") as conn:
+            found = self._catalog._lookup_sha(conn, wanted)
+        sha_by_seq = {seq: sha for sha, (_, seq) in found.items()}
+        out: dict[str, np.ndarray] = {}
+        for seqs, vectors in self._catalog.vectors_for_seqs(list(sha_by_seq)):
+            for seq, vector in zip(seqs.tolist(), vectors, strict=True):
+                out[sha_by_seq[int(seq)]] = vector
+        return out
+
+    def metadata_value_counts(self, key: str) -> dict[str, int]:
+        """How many images carry each value of a top-level metadata key (e.g. ``label`` for kNN
+        classification); images without it, or with a non-string value, are not counted.
+
+        Args:
+            key: A metadata key (letters, digits, ``_`` and ``-``).
+
+        Returns:
+            ``{value: count}``.
+
+        Raises:
+            InvalidArgumentError: A key with other characters.
+        """
+        self._check_open()
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key):
+            raise InvalidArgumentError(f"metadata key must be 1-64 of [A-Za-z0-9_-], got {key!r}")
+        path = f'$."{key}"'
+        with self._catalog._read("counting metadata values") as conn:
+            rows = conn.execute(
+                "SELECT json_extract(metadata, ?) AS v, count(*) FROM images "
+                "WHERE json_type(metadata, ?) = 'text' GROUP BY v",
+                (path, path),
+            ).fetchall()
+        return {str(value): int(count) for value, count in rows}
 
     def stats(self) -> dict[str, Any]:
         """A summary for health checks and the CLI.
@@ -1011,3 +1094,8 @@ def _load_whitening(data_dir: Path, manifest: Manifest) -> Whitening | None:
     if not _WHITENING_RE.fullmatch(name):
         raise CorruptStoreError(f"manifest names an invalid whitening file {name!r}")
     return Whitening.load(data_dir / name, expected_sha256=str(entry.get("sha256")))
+
+
+def _layout(manifest: Manifest) -> tuple[Any, str]:
+    """What the vectors in FAISS are: the whitening applied and the index type."""
+    return manifest.extra.get("whitening"), manifest.index_factory

@@ -119,3 +119,22 @@ def test_near_duplicate_groups_use_the_index(tmp_path: Path) -> None:
         assert store.near_duplicates(1.0) == []
         with pytest.raises(InvalidArgumentError):
             store.near_duplicates(0.0)
+
+
+def test_auto_index_follows_the_collection_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import index.choose as choose
+
+    x = _data(300)
+    with _open(tmp_path / "s", index_factory="auto") as store:
+        assert store.index_factory == "Flat" and store.manifest.extra["index_policy"] == "auto"
+        store.add(x, _images(len(x)))
+        expected = [h.id for h in store.search(x[:3], 5)[0]]
+    # Pretend the collection crossed the Flat threshold: the next open moves it to HNSW.
+    monkeypatch.setattr(choose, "FLAT_MAX_SCAN", 100 * DIM)
+    with _open(tmp_path / "s") as store:
+        assert store.index_factory == "HNSW32" and store.count == len(x)
+        assert [h.id for h in store.search(x[:3], 5)[0]][:1] == expected[:1]
+    monkeypatch.undo()
+    with _open(tmp_path / "s") as store:
+        assert store.index_factory == "Flat"  # and back, still from the catalog, nothing lost
+        assert [h.id for h in store.search(x[:3], 5)[0]] == expected
