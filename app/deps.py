@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
+from app.classifiers import ClassifierRegistry
 from app.errors import APIError
 from app.inference import Inference
 from app.metrics import Metrics
@@ -29,6 +30,7 @@ class Runtime:
     inference: Inference
     store: ImageStore
     limits: ImageLimits
+    classifiers: ClassifierRegistry
 
 
 @dataclass

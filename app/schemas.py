@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -13,6 +13,10 @@ __all__ = [
     "SearchResponse",
     "PredictionOut",
     "ClassifyResponse",
+    "NeighbourOut",
+    "ClassifierInfo",
+    "RefusedClassifier",
+    "ClassifiersResponse",
     "EmbedResponse",
     "AddImageResponse",
     "ImageInfo",
@@ -59,9 +63,46 @@ class PredictionOut(BaseModel):
     probability: float
 
 
+class NeighbourOut(BaseModel):
+    id: str
+    score: float = Field(description="Cosine similarity to the query")
+    label: str
+    thumbnail_url: str
+
+
 class ClassifyResponse(BaseModel):
     predictions: list[PredictionOut]
     model: ModelInfo
+    classifier: str = Field("imagenet", description="The classifier that answered")
+    neighbours: list[NeighbourOut] | None = Field(
+        None, description="classifier=knn only: the labelled images that voted, nearest first"
+    )
+
+
+class ClassifierInfo(BaseModel):
+    name: str
+    kind: Literal["imagenet", "knn", "linear", "finetune"]
+    classes: list[str]
+    description: str
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="Held-out metrics recorded at training (trained heads)"
+    )
+    training: dict[str, Any] | None = None
+    created_at: float | None = None
+
+
+class RefusedClassifier(BaseModel):
+    name: str
+    code: str = Field(description="incompatible_classifier or corrupt_classifier")
+    detail: str
+
+
+class ClassifiersResponse(BaseModel):
+    default: str = "imagenet"
+    classifiers: list[ClassifierInfo]
+    refused: list[RefusedClassifier] = Field(
+        default_factory=list, description="Saved heads this server will not use, and why"
+    )
 
 
 class EmbedResponse(BaseModel):

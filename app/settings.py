@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     scales: list[float] = Field(
         default_factory=lambda: [1.0], description="Multi-scale factors, e.g. [1, 0.707]"
     )
-    index_factory: str = Field("Flat", description="FAISS factory string for new stores, or auto (by collection size)")
+    index_factory: str = Field(
+        "Flat", description="FAISS factory string for new stores, or auto (by collection size)"
+    )
 
     # --- how it runs ---
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")

@@ -91,6 +91,7 @@ __all__ = [
     "linear_bytes",
     "finetune_bytes",
     "finetuned_from_state",
+    "finetuned_probabilities",
     "iter_head_dirs",
     "ProgressBar",
 ]
@@ -595,28 +596,49 @@ def _shrink(images: Sequence[Image.Image], side: int) -> list[Image.Image]:
     return out
 
 
+@dataclass(frozen=True)
+class _Batches:
+    """Images turned into (b, 3, crop, crop) batches on the fly (never the whole set in one tensor)."""
+
+    pictures: Sequence[Image.Image]
+    indices: np.ndarray
+    transform: Callable[[Image.Image], torch.Tensor]
+    batch_size: int
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.indices), self.batch_size):
+            chunk = self.indices[start : start + self.batch_size]
+            yield torch.stack([self.transform(self.pictures[int(i)]) for i in chunk])
+
+
 @torch.inference_mode()
 def _evaluate_net(
-    net: FineTunedNet, tensors: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int
+    net: FineTunedNet, batches: _Batches, y: torch.Tensor, device: torch.device
 ) -> tuple[float, float]:
-    logits = torch.cat(
-        [
-            net(tensors[i : i + batch_size].to(device)).float().cpu()
-            for i in range(0, len(tensors), batch_size)
-        ]
-    )
+    logits = torch.cat([net(x.to(device)).float().cpu() for x in batches])  # (n, C)
     loss = float(F.cross_entropy(logits, y, weight=_class_weights(y, logits.shape[1])))
     return float((logits.argmax(1) == y).float().mean()), loss
 
 
 @torch.inference_mode()
-def _features(net: FineTunedNet, tensors: torch.Tensor, device: torch.device, batch_size: int) -> np.ndarray:
-    return torch.cat(
-        [
-            net.features(tensors[i : i + batch_size].to(device)).cpu()
-            for i in range(0, len(tensors), batch_size)
-        ]
-    ).numpy()
+def finetuned_probabilities(
+    net: FineTunedNet,
+    images: Sequence[Image.Image],
+    transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+) -> np.ndarray:
+    """(n, C) class probabilities of a fine-tuned network on images (``transform``: the classification
+    crop the weights expect), in batches."""
+    batches = _Batches(images, np.arange(len(images)), transform, batch_size)
+    logits = torch.cat([net(x.to(device)).float().cpu() for x in batches])  # (n, C)
+    return logits.softmax(dim=1).numpy()
+
+
+@torch.inference_mode()
+def _features(net: FineTunedNet, batches: _Batches, device: torch.device) -> np.ndarray:
+    return torch.cat([net.features(x.to(device)).float().cpu() for x in batches]).numpy()  # (n, d)
 
 
 def fine_tune(
@@ -670,8 +692,8 @@ def fine_tune(
     pictures = _shrink(images, spec.preprocess.resize)
     eval_tf = build_transform(spec.preprocess)
     train_tf = _train_transform(spec) if config.augment else eval_tf
-    fit_plain = torch.stack([eval_tf(pictures[i]) for i in fit_idx])  # (n_fit, 3, crop, crop)
-    val_x = torch.stack([eval_tf(pictures[i]) for i in val_idx]) if len(val_idx) else None
+    fit_plain = _Batches(pictures, fit_idx, eval_tf, config.batch_size)
+    val_x = _Batches(pictures, val_idx, eval_tf, config.batch_size) if len(val_idx) else None
     y_fit = torch.from_numpy(ys[fit_idx])
     y_val = torch.from_numpy(ys[val_idx])
     net.to(device)
@@ -680,7 +702,7 @@ def fine_tune(
     if config.linear_init:
         # LP-FT: start from the linear probe on the same (frozen, penultimate) features, so fine-tuning
         # refines a good classifier instead of back-propagating a random head's noise into the backbone.
-        feats = _features(net, fit_plain, device, config.batch_size)
+        feats = _features(net, fit_plain, device)
         probe, probe_log = train_linear(
             feats, ys[fit_idx], classes, LinearConfig(val_fraction=0.2 if len(fit_idx) >= 10 else 0.0)
         )
@@ -704,8 +726,8 @@ def fine_tune(
 
     def score() -> tuple[float, float]:
         if val_x is None:
-            return _evaluate_net(net, fit_plain, y_fit, device, config.batch_size)
-        return _evaluate_net(net, val_x, y_val, device, config.batch_size)
+            return _evaluate_net(net, fit_plain, y_fit, device)
+        return _evaluate_net(net, val_x, y_val, device)
 
     best_acc, best_loss = score()
     best_epoch, best_state = 0, _trainable_state(net, prefixes)

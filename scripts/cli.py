@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from index.errors import StoreError
 from models.errors import ModelError
-from scripts import index_images
+from scripts import compare_classifiers, index_images, train_classifier
 from scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
 
 __all__ = ["main", "build_parser"]
@@ -105,32 +105,81 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_classify(args: argparse.Namespace) -> int:
-    from app.runtime import image_limits
+def _classify_with(args: argparse.Namespace, settings: Any) -> tuple[list[Any], dict[str, Any], list[Any]]:
+    """Predictions, a model description and kNN voters for ``--classifier`` (imagenet, knn or a head)."""
+    from app.classifiers import CLASSIFIERS_DIR, DEFAULT_CLASSIFIER, knn_classify, load_head
+    from app.runtime import build_embedder, image_limits, open_store
+    from index.store import ImageStore
     from models.embedder import Embedder
+    from models.heads import UnknownHeadError, check_head_name, embedder_kwargs, iter_head_dirs, read_manifest
     from models.images import load_image
 
+    name = args.classifier
+    limits = image_limits(settings)
+    if name == DEFAULT_CLASSIFIER:
+        # Classification needs no store: the model alone decides (layer/pooling do not matter here).
+        embedder = Embedder(
+            settings.model, weights=settings.weights, device=settings.device, precision=settings.precision
+        )
+        image = load_image(args.image, limits=limits, draft_size=embedder.decode_size)
+        model = {"name": embedder.spec.name, "weights": embedder.weights_identity}
+        return embedder.classify([image.image], k=args.k)[0], model, []
+    if name == "knn":
+        if ImageStore.read_manifest(settings.data_dir) is None:
+            raise UnknownHeadError(
+                f"kNN needs a store with labelled images; there is none in {settings.data_dir}"
+            )
+        embedder = build_embedder(settings)
+        image = load_image(args.image, limits=limits, draft_size=embedder.decode_size)
+        with open_store(settings, embedder, read_only=True) as store:
+            predictions, voters = knn_classify(store, embedder.embed([image.image]), k=args.k)
+        return predictions, embedder.fingerprint, voters
+    check_head_name(name)
+    head_dir = settings.data_dir / CLASSIFIERS_DIR / name
+    if not head_dir.is_dir():
+        known = ", ".join(p.name for p in iter_head_dirs(settings.data_dir / CLASSIFIERS_DIR)) or "none"
+        raise UnknownHeadError(
+            f"no classifier named {name!r} in {settings.data_dir / CLASSIFIERS_DIR} (trained heads: {known}; "
+            "built in: imagenet, knn)"
+        )
+    # The head decides the features it needs; explicit flags still win (and are then checked against it).
+    options = {**embedder_kwargs(read_manifest(head_dir).fingerprint), **settings.explicit_embedder_options()}
+    options.setdefault("weights", settings.weights)
+    embedder = Embedder(**options, device=settings.device, precision=settings.precision)
+    head = load_head(head_dir, embedder)
+    image = load_image(args.image, limits=limits, draft_size=embedder.decode_size)
+    model = {**embedder.fingerprint, "classifier": name, "method": head.manifest.method}
+    return head.predict([image.image], embed=embedder.embed, k=args.k)[0], model, []
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    # Classification needs no store: the model alone decides (layer/pooling do not matter here).
-    embedder = Embedder(
-        settings.model, weights=settings.weights, device=settings.device, precision=settings.precision
-    )
-    image = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
-    predictions = embedder.classify([image.image], k=args.k)[0]
+    predictions, model, voters = _classify_with(args, settings)
     if args.json:
         echo_json(
             {
                 "image": args.image,
+                "classifier": args.classifier,
                 "predictions": [
                     {"label": p.label, "class_index": p.class_index, "probability": round(p.probability, 6)}
                     for p in predictions
                 ],
-                "model": {"name": embedder.spec.name, "weights": embedder.weights_identity},
+                "model": model,
+                **(
+                    {
+                        "neighbours": [
+                            {"id": n.id, "score": round(n.score, 6), "label": n.label} for n in voters
+                        ]
+                    }
+                    if voters
+                    else {}
+                ),
             }
         )
         return 0
     for p in predictions:
-        echo(f"{p.probability:7.2%}  {p.class_index:>4}  {p.label}")
+        index = "" if p.class_index < 0 else f"{p.class_index:>4}  "
+        echo(f"{p.probability:7.2%}  {index}{p.label}")
     return 0
 
 
@@ -268,6 +317,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=args.log_level,
         timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
         proxy_headers=True,
     )
     return 0
@@ -299,12 +349,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
 
-    p = sub.add_parser("classify", help="ImageNet top-k classes of IMAGE")
+    p = sub.add_parser("classify", help="top-k classes of IMAGE: ImageNet's, kNN's or a trained classifier's")
     add_common_arguments(p)
     p.add_argument("image")
     p.add_argument("-k", type=int, default=5, help="number of classes (default 5)")
+    p.add_argument(
+        "--classifier",
+        default="imagenet",
+        help="imagenet (default), knn (labelled images in the store) or a name from `deepfeat train-classifier`",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser(
+        "train-classifier",
+        help="train your own classifier from a folder with one sub-folder per class (linear or finetune)",
+    )
+    train_classifier.add_arguments(p)
+    p.set_defaults(func=train_classifier.run)
+
+    p = sub.add_parser(
+        "compare-classifiers",
+        help="linear probe vs kNN vs fine-tuning vs the mapped ImageNet head on one held-out split",
+    )
+    compare_classifiers.add_arguments(p)
+    p.set_defaults(func=compare_classifiers.run)
 
     p = sub.add_parser(
         "whiten", help="learn PCA-whitening for a store (applied to every query automatically)"

@@ -4,14 +4,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
+from app.classifiers import DEFAULT_CLASSIFIER, api_error, knn_classify
 from app.deps import State, read_upload, require_read
-from app.routes.common import model_info
-from app.schemas import ClassifyResponse, ErrorResponse, PredictionOut
+from app.routes.common import model_info, thumbnail_url
+from app.schemas import ClassifyResponse, ErrorResponse, NeighbourOut, PredictionOut
+from models.embedder import Prediction
+from models.heads import HeadError
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_read)])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)
 }
 
 
@@ -20,14 +23,42 @@ def classify(
     state: State,
     file: Annotated[UploadFile, File(description="The image to classify")],
     k: Annotated[int, Query(ge=1, le=1000, description="Number of classes")] = 5,
+    classifier: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=64,
+            description="imagenet (default), knn (vote of labelled store images) or a trained head's name "
+            "(GET /v1/classifiers)",
+        ),
+    ] = DEFAULT_CLASSIFIER,
 ) -> ClassifyResponse:
-    """ImageNet top-k classes of the uploaded image."""
-    image = read_upload(state, file)
-    predictions = state.inference.classify([image.image], k=k)[0]
+    """Top-k classes of the uploaded image: ImageNet's, kNN over labelled images, or a trained head's."""
+    neighbours = None
+    try:
+        if classifier == DEFAULT_CLASSIFIER:
+            image = read_upload(state, file)
+            predictions: list[Prediction] = state.inference.classify([image.image], k=k)[0]
+        elif classifier == "knn":
+            image = read_upload(state, file)
+            vector = state.inference.embed([image.image])
+            predictions, voters = knn_classify(state.store, vector, k=k)
+            neighbours = [
+                NeighbourOut(id=n.id, score=n.score, label=n.label, thumbnail_url=thumbnail_url(n.id))
+                for n in voters
+            ]
+        else:
+            head = state.classifiers.get(classifier)  # before decoding: an unknown name costs nothing
+            image = read_upload(state, file)
+            predictions = head.predict([image.image], embed=state.inference.embed, k=k)[0]
+    except HeadError as exc:
+        raise api_error(exc) from None
     return ClassifyResponse(
         predictions=[
             PredictionOut(label=p.label, class_index=p.class_index, probability=p.probability)
             for p in predictions
         ],
         model=model_info(state.inference.embedder),
+        classifier=classifier,
+        neighbours=neighbours,
     )

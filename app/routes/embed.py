@@ -29,7 +29,9 @@ def embed(
     ] = None,
     pooling: Annotated[
         str | None,
-        Query(max_length=16, pattern=r"^[A-Za-z0-9_.\-]+$", description="avg, max, gem or rmac (conv layers)"),
+        Query(
+            max_length=16, pattern=r"^[A-Za-z0-9_.\-]+$", description="avg, max, gem or rmac (conv layers)"
+        ),
     ] = None,
 ) -> EmbedResponse:
     """The deep-feature vector of the uploaded image (L2-normalised), from the store's layer or another one."""

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from app.classifiers import DEFAULT_CLASSIFIER, KNN_NEIGHBOURS, LABEL_KEY, describe_reserved
+from app.deps import State, require_read
+from app.schemas import ClassifierInfo, ClassifiersResponse, ErrorResponse, RefusedClassifier
+
+router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_read)])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 503)}
+
+
+@router.get("/classifiers", response_model=ClassifiersResponse, responses=_ERRORS)
+def list_classifiers(state: State) -> ClassifiersResponse:
+    """The classifiers POST /v1/classify?classifier=NAME accepts: imagenet, knn and trained heads."""
+    labels = state.classifiers.label_counts(state.store)
+    items = [
+        ClassifierInfo(**describe_reserved(state.inference.embedder)),
+        ClassifierInfo(
+            name="knn",
+            kind="knn",
+            classes=sorted(labels),
+            description=(
+                f"similarity-weighted vote of the {KNN_NEIGHBOURS} nearest store images with a "
+                f"{LABEL_KEY!r} in their metadata"
+            ),
+            metrics={"labelled_images": sum(labels.values()), "neighbours": KNN_NEIGHBOURS},
+        ),
+    ]
+    loaded, refused = state.classifiers.heads()
+    for head in loaded:
+        m = head.manifest
+        items.append(
+            ClassifierInfo(
+                name=m.name,
+                kind="linear" if m.method == "linear" else "finetune",
+                classes=list(m.classes),
+                description=(
+                    f"{m.method} head on {m.fingerprint.get('model')} "
+                    + (
+                        f"{m.fingerprint.get('layer')} features"
+                        if m.method == "linear"
+                        else "(top blocks fine-tuned)"
+                    )
+                ),
+                metrics=m.metrics,
+                training=m.training,
+                created_at=m.created_at,
+            )
+        )
+    return ClassifiersResponse(
+        default=DEFAULT_CLASSIFIER,
+        classifiers=items,
+        refused=[RefusedClassifier(name=r.name, code=r.code, detail=r.reason) for r in refused],
+    )
