@@ -12,8 +12,8 @@ from typing import Any
 from app.settings import Settings
 from index.store import ImageStore
 from models.embedder import Embedder
+from models.heads import embedder_kwargs
 from models.images import ImageLimits
-from models.registry import weights_argument
 
 __all__ = ["embedder_options", "build_embedder", "open_store", "image_limits"]
 
@@ -34,27 +34,7 @@ def embedder_options(settings: Settings) -> dict[str, Any]:
     }
     manifest = ImageStore.read_manifest(settings.data_dir)
     if manifest is not None:
-        recorded = manifest.fingerprint
-        from_store: dict[str, Any] = {
-            "model": recorded.get("model"),
-            "layer": recorded.get("layer"),
-        }
-        pooling = str(recorded.get("pooling", "none"))
-        if pooling.startswith("gem(p="):
-            from_store["pooling"] = "gem"
-            from_store["gem_p"] = float(pooling[len("gem(p=") : -1])
-        elif pooling != "none":
-            from_store["pooling"] = pooling
-        preprocess = recorded.get("preprocess") or {}
-        if preprocess.get("mode") in ("crop", "full"):
-            from_store["resize_mode"] = preprocess["mode"]
-            if preprocess["mode"] == "full":
-                from_store["max_side"] = preprocess.get("max_side")
-        if recorded.get("scales"):
-            from_store["scales"] = tuple(recorded["scales"])
-        weights = weights_argument(str(recorded.get("weights", "")))
-        if weights is not None:
-            from_store["weights"] = weights
+        from_store = embedder_kwargs(manifest.fingerprint)
         explicit = settings.explicit_embedder_options()
         if "model" in explicit or "layer" in explicit:
             # Another network or layer: the store's pooling may not even apply; let the store
@@ -62,7 +42,7 @@ def embedder_options(settings: Settings) -> dict[str, Any]:
             from_store.pop("pooling", None)
             from_store.pop("gem_p", None)
         for key, value in from_store.items():
-            if key not in explicit and value is not None:
+            if key not in explicit:
                 options[key] = value
     return options
 
