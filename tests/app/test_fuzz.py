@@ -92,8 +92,14 @@ def test_stateful_links(base_url: str, photos: dict[str, Image.Image]) -> None:
                 and case.path == "/v1/images"
                 and isinstance(case.body, dict)
             ):
-                photo = variant(photos["coffee"], next(uploads) % 200)
-                case.body = {**case.body, "file": encode(photo.resize((96, 64)), quality=80)}
+                # Every upload is new content, so every add is a 201 whatever ran before: a replayed or
+                # shrunk example then meets the same responses (a repeat would be a 200 and change the links).
+                n = next(uploads)
+                photo = variant(photos["coffee"], n).resize((96, 64))
+                for bit in range(24):
+                    shade = 255 if (n >> bit) & 1 else 0
+                    photo.paste((shade, shade, shade), (4 * bit, 0, 4 * bit + 4, 4))
+                case.body = {**case.body, "file": encode(photo, quality=80)}
 
         def get_call_kwargs(self, case: Any) -> dict[str, object]:
             return {"base_url": base_url}
