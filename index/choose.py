@@ -1,29 +1,34 @@
 """Choosing a FAISS index for a collection: the ``auto`` policy and default search-time parameters.
 
 The numbers come from ``scripts/bench_search.py`` on the development machine (2-core AMD EPYC with
-AVX-512, shared with other jobs, so absolute speeds are noisy; ratios are taken within one run), one
-search thread, 1000 held-out queries, recall@10 against exact search in the same run, 256-d vectors,
-on two data sets: clustered Gaussian ("synthetic") and noisy efficientnet_lite0 embeddings of real
-photos ("real"). The README has the tables and commands.
+AVX-512, shared with other jobs: load average 2-6, so absolute speeds are noisy and ratios are taken
+within one run), one search thread, 1000 held-out queries, recall@10 against exact search in the same
+run, 256-d vectors, two data sets: clustered Gaussian ("synthetic") and noisy efficientnet_lite0
+embeddings of real photos ("real"). The README has the tables and the commands.
 
 * **Flat** (exact) while one query's scan stays cheap: ``n * dim <= FLAT_MAX_SCAN`` (64 Mi floats,
-  256 MiB scanned a query): up to ~262k vectors at 256-d, ~52k at 1280-d. Measured at 100k x 256-d: an
-  exact query takes 4-8 ms on one core (120-270 queries/s), 1000 batched ~0.85 s. Flat needs no
-  training, deletes cheaply, and costs ``4 * dim`` bytes a vector.
+  256 MiB scanned a query): up to ~262k vectors at 256-d, ~52k at 1280-d. Measured at 100k x 256-d:
+  150-170 exact queries/s one at a time (6-7 ms), 1100-1800/s batched. Flat needs no training, deletes
+  cheaply and costs ``4 * dim`` bytes a vector.
 * **HNSW32** from there up to ``IVF_FROM`` vectors, when it fits the budget: no training (the batch
-  indexer adds to it in small batches), ~4-13k single queries/s at 100k with recall@10 0.97-0.99
-  (``efSearch`` 16-64). At 1M it lost to IVF on every count: synthetic recall 0.956 needed
-  ``efSearch=128`` (1.5k q/s, 137x exact) against IVF-SQ8's 0.968 at 6.7k q/s; build 680 s against
-  111 s; 1.24 GiB against 0.26 GiB. Deletes rebuild the whole graph (:mod:`index.vectors`).
-* **IVF{nlist},SQ8** from ``IVF_FROM`` vectors (or when HNSW does not fit): 1 byte a dimension, recall@10
-  0.97-0.98 at 1M (it cannot reach 1.0: the codes are lossy), IVF deletes natively. ``nlist`` is
-  ~4 sqrt(n) as a power of two (:func:`ivf_nlist`: 4096 at 1M). IVF must be trained: the store trains
-  on its first batch, which must hold at least ``nlist`` vectors (:func:`min_train_vectors`).
+  indexer can add to it in small batches). At 100k: recall@10 0.976 (synthetic, ``efSearch=64``,
+  4.1k q/s) and 0.989 (real, ``efSearch=16``, 17k q/s). At 1M it lost to IVF-SQ8 on every count:
+  synthetic recall 0.956 needed ``efSearch=128`` (1.8k q/s), on the real set it stalled at 0.657
+  whatever ``efSearch`` (tight near-duplicate groups the graph does not connect), the build took
+  200-330 s against ~60 s, and it holds 1.24 GiB against 0.26 GiB. Deletes rebuild the whole graph
+  (:mod:`index.vectors`).
+* **IVF{nlist},SQ8** from ``IVF_FROM`` vectors (or when HNSW does not fit): 1 byte a dimension, IVF
+  deletes natively. At 1M (4096 lists, ``nprobe=8``): recall@10 0.968 (synthetic) and 0.975 (real),
+  5.8k and 6.4k q/s one at a time (236-340x exact), 9.7-10.4k q/s batched (56-60x). Recall saturates
+  at ~0.98 (the codes are lossy). ``nlist`` is ~4 sqrt(n) as a power of two (:func:`ivf_nlist`). IVF
+  must be trained: the store trains on its first batch, which must hold at least ``nlist`` vectors
+  (:func:`min_train_vectors`).
 * **IVF{nlist},PQ{m}x4fs** only when SQ8 does not fit either: the largest fast-scan PQ code that fits
-  (``m / 2`` bytes a vector). Recall pays for it: 16-byte codes (``PQ32x4fs``) gave recall@10 0.22
-  (synthetic) and 0.03-0.73 (real) at 1M/100k.
+  (``m / 2`` bytes a vector). Recall pays: 16-byte codes (``PQ32x4fs``) gave recall@10 0.41/0.72 at
+  100k and 0.22/0.65 at 1M (synthetic/real), however many lists were probed.
 * The coarse quantizer becomes an HNSW (``IVF{nlist}_HNSW32,...``) only from 2^16 lists: at 4096 lists
-  it built 2-4x slower (k-means through the graph) and searched no faster than the flat quantizer.
+  it searched 15-35% slower than the flat quantizer (whose 4096 dot products a query are cheap), and
+  built no faster.
 
 No budget (``memory_budget_bytes=None``) means only the size rules apply.
 """
@@ -49,18 +54,15 @@ FLAT_MAX_SCAN = 64 * 2**20
 """Largest ``n * dim`` (floats scanned per exact query) for which ``auto`` stays exact."""
 
 IVF_FROM = 500_000
-"""From this size ``auto`` prefers IVF-SQ8 to HNSW (tied at 100k, IVF ahead on speed, memory, build
-time and recall at 1M: the switch sits between the two measured sizes)."""
+"""From this size ``auto`` prefers IVF-SQ8 to HNSW: comparable at 100k, IVF ahead on speed, recall,
+memory and build time at 1M; the switch sits between the two measured sizes."""
 
 HNSW_M = 32
 """Graph degree for ``auto``'s HNSW (``HNSW32``): 2*M links a vector on the base layer."""
 
 HNSW_EF_SEARCH = 128
-"""Default ``efSearch`` for HNSW indexes: recall@10 >= 0.95 on both benchmark sets up to 1M vectors
-(synthetic 1M: 0.903 at 64, 0.956 at 128; 100k: >= 0.976 at 64)."""
-
-IVF_NPROBE_MIN = 32
-"""Default ``nprobe`` floor: recall@10 >= 0.95 at 1024 lists/100k and 4096 lists/1M on both sets."""
+"""Default ``efSearch`` for HNSW indexes (synthetic: recall@10 0.990 at 100k, 0.956 at 1M; 64 gave
+0.976 and 0.903)."""
 
 IVF_QUANTIZER_EF_SEARCH = 128
 """Default ``quantizer_efSearch`` for an HNSW coarse quantizer (kept >= 2 * nprobe; not tuned)."""
@@ -272,14 +274,24 @@ def resolve_factory(
     return factory
 
 
+def _default_nprobe(nlist: int) -> int:
+    if nlist <= 1024:
+        return 32
+    if nlist <= 2048:
+        return 16
+    return max(8, nlist // 512)
+
+
 def default_search_params(factory: str) -> dict[str, int]:
     """Search-time parameters that gave recall@10 >= 0.95 in the benchmark, by index type.
 
     * HNSW (top level): ``efSearch`` = :data:`HNSW_EF_SEARCH`.
-    * IVF: ``nprobe`` = max(:data:`IVF_NPROBE_MIN`, nlist / 128), at most 256 and at most nlist; with
-      an HNSW coarse quantizer also ``quantizer_efSearch`` = max(:data:`IVF_QUANTIZER_EF_SEARCH`,
-      2 * nprobe). (The fastest setting that met recall 0.95 on one data set is lower, e.g. 8 at 4096
-      lists on synthetic data, but real data needed 16: the default keeps a margin.)
+    * IVF: ``nprobe`` 32 up to 1024 lists, 16 at 2048, then ``max(8, nlist / 512)`` (8 at 4096, 32 at
+      16384), never more than 256 or nlist. Measured: 1024 lists/100k needed 32 on the synthetic set
+      (0.954; 16 gave 0.916; the real set had 0.979 already at 4); 4096 lists/1M reached 0.968 and
+      0.975 at 8 (0.952 and 0.956 at 4). Other list counts are interpolated, not measured. With an
+      HNSW coarse quantizer also ``quantizer_efSearch`` = max(:data:`IVF_QUANTIZER_EF_SEARCH`,
+      2 * nprobe).
     * A refinement stage (``RFlat``, ``Refine(...)``): ``k_factor_rf`` = :data:`REFINE_K_FACTOR`.
     * Flat, bare PQ/SQ/LSH: nothing to set (empty dict).
 
@@ -296,7 +308,7 @@ def default_search_params(factory: str) -> dict[str, int]:
     for part in _FACTORY_SPLIT.split(factory.strip()):
         if m := _IVF_RE.fullmatch(part):
             nlist = int(m.group(1))
-            nprobe = min(nlist, 256, max(IVF_NPROBE_MIN, nlist // 128))
+            nprobe = min(nlist, 256, _default_nprobe(nlist))
             params["nprobe"] = nprobe
             if m.group(3):
                 params["quantizer_efSearch"] = max(IVF_QUANTIZER_EF_SEARCH, 2 * nprobe)

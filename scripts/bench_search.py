@@ -769,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             single_budget_s=args.single_budget,
             train_size=args.train_size or None,
         )
-        result["generate_s"] = round(time.perf_counter() - t0, 2)
+        result["total_s"] = round(time.perf_counter() - t0, 2)
         result["loadavg_end"] = list(os.getloadavg())
         report["results"].append(result)
         _echo(format_table(result))

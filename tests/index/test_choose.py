@@ -100,13 +100,15 @@ def test_default_search_params_by_type() -> None:
     assert default_search_params("PQ16") == {}
     assert default_search_params("HNSW32") == {"efSearch": HNSW_EF_SEARCH}
     assert default_search_params("HNSW32,SQ8") == {"efSearch": HNSW_EF_SEARCH}
-    assert default_search_params("IVF4096,PQ32x4fs") == {"nprobe": 32}
-    assert default_search_params("IVF16384,SQ8") == {"nprobe": 128}
+    assert default_search_params("IVF1024,SQ8") == {"nprobe": 32}
+    assert default_search_params("IVF2048,SQ8") == {"nprobe": 16}
+    assert default_search_params("IVF4096,PQ32x4fs") == {"nprobe": 8}
+    assert default_search_params("IVF16384,SQ8") == {"nprobe": 32}
     assert default_search_params("IVF16,Flat") == {"nprobe": 16}
     assert default_search_params("IVF4,Flat") == {"nprobe": 4}  # never more than nlist
-    assert default_search_params("IVF2**20,Flat".replace("2**20", str(2**20)))["nprobe"] == 256
+    assert default_search_params(f"IVF{2**20},Flat")["nprobe"] == 256  # capped
     with_hnsw = default_search_params("IVF65536_HNSW32,PQ32x4fs")
-    assert with_hnsw["nprobe"] == 256 and with_hnsw["quantizer_efSearch"] >= with_hnsw["nprobe"]
+    assert with_hnsw == {"nprobe": 128, "quantizer_efSearch": 256}
     refined = default_search_params("OPQ32_128,IVF1024,PQ32x4fs,RFlat")
     assert set(refined) == {"nprobe", "k_factor_rf"}
 
