@@ -48,7 +48,12 @@ def embedder_options(settings: Settings) -> dict[str, Any]:
 
 
 def build_embedder(settings: Settings) -> Embedder:
-    return Embedder(**embedder_options(settings), device=settings.device, precision=settings.precision)
+    return Embedder(
+        **embedder_options(settings),
+        device=settings.device,
+        precision=settings.precision,
+        compile=settings.compile,
+    )
 
 
 def open_store(settings: Settings, embedder: Embedder, *, read_only: bool = False) -> ImageStore:

@@ -40,7 +40,11 @@ class Settings(BaseSettings):
 
     # --- how it runs ---
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: str = Field("fp32", description="auto, fp32, bf16 or fp16")
+    precision: str = Field(
+        "auto",
+        description="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16",
+    )
+    compile: bool = Field(False, description="torch.compile the embedding trunk (batch indexing)")
     max_pixels: int = Field(
         40_000_000, gt=0, description="Reject images with more pixels (decompression bombs)"
     )
@@ -51,8 +55,12 @@ class Settings(BaseSettings):
 
     # --- batch indexer ---
     batch_size: int = Field(32, ge=1, le=1024)
-    workers: int = Field(
-        2, ge=0, le=64, description="Decode worker processes (0 = decode in the main process)"
+    workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Decode worker processes (0 = decode in the main process; default: half the CPUs, "
+        "the other half run the model; all but one when the model runs on CUDA)",
     )
 
     # --- service ---
@@ -77,7 +85,13 @@ class Settings(BaseSettings):
         64, ge=1, description="Images allowed to wait for the model; more get 503 overloaded"
     )
     refresh_interval_s: float = Field(
-        2.0, gt=0, description="How often the server picks up other writers' changes"
+        2.0,
+        gt=0,
+        description="How often the server picks up other writers' changes (and, read-only, new generations)",
+    )
+    read_only: bool = Field(
+        False,
+        description="Serve as a read replica: search the latest published index generation, refuse writes",
     )
 
     def explicit_embedder_options(self) -> dict[str, Any]:

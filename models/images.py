@@ -24,11 +24,12 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from models.errors import (
@@ -45,7 +46,11 @@ __all__ = [
     "DEFAULT_LIMITS",
     "ImageLimits",
     "LoadedImage",
+    "ProbedImage",
+    "decode_jpegs",
     "load_image",
+    "probe_image",
+    "thumbnail_from_tensor",
     "make_thumbnail",
     "sniff_format",
     "to_rgb",
@@ -212,17 +217,8 @@ def load_image(
         raise CorruptImageError("empty input: 0 bytes is not an image")
     sha256 = hashlib.sha256(data).hexdigest()
 
-    img = _open(data)
+    img, fmt, original_size = _open_checked(data, limits)
     with img:
-        fmt = img.format or "unknown"
-        if fmt not in ALLOWED_FORMATS:  # defensive: only allowed openers were offered the bytes
-            raise UnsupportedFormatError(
-                f"image format {fmt} is not supported; allowed formats: {_ALLOWED_TEXT}"
-            )
-        original_size = (int(img.width), int(img.height))
-        _check_dimensions(original_size, fmt=fmt, limits=limits)
-        _check_frames(img, data, fmt=fmt, max_frames=limits.max_frames)
-
         if draft_size is not None and fmt in ("JPEG", "MPO"):
             # The caller asks in upright terms; libjpeg scales the stored raster, so swap for 90-degree
             # orientations or the "never smaller than draft_size" promise breaks on portrait photos.
@@ -253,6 +249,125 @@ def load_image(
         sha256=sha256,
         nbytes=len(data),
     )
+
+
+def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str, tuple[int, int]]:
+    """Identify the format and check every limit that the header alone can show (no pixel decoded)."""
+    img = _open(data)
+    try:
+        fmt = img.format or "unknown"
+        if fmt not in ALLOWED_FORMATS:  # defensive: only allowed openers were offered the bytes
+            raise UnsupportedFormatError(
+                f"image format {fmt} is not supported; allowed formats: {_ALLOWED_TEXT}"
+            )
+        original_size = (int(img.width), int(img.height))
+        _check_dimensions(original_size, fmt=fmt, limits=limits)
+        _check_frames(img, data, fmt=fmt, max_frames=limits.max_frames)
+    except BaseException:
+        img.close()
+        raise
+    return img, fmt, original_size
+
+
+@dataclass(frozen=True)
+class ProbedImage:
+    """What the header of an image says, every limit checked, no pixel decoded.
+
+    The batch indexer's workers probe instead of decoding when the GPU decodes (see
+    :func:`decode_jpegs`): hashing and header checks stay on the CPU, the pixels go to the GPU.
+
+    Attributes:
+        data: The raw bytes (for the GPU decoder).
+        format: Pillow's format name, from the bytes.
+        upright_size: ``(width, height)`` with the EXIF orientation applied.
+        sha256: Hex SHA-256 of ``data``.
+        gpu_decodable: A complete baseline/progressive 8-bit JPEG in grey or YCbCr that nvJPEG decodes
+            to the same picture Pillow would: JPEG (not MPO), mode ``L`` or ``RGB`` (CMYK and YCCK
+            need Pillow's colour conversion), ending with the EOI marker (a truncated file must fail
+            as :class:`CorruptImageError`, as it does on the CPU, not decode half-grey).
+    """
+
+    data: bytes
+    format: str
+    upright_size: tuple[int, int]
+    sha256: str
+    gpu_decodable: bool
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+def probe_image(
+    source: bytes | str | os.PathLike[str], *, limits: ImageLimits = DEFAULT_LIMITS
+) -> ProbedImage:
+    """Read, hash and check an image like :func:`load_image`, without decoding its pixels.
+
+    Raises:
+        The same :class:`ImageError` subclasses as :func:`load_image` for everything a header shows
+        (unreadable path, empty, unsupported format, too large, too small, too many frames). Damage
+        inside the compressed data only shows when decoding; the GPU decoder's caller falls back to
+        :func:`load_image` for any file nvJPEG refuses, so such a file fails with the same code.
+    """
+    data = _read_source(source, max_bytes=limits.max_bytes)
+    if not data:
+        raise CorruptImageError("empty input: 0 bytes is not an image")
+    sha256 = hashlib.sha256(data).hexdigest()
+    img, fmt, (w, h) = _open_checked(data, limits)
+    with img:
+        orientation = _read_orientation(img)
+        mode = img.mode
+    upright = (h, w) if orientation in _SWAPS_AXES else (w, h)
+    decodable = fmt == "JPEG" and mode in ("L", "RGB") and data.rstrip(b"\0").endswith(b"\xff\xd9")
+    return ProbedImage(data=data, format=fmt, upright_size=upright, sha256=sha256, gpu_decodable=decodable)
+
+
+def decode_jpegs(datas: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor | None]:
+    """Decode JPEGs on a CUDA device with nvJPEG (torchvision), upright, as (3, H, W) uint8 tensors.
+
+    One batched call for the whole list; when it fails (one bad file fails the batch) each file is
+    retried alone so one bad file costs only itself. ``None`` marks a file nvJPEG could not decode: the
+    caller decodes that one with :func:`load_image`, which raises the proper :class:`ImageError`.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def as_tensor(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def decode(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = decode_jpeg(batch, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    encoded = [as_tensor(d) for d in datas]
+    if not encoded:
+        return []
+    try:
+        return list(decode(encoded))
+    except RuntimeError as exc:
+        logger.debug("batched GPU decode failed (%s); decoding one by one", exc)
+    results: list[torch.Tensor | None] = []
+    for one in encoded:
+        try:
+            results.append(decode([one])[0])
+        except RuntimeError as exc:
+            logger.debug("GPU decode failed, the CPU decoder takes this one: %s", exc)
+            results.append(None)
+    return results
+
+
+def thumbnail_from_tensor(image: torch.Tensor, *, size: int = 256, quality: int = 85) -> bytes:
+    """:func:`make_thumbnail` for a (3, H, W) uint8 tensor, on the tensor's device (nvJPEG encodes on
+    CUDA): the GPU path of the batch indexer never brings full-size pixels back to the host."""
+    from torchvision.io import encode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    scale = min(1.0, size / max(h, w))
+    if scale < 1.0:
+        image = TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
+    encoded = encode_jpeg(image.contiguous(), quality=quality)
+    assert isinstance(encoded, torch.Tensor)
+    return bytes(encoded.cpu().numpy().tobytes())
 
 
 def sniff_format(data: bytes) -> str | None:

@@ -6,7 +6,8 @@ processes on the same files, so the end-to-end figures include interpreter start
 decoding. Model-only throughput is compared with this machine's measured matrix-multiply ceiling.
 
     python -m scripts.bench_extract --photos 400 --models efficientnet_lite0,resnet50
-    deepfeat bench extract --photos 400
+    deepfeat bench extract --photos 400 --rss 1000,10000
+    deepfeat bench extract --device cuda --photos 1000 --compile
 
 Prints medians and ratios; ``--json`` writes everything. No timing is asserted anywhere.
 """
@@ -65,15 +66,29 @@ def make_photo_set(
     dest: Path, count: int, *, seed: int = 0, sizes: list[tuple[int, int]] | None = None
 ) -> list[Path]:
     """Write ``count`` distinct JPEGs (quality 90) made from real photos: random crop, flip, colour
-    jitter, resampled to camera resolutions. Idempotent: existing files are reused."""
-    from PIL import Image, ImageEnhance, ImageOps
-
+    jitter, resampled to camera resolutions. Idempotent: existing files are reused. Written by
+    several processes when there are many (the same files whatever the process count)."""
     dest.mkdir(parents=True, exist_ok=True)
     sizes = sizes or CAMERA_SIZES
     paths = [dest / f"photo-{i:05d}.jpg" for i in range(count)]
     todo = [(i, p) for i, p in enumerate(paths) if not p.exists()]
     if not todo:
         return paths
+    workers = min(len(todo) // 16, os.cpu_count() or 1)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        chunks = [todo[w::workers] for w in range(workers)]
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_photos, chunks, [seed] * workers, [sizes] * workers))
+    else:
+        _write_photos(todo, seed, sizes)
+    return paths
+
+
+def _write_photos(todo: list[tuple[int, Path]], seed: int, sizes: list[tuple[int, int]]) -> None:
+    from PIL import Image, ImageEnhance, ImageOps
+
     seeds = _seed_photos()
     for i, path in todo:
         rng = random.Random(seed * 1_000_003 + i)
@@ -90,15 +105,15 @@ def make_photo_set(
         tmp = path.with_suffix(".tmp")
         out.save(tmp, "JPEG", quality=90)
         os.replace(tmp, path)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------------
 # the naive baseline (runs in its own process via `naive` sub-command)
 
 
-def naive_index(files: list[Path], model_name: str) -> int:
-    """One image at a time, PIL at full resolution, torchvision transforms, fp32, NCHW."""
+def naive_index(files: list[Path], model_name: str, device: str = "cpu") -> int:
+    """One image at a time, PIL at full resolution, torchvision transforms, fp32, NCHW (on ``device``:
+    img2vec-style code does ``model.to("cuda")`` and nothing else when a GPU is there)."""
     import numpy as np
     import torch
     from torchvision import transforms
@@ -106,7 +121,7 @@ def naive_index(files: list[Path], model_name: str) -> int:
     from models.registry import build_seeded, get_model
 
     spec = get_model(model_name)
-    model = build_seeded(spec.build).eval()
+    model = build_seeded(spec.build).eval().to(device)
     pre = spec.preprocess
     tf = transforms.Compose(
         [
@@ -122,8 +137,8 @@ def naive_index(files: list[Path], model_name: str) -> int:
     with torch.no_grad():
         for path in files:
             img = Image.open(path).convert("RGB")
-            vec = model(tf(img).unsqueeze(0))  # logits of the full network, as img2vec-style code does
-            out.append(torch.nn.functional.normalize(vec, dim=1).numpy())
+            vec = model(tf(img).unsqueeze(0).to(device))  # logits of the full network, as img2vec does
+            out.append(torch.nn.functional.normalize(vec, dim=1).cpu().numpy())
     return int(np.concatenate(out).shape[0])
 
 
@@ -131,21 +146,41 @@ def naive_index(files: list[Path], model_name: str) -> int:
 # model-only measurements
 
 
-def matmul_ceiling(*, size: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of a large square matmul in fp32 and bf16 on this machine (median of ``repeats``)."""
+def matmul_ceiling(*, device: str = "cpu", size: int | None = None, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a large square matmul per precision on ``device`` (median of ``repeats``).
+
+    On CUDA also ``tf32``: fp32 convolutions run on TF32 tensor cores by default
+    (``torch.backends.cudnn.allow_tf32``), so that is the ceiling an fp32 model is held to there."""
     import torch
 
+    cuda = device.startswith("cuda")
+    size = size or (8192 if cuda else 2048)
+    kinds: list[tuple[str, torch.dtype, bool]] = [
+        ("fp32", torch.float32, False),
+        ("bf16", torch.bfloat16, False),
+    ]
+    if cuda:
+        kinds += [("tf32", torch.float32, True), ("fp16", torch.float16, False)]
     out: dict[str, float] = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
-        torch.mm(a, b)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for name, dtype, allow_tf32 in kinds:
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            a = torch.randn(size, size, dtype=dtype, device=device)
+            b = torch.randn(size, size, dtype=dtype, device=device)
             torch.mm(a, b)
-            times.append(time.perf_counter() - started)
-        out[name] = 2 * size**3 / statistics.median(times) / 1e9
+            times = []
+            for _ in range(repeats):
+                if cuda:
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                torch.mm(a, b)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            out[name] = 2 * size**3 / statistics.median(times) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
 
 
@@ -165,17 +200,26 @@ def model_flops(model_name: str) -> float:
 
 
 def model_throughput(
-    model_name: str, *, precision: str, channels_last: bool, batch: int = 32, repeats: int = 5
+    model_name: str,
+    *,
+    precision: str,
+    channels_last: bool,
+    device: str = "cpu",
+    compile: bool = False,
+    batch: int = 32,
+    repeats: int = 5,
 ) -> float:
-    """Images/s of the forward pass alone (full network), median over ``repeats`` batches."""
+    """Images/s of the forward pass alone (full network), median over ``repeats`` batches. The batch
+    is already on the device; each call returns the vectors to the host, which synchronises."""
     import torch
 
     from models.embedder import Embedder
 
     emb = Embedder(
-        model_name, weights="none", layer=0, device="cpu", precision=precision, channels_last=channels_last
-    )
-    x = torch.randn(batch, 3, emb.spec.preprocess.crop, emb.spec.preprocess.crop)
+        model_name, weights="none", layer=0, device=device, precision=precision,
+        channels_last=channels_last, compile=compile,
+    )  # fmt: skip
+    x = torch.randn(batch, 3, emb.spec.preprocess.crop, emb.spec.preprocess.crop, device=device)
     emb.embed_tensors(x)
     emb.embed_tensors(x)
     times = []
@@ -226,48 +270,74 @@ def run_end_to_end(
     files: list[Path],
     model: str,
     *,
-    precision: str,
-    workers: int,
-    batch_size: int,
+    configs: list[tuple[str, list[str]]],
+    device: str,
     repeats: int,
-    embed_args: list[str],
-    label: str,
-) -> dict[str, Any]:
-    naive_s, ours_s = [], []
+) -> list[dict[str, Any]]:
+    """The naive baseline and each deepfeat configuration as fresh processes on the same photos,
+    interleaved per repeat (so a slow spell of the machine hits all of them); medians and ratios."""
+    naive_s: list[float] = []
+    ours_s: dict[str, list[float]] = {label: [] for label, _ in configs}
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             list_file = Path(tmp) / "files.txt"
             list_file.write_text("\n".join(map(str, files)))
             naive_s.append(
                 _timed_process(
-                    [sys.executable, "-m", "scripts.bench_extract", "naive", str(list_file), model]
+                    [sys.executable, "-m", "scripts.bench_extract", "naive", str(list_file), model, device]
                 )
             )
-            seconds = _timed_process(
-                _deepfeat(
-                    "index", str(photos), "--data-dir", str(Path(tmp) / "data"), "--model", model,
-                    "--weights", "none", "--precision", precision, "--workers", str(workers),
-                    "--batch-size", str(batch_size), "--no-progress", *embed_args,
-                )
-            )  # fmt: skip
-            ours_s.append(seconds)
-    naive, ours = statistics.median(naive_s), statistics.median(ours_s)
-    return {
-        "model": model,
-        "deepfeat_config": label,
-        "images": len(files),
-        "naive_s": round(naive, 2),
-        "deepfeat_s": round(ours, 2),
-        "naive_img_s": round(len(files) / naive, 2),
-        "deepfeat_img_s": round(len(files) / ours, 2),
-        "speedup": round(naive / ours, 2),
-        "repeats": repeats,
-    }
+            for n, (label, extra) in enumerate(configs):
+                ours_s[label].append(
+                    _timed_process(
+                        _deepfeat(
+                            "index", str(photos), "--data-dir", str(Path(tmp) / f"data-{n}"), "--model", model,
+                            "--weights", "none", "--device", device, "--no-progress", *extra,
+                        )
+                    )
+                )  # fmt: skip
+    naive = statistics.median(naive_s)
+    rows = []
+    for label, _ in configs:
+        ours = statistics.median(ours_s[label])
+        rows.append(
+            {
+                "model": model,
+                "deepfeat_config": label,
+                "images": len(files),
+                "naive_s": round(naive, 2),
+                "deepfeat_s": round(ours, 2),
+                "naive_img_s": round(len(files) / naive, 2),
+                "deepfeat_img_s": round(len(files) / ours, 2),
+                "speedup": round(naive / ours, 2),
+                "repeats": repeats,
+            }
+        )
+    return rows
 
 
-def rss_scaling(
-    root: Path, model: str, counts: list[int], *, precision: str, workers: int
-) -> list[dict[str, Any]]:
+def end_to_end_configs(device: str, *, with_defaults: bool, compile: bool) -> list[tuple[str, list[str]]]:
+    """deepfeat's side: the baseline's own work (MATCHED) at the automatic precision; on CUDA each
+    precision with nvJPEG decoding, and bf16 with the decode left to CPU workers for comparison."""
+    if device == "cpu":
+        configs = [("same work, auto precision", [*MATCHED])]
+        if compile:
+            configs.append(("same work, auto precision, --compile", [*MATCHED, "--compile"]))
+    else:
+        configs = [
+            (f"same work, {p}, GPU decode", [*MATCHED, "--precision", p]) for p in ("fp32", "bf16", "fp16")
+        ]
+        configs.append(("same work, bf16, CPU decode", [*MATCHED, "--precision", "bf16", "--no-gpu-decode"]))
+        if compile:
+            configs.append(
+                ("same work, bf16, GPU decode, --compile", [*MATCHED, "--precision", "bf16", "--compile"])
+            )
+    if with_defaults:
+        configs.append(("retrieval defaults, auto precision", []))
+    return configs
+
+
+def rss_scaling(root: Path, model: str, counts: list[int], *, device: str) -> list[dict[str, Any]]:
     """Peak RSS of `deepfeat index` at growing collection sizes (small distinct JPEGs)."""
     rows = []
     for count in counts:
@@ -277,7 +347,7 @@ def rss_scaling(
             kib = _peak_rss_kib(
                 _deepfeat(
                     "index", str(folder), "--data-dir", str(Path(tmp) / "data"), "--model", model,
-                    "--weights", "none", "--precision", precision, "--workers", str(workers), "--no-progress", *MATCHED,
+                    "--weights", "none", "--device", device, "--no-progress", *MATCHED,
                 )
             )  # fmt: skip
         rows.append({"images": count, "peak_rss_mib": round(kib / 1024, 1)})
@@ -302,18 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     naive = sub.add_parser("naive", help=argparse.SUPPRESS)
     naive.add_argument("list_file", type=Path)
     naive.add_argument("model")
+    naive.add_argument("device", nargs="?", default="cpu")
     parser.add_argument("--photos", type=int, default=400, help="number of benchmark photos (default 400)")
     parser.add_argument(
         "--photo-dir", type=Path, default=Path(tempfile.gettempdir()) / "deepfeat-bench-photos"
     )
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
-    parser.add_argument("--precision", default="auto", help="precision for the deepfeat side (default auto)")
-    parser.add_argument("--workers", type=int, default=1, help="decode workers for the deepfeat side")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     parser.add_argument("--repeats", type=int, default=1, help="end-to-end repeats (median)")
     parser.add_argument(
         "--rss", default="", help="also report peak RSS at these image counts, e.g. 1000,10000"
     )
+    parser.add_argument("--skip-model-only", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument(
         "--with-defaults",
@@ -325,58 +396,79 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "naive":
         files = [Path(line) for line in args.list_file.read_text().splitlines() if line]
-        naive_index(files, args.model)
+        naive_index(files, args.model, args.device)
         return 0
 
     import torch
 
     from models.embedder import _resolve_precision, resolve_device
 
+    device = str(resolve_device(args.device))
+    cuda = device.startswith("cuda")
     models = [m for m in args.models.split(",") if m]
-    report: dict[str, Any] = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    ceiling = matmul_ceiling()
-    report["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
-    sys.stdout.write(
-        f"matmul ceiling: fp32 {ceiling['fp32']:.1f} GFLOP/s, bf16 {ceiling['bf16']:.1f} GFLOP/s\n\n"
-    )
+    report: dict[str, Any] = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if cuda:
+        report["gpu"] = torch.cuda.get_device_name(0)
+    auto = _resolve_precision("auto", torch.device(device))
+    report["auto_precision"] = "fp32" if auto is None else str(auto).replace("torch.", "")
 
-    model_rows = []
-    for model in models:
-        flops = model_flops(model)
-        for precision in ("fp32", "bf16"):
-            for channels_last in (False, True):
-                ips = model_throughput(model, precision=precision, channels_last=channels_last)
+    if not args.skip_model_only:
+        ceiling = matmul_ceiling(device=device)
+        report["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
+        sys.stdout.write(
+            "matmul ceiling: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceiling.items()) + "\n\n"
+        )
+        # fp32 convolutions use TF32 tensor cores on CUDA by default: hold them to that ceiling.
+        ceiling_of = {"fp32": "tf32" if cuda else "fp32", "bf16": "bf16", "fp16": "fp16"}
+        variants: list[tuple[str, bool, bool]] = (
+            [(p, True, False) for p in ("fp32", "bf16", "fp16")] + [("fp32", False, False)]
+            if cuda
+            else [(p, cl, False) for p in ("fp32", "bf16") for cl in (False, True)]
+        )
+        if args.compile:
+            variants += [(p, True, True) for p in (("bf16", "fp16") if cuda else ("bf16",))]
+        model_rows = []
+        for model in models:
+            flops = model_flops(model)
+            for precision, channels_last, compiled in variants:
+                ips = model_throughput(
+                    model, precision=precision, channels_last=channels_last, device=device,
+                    compile=compiled, batch=256 if cuda else 32,
+                )  # fmt: skip
                 achieved = flops * ips / 1e9
                 model_rows.append(
                     {
                         "model": model,
                         "precision": precision,
                         "channels_last": channels_last,
+                        "compiled": compiled,
                         "img_s": round(ips, 1),
                         "gflops_per_img": round(flops / 1e9, 2),
                         "achieved_gflops": round(achieved, 1),
-                        "of_ceiling": f"{achieved / ceiling[precision]:.0%}",
+                        "of_ceiling": f"{achieved / ceiling[ceiling_of[precision]]:.0%}",
                     }
                 )
-    report["model_only"] = model_rows
-    sys.stdout.write("model only (batch 32, forward pass, median of 5):\n" + _table(model_rows) + "\n\n")
-    auto = _resolve_precision("auto", resolve_device("cpu"))
-    report["auto_precision_cpu"] = "fp32" if auto is None else str(auto).replace("torch.", "")
+                sys.stdout.write(f"  {model_rows[-1]}\n")
+                sys.stdout.flush()
+        report["model_only"] = model_rows
+        batch = 256 if cuda else 32
+        sys.stdout.write(
+            f"model only (batch {batch}, forward pass, median of 5):\n" + _table(model_rows) + "\n\n"
+        )
 
     if not args.skip_end_to_end:
         files = make_photo_set(args.photo_dir, args.photos)
         megapixels = statistics.median(_megapixels(f) for f in files[:50])
-        configs = [("same work as baseline", MATCHED)]
-        if args.with_defaults:
-            configs.append(("retrieval defaults", []))
-        e2e = [
-            run_end_to_end(
-                args.photo_dir, files, model, precision=args.precision, workers=args.workers,
-                batch_size=args.batch_size, repeats=args.repeats, embed_args=extra, label=label,
+        configs = end_to_end_configs(device, with_defaults=args.with_defaults, compile=args.compile)
+        e2e = []
+        for model in models:
+            e2e += run_end_to_end(
+                args.photo_dir, files, model, configs=configs, device=device, repeats=args.repeats
             )
-            for model in models
-            for label, extra in configs
-        ]  # fmt: skip
         report["end_to_end"] = e2e
         report["photos_median_megapixels"] = round(megapixels, 1)
         sys.stdout.write(
@@ -386,9 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.rss:
         counts = [int(c) for c in args.rss.split(",") if c]
-        rss = rss_scaling(
-            args.photo_dir.parent, models[0], counts, precision=args.precision, workers=args.workers
-        )
+        rss = rss_scaling(args.photo_dir.parent, models[0], counts, device=device)
         report["peak_rss"] = rss
         sys.stdout.write(f"peak RSS of `deepfeat index` ({models[0]}):\n" + _table(rss) + "\n")
     if args.json:

@@ -29,6 +29,7 @@ _FLAG_FIELDS = (
     "scales",
     "device",
     "precision",
+    "compile",
     "index_factory",
     "batch_size",
     "workers",
@@ -52,7 +53,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-side", type=int, help="longest side in full resize mode (default 512)")
     group.add_argument("--scales", type=_scales, help="multi-scale factors, e.g. 1,0.707 (default 1)")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    group.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    group.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (default): bf16 on CUDA and on CPUs with native bf16, else fp32",
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the embedding trunk: a one-off compile, then a faster forward pass",
+    )
     group.add_argument("--index-factory", help="FAISS factory string for a new store (default Flat)")
     group.add_argument("--max-pixels", type=int, help="reject larger images (default 40M)")
 

@@ -163,12 +163,32 @@ def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
 @pytest.mark.gpu
 def test_cuda_path_matches_cpu(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
     images = list(photos.values())
-    for precision in ("fp32", "auto"):
+    for precision in ("fp32", "auto", "bf16", "fp16"):
         gpu = Embedder("efficientnet_lite0", device="cuda", precision=precision, **FAST_EMBEDDER)
         assert gpu.device.type == "cuda"
         cos = np.sum(gpu.embed(images) * lite0.embed(images), axis=1)
         assert cos.min() >= 0.99, (precision, cos)
         assert gpu.classify([photos["chelsea"]])[0][0].class_index in (281, 282, 285)
+
+
+@pytest.mark.slow
+def test_compiled_trunk_gives_the_eager_embeddings(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
+    """torch.compile with weight freezing is a faster forward pass, not another model: the same
+    vectors (the fingerprint does not record it) and the same classes. Slow: Inductor compiles C++."""
+    compiled = Embedder("efficientnet_lite0", device="cpu", compile=True, **FAST_EMBEDDER)
+    assert compiled.describe()["compiled"] is True and compiled.fingerprint == lite0.fingerprint
+    images = list(photos.values())
+    cos = np.sum(compiled.embed(images) * lite0.embed(images), axis=1)
+    assert cos.min() >= 0.999, cos
+    assert compiled.classify([photos["chelsea"]])[0][0].class_index in (281, 282, 285)
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_trunk_matches_cpu(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
+    images = list(photos.values())
+    gpu = Embedder("efficientnet_lite0", device="cuda", precision="auto", compile=True, **FAST_EMBEDDER)
+    cos = np.sum(gpu.embed(images) * lite0.embed(images), axis=1)
+    assert cos.min() >= 0.99, cos
 
 
 def test_variant_shares_the_backbone(lite0: Embedder, photos: dict[str, Image.Image]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 from skimage import data as skdata
 
@@ -28,9 +29,12 @@ from models.images import (
     ALLOWED_FORMATS,
     ImageLimits,
     LoadedImage,
+    decode_jpegs,
     load_image,
     make_thumbnail,
+    probe_image,
     sniff_format,
+    thumbnail_from_tensor,
     to_rgb,
 )
 
@@ -741,3 +745,103 @@ def test_pillow_globals_are_left_alone(grace_bytes: bytes) -> None:
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     pillow_default = 1024 * 1024 * 1024 // 4 // 3
     assert pillow_default == Image.MAX_IMAGE_PIXELS  # our limits never touch Pillow's global
+
+
+# ------------------------------------------------------------------------------------------------
+# probing and device decoding (the batch indexer's GPU path; torchvision decodes on the CPU here,
+# nvJPEG on CUDA: the gpu-marked test below)
+
+
+def without_jpeg_segment(data: bytes, marker: int) -> bytes:
+    """The JPEG with every segment of one kind removed (0xDB: the quantisation tables). Headers still
+    parse, decoding fails: damage only a decoder can find."""
+    out, i = bytearray(data[:2]), 2
+    while i < len(data):
+        kind = data[i + 1]
+        if kind == 0xDA:  # start of scan: the rest is entropy-coded data
+            out += data[i:]
+            break
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if kind != marker:
+            out += data[i : i + 2 + length]
+        i += 2 + length
+    return bytes(out)
+
+
+def test_probe_agrees_with_load_without_decoding(chelsea: Image.Image, grace_bytes: bytes) -> None:
+    rotated = _encode(chelsea.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=_exif_with_orientation(6))
+    for data in (grace_bytes, rotated, _encode(chelsea, "PNG")):
+        probed = probe_image(data)
+        loaded = load_image(data)
+        assert probed.upright_size == loaded.upright_size == (loaded.width, loaded.height)
+        assert (probed.sha256, probed.nbytes, probed.format) == (loaded.sha256, loaded.nbytes, loaded.format)
+        assert probed.data == data
+
+
+def test_probe_says_which_files_the_gpu_decoder_may_take(chelsea: Image.Image) -> None:
+    jpeg = _encode(chelsea, "JPEG", quality=90)
+    assert probe_image(jpeg).gpu_decodable
+    assert probe_image(_encode(chelsea.convert("L"), "JPEG")).gpu_decodable
+    assert not probe_image(_encode(chelsea.convert("CMYK"), "JPEG")).gpu_decodable  # needs Pillow's colour maths
+    assert not probe_image(jpeg[: len(jpeg) // 2]).gpu_decodable  # truncated: the CPU path fails it
+    assert not probe_image(_encode(chelsea, "PNG")).gpu_decodable
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", CorruptImageError),
+        (b"just some text, not an image", UnsupportedFormatError),
+        (_png_header_only(30_000, 30_000), ImageTooLargeError),
+        (_png_header_only(4, 4), ImageTooSmallError),
+    ],
+)
+def test_probe_refuses_what_the_header_shows(data: bytes, error: type[ImageError]) -> None:
+    with pytest.raises(error) as probed:
+        probe_image(data)
+    with pytest.raises(error) as loaded:
+        load_image(data)
+    assert probed.value.code == loaded.value.code
+
+
+def test_decode_jpegs_gives_upright_pixels_and_isolates_a_bad_file(
+    chelsea: Image.Image, coffee: Image.Image
+) -> None:
+    upright = _encode(coffee, "JPEG", quality=95)
+    stored = coffee.transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
+    rotated = _encode(stored, "JPEG", quality=95, exif=_exif_with_orientation(6))
+    broken = without_jpeg_segment(_encode(chelsea, "JPEG"), 0xDB)
+    assert probe_image(broken).gpu_decodable  # the header cannot tell
+    out = decode_jpegs([upright, broken, rotated], "cpu")
+    assert out[1] is None  # the caller hands it to load_image, which names the damage
+    with pytest.raises(CorruptImageError):
+        load_image(broken)
+    for data, tensor in ((upright, out[0]), (rotated, out[2])):
+        assert tensor is not None and tensor.dtype == torch.uint8
+        reference = _pixels(load_image(data))
+        assert _mean_abs_diff(tensor.permute(1, 2, 0).numpy(), reference) < 2.0
+    assert decode_jpegs([], "cpu") == []
+
+
+def test_thumbnail_from_tensor_fits_the_box_and_never_enlarges(coffee: Image.Image) -> None:
+    pixels = torch.from_numpy(np.asarray(coffee)).permute(2, 0, 1).contiguous()
+    for size, expected in ((256, (256, 171)), (1000, coffee.size)):
+        thumb = thumbnail_from_tensor(pixels, size=size)
+        with Image.open(io.BytesIO(thumb)) as img:
+            assert img.format == "JPEG" and img.size == expected
+            assert not img.getexif()
+            small = np.asarray(coffee.resize(img.size, Image.Resampling.BILINEAR))
+            assert _mean_abs_diff(np.asarray(img.convert("RGB")), small) < 8.0
+
+
+@pytest.mark.gpu
+def test_nvjpeg_decode_matches_the_cpu_decoder(coffee: Image.Image, chelsea: Image.Image) -> None:
+    datas = [_encode(img, "JPEG", quality=q) for img in (coffee, chelsea) for q in (75, 95)]
+    datas.append(without_jpeg_segment(datas[0], 0xDB))
+    out = decode_jpegs(datas, "cuda")
+    assert out[-1] is None
+    for data, tensor in zip(datas[:-1], out[:-1], strict=True):
+        assert tensor is not None and tensor.device.type == "cuda"
+        assert _mean_abs_diff(tensor.permute(1, 2, 0).cpu().numpy(), _pixels(load_image(data))) < 2.0
+        thumb = thumbnail_from_tensor(tensor)
+        assert Image.open(io.BytesIO(thumb)).format == "JPEG"

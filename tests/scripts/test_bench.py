@@ -8,7 +8,14 @@ import pytest
 from PIL import Image
 
 from app.settings import Settings
-from scripts.bench_extract import make_photo_set, matmul_ceiling, model_flops, naive_index
+from scripts.bench_extract import (
+    _write_photos,
+    end_to_end_configs,
+    make_photo_set,
+    matmul_ceiling,
+    model_flops,
+    naive_index,
+)
 from scripts.bench_serve import drive
 from tests.app.live import live_server
 
@@ -19,6 +26,24 @@ def test_photo_set_is_distinct_camera_sized_and_idempotent(tmp_path: Path) -> No
     assert len({f.read_bytes() for f in files}) == 4
     mtimes = [f.stat().st_mtime_ns for f in files]
     assert make_photo_set(tmp_path / "p", 4) == files and [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_photo_set_is_the_same_whichever_process_writes_it(tmp_path: Path) -> None:
+    sizes = [(96, 64), (64, 96)]
+    files = make_photo_set(tmp_path / "many", 32, sizes=sizes)  # written by a process pool
+    single = tmp_path / "one"
+    single.mkdir()
+    _write_photos([(i, single / f.name) for i, f in enumerate(files[:3])], 0, sizes)
+    assert [f.read_bytes() for f in files[:3]] == [(single / f.name).read_bytes() for f in files[:3]]
+
+
+def test_end_to_end_configs_do_the_baselines_work() -> None:
+    cpu = end_to_end_configs("cpu", with_defaults=False, compile=True)
+    assert [label for label, _ in cpu] == ["same work, auto precision", "same work, auto precision, --compile"]
+    cuda = dict(end_to_end_configs("cuda", with_defaults=True, compile=False))
+    assert "--no-gpu-decode" in cuda["same work, bf16, CPU decode"]
+    assert all("--layer" in args for label, args in cuda.items() if label.startswith("same work"))
+    assert cuda["retrieval defaults, auto precision"] == []
 
 
 def test_flop_count_matches_the_published_figure() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zlib
@@ -143,3 +144,70 @@ def test_a_store_refuses_another_layer(tmp_path: Path, photo_dir: Path, lite0: E
     other = lite0.variant(layer="head", pooling="gem")
     with pytest.raises(IncompatibleIndexError, match="layer"):
         ImageStore.open(tmp_path / "data", fingerprint=other.fingerprint, dim=other.dim)
+
+
+def _index_into(
+    data_dir: Path, folder: Path, embedder: Embedder, *, gpu_decode: bool
+) -> tuple[ImageStore, dict[str, str]]:
+    store = ImageStore.open(data_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
+    report = data_dir / "report.jsonl"
+    index_paths(
+        [folder],
+        embedder=embedder,
+        store=store,
+        limits=ImageLimits(),
+        batch_size=4,
+        workers=1,
+        report_path=report,
+        progress=False,
+        gpu_decode=gpu_decode,
+    )
+    failures = {Path(f["path"]).name: f["code"] for f in map(json.loads, report.read_text().splitlines())}
+    return store, failures
+
+
+def test_device_decode_path_gives_the_same_index_as_the_worker_path(
+    tmp_path: Path, messy_dir: Path, lite0: Embedder, photos: dict[str, Image.Image]
+) -> None:
+    """``gpu_decode``: workers only probe JPEGs and the model's device decodes them (nvJPEG on CUDA;
+    torchvision's libjpeg here, so this path runs without a GPU). Same files, same failures, same
+    vectors and sizes as the worker decode, and a file only a decoder finds broken still fails as corrupt."""
+    from tests.models.test_images import without_jpeg_segment
+
+    (messy_dir / "no-tables.jpg").write_bytes(
+        without_jpeg_segment(next(messy_dir.rglob("coffee.jpg")).read_bytes(), 0xDB)
+    )
+    workers_store, workers_failures = _index_into(tmp_path / "a", messy_dir, lite0, gpu_decode=False)
+    device_store, device_failures = _index_into(tmp_path / "b", messy_dir, lite0, gpu_decode=True)
+    with workers_store, device_store:
+        assert device_failures == workers_failures
+        assert device_failures["no-tables.jpg"] == device_failures["truncated.jpg"] == "corrupt_image"
+        shas = sorted(workers_store.known_sha256())
+        assert sorted(device_store.known_sha256()) == shas and len(shas) == len(photos)
+        workers_vectors = workers_store.vectors_by_sha256(shas)
+        device_vectors = device_store.vectors_by_sha256(shas)
+        for sha in shas:
+            assert float(device_vectors[sha] @ workers_vectors[sha]) > 0.99, sha
+        workers_ids = workers_store.find_existing(shas)
+        for sha, image_id in device_store.find_existing(shas).items():
+            record, reference = device_store.get(image_id), workers_store.get(workers_ids[sha])
+            assert (record.width, record.height) == (reference.width, reference.height)
+            with Image.open(io.BytesIO(device_store.thumbnail(image_id))) as thumb:
+                assert thumb.format == "JPEG" and max(thumb.size) == 256
+
+
+@pytest.mark.gpu
+def test_cuda_indexing_with_nvjpeg_matches_the_cpu_index(
+    tmp_path: Path, messy_dir: Path, lite0: Embedder, photos: dict[str, Image.Image]
+) -> None:
+    from tests.conftest import FAST_EMBEDDER
+
+    gpu = Embedder("efficientnet_lite0", device="cuda", precision="auto", **FAST_EMBEDDER)
+    cpu_store, cpu_failures = _index_into(tmp_path / "cpu", messy_dir, lite0, gpu_decode=False)
+    gpu_store, gpu_failures = _index_into(tmp_path / "gpu", messy_dir, gpu, gpu_decode=None)
+    with cpu_store, gpu_store:
+        assert gpu_failures == cpu_failures
+        shas = sorted(cpu_store.known_sha256())
+        assert sorted(gpu_store.known_sha256()) == shas and len(shas) == len(photos)
+        cpu_vectors, gpu_vectors = cpu_store.vectors_by_sha256(shas), gpu_store.vectors_by_sha256(shas)
+        assert min(float(cpu_vectors[s] @ gpu_vectors[s]) for s in shas) >= 0.99
