@@ -368,7 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", help="ray: cluster address (ray://..., HOST:PORT or auto); default a local Ray"
     )
-    parser.add_argument("--actors", type=int, help="ray: embedder actors (default: one per GPU, else 1)")
+    parser.add_argument(
+        "--actors", type=int, help="ray: embedder actors (default: one per GPU, else CPUs / --actor-cpus)"
+    )
     parser.add_argument(
         "--actor-cpus", type=int, default=1, help="ray: CPUs (torch threads) per CPU embedder actor"
     )
