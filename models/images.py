@@ -318,8 +318,43 @@ def probe_image(
         orientation = _read_orientation(img)
         mode = img.mode
     upright = (h, w) if orientation in _SWAPS_AXES else (w, h)
-    decodable = fmt == "JPEG" and mode in ("L", "RGB") and data.rstrip(b"\0").endswith(b"\xff\xd9")
+    decodable = (
+        fmt == "JPEG"
+        and mode in ("L", "RGB")
+        and data.rstrip(b"\0").endswith(b"\xff\xd9")
+        and _plain_jpeg_markers(data)
+    )
     return ProbedImage(data=data, format=fmt, upright_size=upright, sha256=sha256, gpu_decodable=decodable)
+
+
+_SOF_HUFFMAN = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended, progressive (Huffman-coded)
+_SOF_OTHER = frozenset({0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _plain_jpeg_markers(data: bytes) -> bool:
+    """Walk the header segments up to the scan: quantisation tables present, one Huffman-coded frame,
+    every length in bounds. nvJPEG is more lenient than libjpeg (it decodes a file without its
+    quantisation tables that Pillow rightly calls corrupt), so a file takes the GPU path only when
+    its structure is one both decoders read the same way; anything else goes to Pillow."""
+    pos, seen_dqt, frames = 2, False, 0
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2 or pos + 2 + length > len(data):
+            return False
+        if marker == 0xDA:  # start of scan: the header is complete
+            return seen_dqt and frames == 1
+        seen_dqt |= marker == 0xDB
+        if marker in _SOF_OTHER:
+            return False
+        frames += marker in _SOF_HUFFMAN
+        pos += 2 + length
+    return False
 
 
 def decode_jpegs(datas: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor | None]:

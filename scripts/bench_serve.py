@@ -61,7 +61,8 @@ def drive(
     deadline = time.monotonic() + seconds
 
     def worker(index: int) -> None:
-        with httpx.Client(base_url=base, timeout=120) as http:
+        # trust_env=False: loopback traffic must never go through an HTTP(S)_PROXY from the environment
+        with httpx.Client(base_url=base, timeout=120, trust_env=False) as http:
             i = index
             while True:
                 with lock:
@@ -104,7 +105,7 @@ def drive(
     }
 
 
-def _serve(data_dir: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _serve(data_dir: Path, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
         "-m",
@@ -117,21 +118,23 @@ def _serve(data_dir: Path, port: int, env: dict[str, str]) -> subprocess.Popen[b
         "--log-level",
         "warning",
     ]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=out)
 
 
-def _wait_ready(base: str, timeout: float = 120) -> None:
+def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{base}/ready", timeout=2, trust_env=False).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"server at {base} did not become ready")
+    tail = log.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"server at {base} did not become ready (exit code {proc.poll()}); its log:\n{tail}")
 
 
 def run_config(
@@ -143,12 +146,18 @@ def run_config(
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
         env = {**os.environ, **extra_env, "DEEPFEAT_BATCHING": "true" if batching else "false"}
-        proc = _serve(Path(tmp) / "data", port, env)
+        log = Path(tmp) / "server.log"
+        proc = _serve(Path(tmp) / "data", port, env, log)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(base)
+            _wait_ready(base, proc, log)
             for data in _queries():
-                httpx.post(f"{base}/v1/images", files={"file": ("p.jpg", data, "image/jpeg")}, timeout=60)
+                httpx.post(
+                    f"{base}/v1/images",
+                    files={"file": ("p.jpg", data, "image/jpeg")},
+                    timeout=60,
+                    trust_env=False,
+                )
             drive(base, clients=2, requests=8, seconds=30)  # warm-up: first-call costs out of the figures
             for n in clients:
                 row = drive(base, clients=n, requests=requests, seconds=seconds)

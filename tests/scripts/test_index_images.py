@@ -15,6 +15,7 @@ from PIL import Image
 from index.errors import IncompatibleIndexError
 from index.store import ImageStore
 from models.embedder import Embedder
+from models.errors import ImageError
 from models.images import ImageLimits, load_image
 from scripts.index_images import index_paths, iter_image_files
 from tests.conftest import jpeg_bytes
@@ -194,6 +195,20 @@ def test_device_decode_path_gives_the_same_index_as_the_worker_path(
             assert (record.width, record.height) == (reference.width, reference.height)
             with Image.open(io.BytesIO(device_store.thumbnail(image_id))) as thumb:
                 assert thumb.format == "JPEG" and max(thumb.size) == 256
+
+
+def test_a_file_the_device_decoder_refuses_fails_with_the_cpu_loaders_code(lite0: Embedder) -> None:
+    from scripts.index_images import _decode_on_gpu, _Item
+    from tests.models.test_images import NOT_A_SCAN
+
+    good = jpeg_bytes(Image.new("RGB", (64, 48), (200, 30, 30)))
+    items = [_Item("bad.jpg", "ok", data=NOT_A_SCAN), _Item("good.jpg", "ok", data=good)]
+    _decode_on_gpu(items, embedder=lite0, limits=ImageLimits())
+    with pytest.raises(ImageError) as cpu:
+        load_image(NOT_A_SCAN)
+    assert (items[0].status, items[0].code) == ("failed", cpu.value.code) and items[0].tensor is None
+    assert items[1].status == "ok" and items[1].tensor is not None and items[1].thumbnail
+    assert items[1].tensor.shape == (3, 224, 224) and items[0].data is None is items[1].data
 
 
 @pytest.mark.gpu
