@@ -78,8 +78,17 @@ def _unauthorized(given: str | None) -> APIError:
 
 
 def require_write(request: Request, api_key: Annotated[str | None, Depends(_api_key_header)] = None) -> None:
-    """Write routes need DEEPFEAT_API_KEY when one is set."""
+    """Write routes need DEEPFEAT_API_KEY when one is set, and a server that is not a read replica.
+
+    A replica refuses before reading the upload or running the model: the answer cannot change.
+    """
     settings: Settings = request.app.state.deepfeat.settings
+    if settings.read_only:
+        raise APIError(
+            403,
+            "read_only",
+            "this server is a read-only replica (DEEPFEAT_READ_ONLY): send adds and deletes to the writer",
+        )
     key = settings.api_key.get_secret_value() if settings.api_key else None
     if key is not None and not _matches(api_key, key):
         raise _unauthorized(api_key)

@@ -142,6 +142,18 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     status: str
     detail: str | None = None
+    read_only: bool | None = Field(None, description="A read replica (writes are refused with 403)")
+    generation: int | None = Field(
+        None, description="The published index generation a replica searches (null: none, or a writer)"
+    )
+
+
+class GenerationOut(BaseModel):
+    number: int
+    factory: str
+    count: int = Field(description="Vectors in the generation")
+    hidden: int = Field(description="Of those, deleted since it was built (filtered out)")
+    delta: int = Field(description="Images added since it was built (searched exactly, in memory)")
 
 
 class StatsResponse(BaseModel):
@@ -151,3 +163,6 @@ class StatsResponse(BaseModel):
     index_factory: str
     data_dir: str
     read_only: bool
+    generation: GenerationOut | None = Field(
+        None, description="The published index generation a read replica searches, with its delta"
+    )

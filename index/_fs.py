@@ -155,10 +155,12 @@ class FileLock:
         """Create the lock object (the file is opened on first use).
 
         Args:
-            path: The lock file (created when the directory is writable).
-            optional: When the file can neither be created nor opened (a read-only directory without
-                a lock file), proceed unlocked instead of failing: for read-only stores, where the
-                only writer that could race is absent anyway.
+            path: The lock file (created when the directory is writable, unless ``optional``).
+            optional: For read-only stores: open the file read-only and never create it (a replica
+                must not create files in a directory it only reads; ``flock`` works on a read-only
+                descriptor), and when it does not exist, proceed unlocked instead of failing: the
+                writer creates it when it first opens the store, so without it there is no writer
+                to race with.
         """
         self._path = path
         self._optional = optional
@@ -168,16 +170,18 @@ class FileLock:
 
     def _open(self) -> int | None:
         if self._fd is None:
-            try:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:
-                # A read-only data dir: a lock file that exists can still be flocked read-only.
+            if not self._optional:
                 try:
-                    self._fd = os.open(self._path, os.O_RDONLY)
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+                    return self._fd
                 except OSError:
-                    if not self._optional:
-                        raise
-                    logger.warning("cannot open lock file %s; continuing without it", self._path)
+                    pass  # a read-only data dir: a lock file that exists can still be flocked read-only
+            try:
+                self._fd = os.open(self._path, os.O_RDONLY)
+            except OSError:
+                if not self._optional:
+                    raise
+                logger.warning("cannot open lock file %s; continuing without it", self._path)
         return self._fd
 
     @contextmanager

@@ -247,6 +247,17 @@ class Catalog:
                         logger.warning("catalog %s: journal_mode is %s, not wal", self._path, mode)
                 # Touch the schema so a file that is not a database fails here, not on first use.
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except StoreError as exc:
+            conn.close()
+            if self._read_only and "readonly database" in str(exc):
+                # A WAL database can only be read where its -wal and -shm files exist (they do while a
+                # writer has it open) or where this process may create them.
+                raise StoreError(
+                    f"cannot read catalog {self._path} read-only: SQLite needs {self._path.name}-wal and "
+                    f"{self._path.name}-shm beside it, which exist while a writer has the store open; start "
+                    "the writer first, or let this user create files in the data dir"
+                ) from exc
+            raise
         except BaseException:
             conn.close()
             raise

@@ -19,6 +19,7 @@ __all__ = [
     "CorruptStoreError",
     "StoreFullError",
     "ReadOnlyStoreError",
+    "MemoryBudgetError",
 ]
 
 
@@ -84,3 +85,9 @@ class ReadOnlyStoreError(StoreError):
     """A write (add, delete, snapshot) on a store opened with ``read_only=True``."""
 
     code = "read_only"
+
+
+class MemoryBudgetError(InvalidArgumentError):
+    """A memory budget too small for the work asked (an index build): the message says what is needed."""
+
+    code = "memory_budget"

@@ -2,8 +2,9 @@
 
 The manifest lives beside the catalog and the FAISS snapshot. It records the embedder's fingerprint
 (an opaque dict: model, weights, layer, pooling, dim, preprocessing...), the vector dimension and
-metric, the FAISS factory string, counts, and the snapshot's checksum and watermarks. It is written
-atomically and kept human-readable (indent 2, sorted keys) so an operator can inspect it.
+metric, the FAISS factory string, counts, the snapshot's checksum and watermarks, and the published
+index generation (:mod:`index.generations`) with the one before it. It is written atomically and kept
+human-readable (indent 2, sorted keys) so an operator can inspect it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from index.errors import CorruptStoreError, IncompatibleIndexError, InvalidArgum
 
 __all__ = [
     "FORMAT_VERSION",
+    "GenerationInfo",
     "Manifest",
     "SnapshotInfo",
     "check_compatible",
@@ -48,6 +50,79 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class GenerationInfo:
+    """A published index generation: immutable files under ``generations/`` and what they hold.
+
+    ``file`` (the FAISS header: quantizer, codebooks, list offsets) and ``data_file`` (the inverted
+    lists, memory-mapped by readers) are bare names inside ``generations/``, never paths. ``max_seq`` /
+    ``deletions_rowid`` are the catalog watermarks the build read up to, ``count`` the vectors in it,
+    ``dim`` their dimension in the index (after ``whitening``, the manifest's whitening entry at build
+    time), ``build`` what the build planned and measured (informational). ``previous`` is the
+    generation this one replaced, kept on disk until the next publish (one level deep).
+    """
+
+    number: int
+    file: str
+    sha256: str
+    size: int
+    data_file: str
+    data_sha256: str
+    data_size: int
+    factory: str
+    dim: int
+    max_seq: int
+    deletions_rowid: int
+    count: int
+    whitening: dict[str, Any] | None = None
+    built_at: float = 0.0
+    build: dict[str, Any] = field(default_factory=dict)
+    previous: GenerationInfo | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form (``previous`` nested, without its own ``previous``)."""
+        data = asdict(self)
+        if data["previous"] is not None:
+            data["previous"].pop("previous", None)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, *, nested: bool = True) -> GenerationInfo:
+        """Parse the manifest's ``generation`` object.
+
+        Raises:
+            TypeError, KeyError, ValueError: A missing or mistyped field (the manifest parser turns
+                these into :class:`CorruptStoreError`).
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"generation must be an object, got {type(data).__name__}")
+        whitening = data.get("whitening")
+        build = data.get("build") or {}
+        if whitening is not None and not isinstance(whitening, dict):
+            raise TypeError("generation.whitening must be an object or null")
+        if not isinstance(build, dict):
+            raise TypeError("generation.build must be an object")
+        previous = data.get("previous")
+        return cls(
+            number=int(data["number"]),
+            file=str(data["file"]),
+            sha256=str(data["sha256"]),
+            size=int(data["size"]),
+            data_file=str(data["data_file"]),
+            data_sha256=str(data["data_sha256"]),
+            data_size=int(data["data_size"]),
+            factory=str(data["factory"]),
+            dim=int(data["dim"]),
+            max_seq=int(data["max_seq"]),
+            deletions_rowid=int(data["deletions_rowid"]),
+            count=int(data["count"]),
+            whitening=whitening,
+            built_at=float(data.get("built_at", 0.0)),
+            build=build,
+            previous=cls.from_dict(previous, nested=False) if nested and previous is not None else None,
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed content of ``manifest.json``."""
 
@@ -60,6 +135,7 @@ class Manifest:
     updated_at: float = 0.0
     count: int = 0
     snapshot: SnapshotInfo | None = None
+    generation: GenerationInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,6 +146,9 @@ class Manifest:
         """
         data = asdict(self)
         extra = data.pop("extra")
+        data["generation"] = None if self.generation is None else self.generation.to_dict()
+        if data["generation"] is None:
+            del data["generation"]  # stores without generations keep the manifest they always had
         return {**extra, **data}
 
     @classmethod
@@ -127,7 +206,9 @@ class Manifest:
                 "updated_at",
                 "count",
                 "snapshot",
+                "generation",
             }
+            gen = data.get("generation")
             return cls(
                 fingerprint=fingerprint,
                 dim=dim,
@@ -138,6 +219,7 @@ class Manifest:
                 updated_at=float(data.get("updated_at", 0.0)),
                 count=int(data.get("count", 0)),
                 snapshot=snapshot,
+                generation=None if gen is None else GenerationInfo.from_dict(gen),
                 extra={k: v for k, v in data.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -10,6 +10,17 @@ A data directory holds:
   and watermarks (see :mod:`index.manifest`).
 * ``.lock``: ``fcntl.flock``-ed while a snapshot + manifest is written (and shared while one is read),
   so the batch indexer and the server can share a directory.
+* ``generations/``: published, immutable IVF indexes built by :mod:`index.build` for read replicas
+  (:mod:`index.generations`: layout, publish protocol, retention, and why the writer keeps using its
+  own snapshot).
+
+Read replicas (``read_only=True``) on a store with a published generation search the generation
+memory-mapped (the "base") plus an in-memory exact index of the rows added after it (the "delta"),
+merged by score; rows deleted after it are hidden in the base. :meth:`refresh` catches up with the
+catalog and swaps in a newer generation when the manifest names one: the new base and delta are built
+aside and swapped under the index lock, so searches in flight finish on the old pair. A read-only open
+never creates a file, takes only a shared lock, and never writes to SQLite (read-only connections do
+not checkpoint).
 
 How FAISS stays equal to the catalog. Every FAISS mutation happens in :meth:`ImageStore._sync`, which
 replays the catalog after two watermarks: tombstones with rowid > ``del_mark`` are removed, rows with
@@ -54,7 +65,8 @@ from index.errors import (
     ReadOnlyStoreError,
     StoreError,
 )
-from index.manifest import Manifest, SnapshotInfo, check_compatible, normalize_fingerprint
+from index.generations import Generation, load_generation, merge_top_k
+from index.manifest import GenerationInfo, Manifest, SnapshotInfo, check_compatible, normalize_fingerprint
 from index.vectors import VectorIndex
 from index.whitening import Whitening
 
@@ -79,7 +91,6 @@ SNAPSHOT_FILE = "vectors.faiss"
 LOCK_FILE = ".lock"
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
-_WHITENING_RE = re.compile(r"whitening-[0-9a-f]{16}\.faiss")
 _TRAIN_SAMPLE = 100_000  # vectors drawn from the catalog to retrain an IVF/PQ index on rebuild
 _REPLAY_BATCH = 10_000
 
@@ -144,9 +155,14 @@ class ImageStore:
         del_mark: int,
         pending: int,
         whitening: Whitening | None = None,
+        base: Generation | None = None,
     ) -> None:
         """Assemble an opened store (internal: call :meth:`open`)."""
         self._whitening = whitening
+        self._base = base
+        # Generations a replica could not load, as (number, sha256): not retried until the manifest names
+        # another one (verifying a big generation is a full read of it).
+        self._failed_generations: set[tuple[int, str]] = set()
         self._data_dir = data_dir
         self._catalog = catalog
         self._vectors = vectors
@@ -235,6 +251,9 @@ class ImageStore:
             raise StoreError(f"no store in {data_dir} (read-only open needs an existing store)")
         if not read_only:
             data_dir.mkdir(parents=True, exist_ok=True)
+        # A replica verifies and maps the published generation before taking the lock: its files are
+        # immutable, and a long checksum must not hold off the writer's snapshots.
+        base = _open_generation(data_dir, manifest) if read_only and manifest is not None else None
 
         lock = FileLock(data_dir / LOCK_FILE, optional=read_only)
         catalog: Catalog | None = None
@@ -256,7 +275,7 @@ class ImageStore:
                     data_dir=data_dir,
                     read_only=read_only,
                 )
-                store = cls._load_vectors(data_dir, catalog, manifest, lock, read_only, snapshot_every)
+                store = cls._load_vectors(data_dir, catalog, manifest, lock, read_only, snapshot_every, base)
         except BaseException:
             if catalog is not None:
                 catalog.close()
@@ -264,6 +283,10 @@ class ImageStore:
             raise
         if not read_only and (index_factory == "auto" or store.manifest.extra.get("index_policy") == "auto"):
             store.apply_auto_index()
+        published = store.manifest.generation
+        if read_only and published is not None and store.generation != published:
+            # Verified and refused above (logged): refresh() retries only once the manifest names another.
+            store._failed_generations.add((published.number, published.sha256))
         logger.info(
             "opened store %s: %d vectors, dim %d, factory %s%s",
             data_dir,
@@ -283,11 +306,31 @@ class ImageStore:
         lock: FileLock,
         read_only: bool,
         snapshot_every: int,
+        base: Generation | None = None,
     ) -> ImageStore:
         """Load (or rebuild) FAISS and reconcile it with the catalog. Runs under the open-time lock."""
         factory = manifest.index_factory
         whitening = _load_whitening(data_dir, manifest)
         index_dim = whitening.d_out if whitening is not None else manifest.dim
+        if base is not None and base.info.whitening == manifest.extra.get("whitening"):
+            store = cls(
+                data_dir=data_dir,
+                catalog=catalog,
+                vectors=VectorIndex.create(index_dim, "Flat"),
+                manifest=manifest,
+                lock=lock,
+                read_only=read_only,
+                snapshot_every=snapshot_every,
+                seq_mark=0,
+                del_mark=0,
+                pending=0,
+                whitening=whitening,
+                base=base,
+            )
+            store._base, store._seq_mark, store._del_mark = store._replay_after(
+                base, store._vectors, whitening
+            )
+            return store
         snap_path = data_dir / SNAPSHOT_FILE
         vectors: VectorIndex | None = None
         rebuilt = False
@@ -369,8 +412,15 @@ class ImageStore:
 
     @property
     def count(self) -> int:
-        """Vectors searchable by this instance (the catalog count after :meth:`refresh`)."""
-        return self._vectors.ntotal
+        """Vectors searchable by this instance (the catalog count after :meth:`refresh`; on a replica
+        serving a generation, short by the rows deleted while that generation was being built)."""
+        base = self._base
+        return self._vectors.ntotal + (base.visible if base is not None else 0)
+
+    @property
+    def generation(self) -> GenerationInfo | None:
+        """The published generation this instance searches (replicas only; None otherwise)."""
+        return self._base.info if self._base is not None else None
 
     @property
     def dim(self) -> int:
@@ -444,6 +494,10 @@ class ImageStore:
             if deleted:
                 with self._index_lock:
                     removed = self._vectors.remove(np.asarray(deleted, dtype=np.int64))
+                    if self._base is not None:
+                        hidden = self._base.hide(deleted)
+                        removed += self._base.visible - hidden.visible
+                        self._base = hidden
             self._del_mark = new_del_mark
 
             added = 0
@@ -485,13 +539,98 @@ class ImageStore:
         """
         self._check_open()
         on_disk = Manifest.load(self._data_dir / MANIFEST_FILE)
-        if on_disk is not None and _layout(on_disk) != _layout(self._manifest):
+        if self._read_only and on_disk is not None and self._wants_generation(on_disk.generation):
+            switched = self._switch_generation(on_disk)
+            if switched is not None:
+                return switched
+        if self._base is not None:
+            # A replica on a generation: only a whitening change makes it stale (the writer's index type
+            # does not matter to it).
+            changed = on_disk is not None and on_disk.extra.get("whitening") != self._base.info.whitening
+        else:
+            changed = on_disk is not None and _layout(on_disk) != _layout(self._manifest)
+        if changed and on_disk is not None:
             # Another process changed the whitening or the index type: rebuild from the catalog.
             with self._sync_lock:
+                if self._base is not None:
+                    logger.warning(
+                        "generation %d was built with another whitening; serving from memory until the "
+                        "next build-index",
+                        self._base.info.number,
+                    )
                 self._manifest = on_disk
                 self._rebuild(_load_whitening(self._data_dir, on_disk))
             return self.count
         return self._sync(atomic=False)
+
+    # ================================================================== generations (replicas)
+
+    def _wants_generation(self, info: GenerationInfo | None) -> bool:
+        """Whether the manifest names a generation this replica should switch to."""
+        if info is None or (info.number, info.sha256) in self._failed_generations:
+            return False
+        return self._base is None or info.number != self._base.info.number
+
+    def _replay_after(
+        self, base: Generation, delta: VectorIndex, whitening: Whitening | None
+    ) -> tuple[Generation, int, int]:
+        """Fill a delta nobody searches yet with the catalog's rows after ``base``'s watermarks and hide
+        the rows deleted after it; returns ``(base with hidden rows, seq_mark, del_mark)``.
+
+        Same order as :meth:`_sync` (watermarks, then tombstones, then rows), so a row added or deleted
+        meanwhile is picked up by the next sync, never lost nor applied twice.
+        """
+        marks = self._catalog.watermarks()
+        deleted, del_mark = self._catalog.deleted_since(base.info.deletions_rowid)
+        base = base.hide(deleted)
+        seq_mark = base.info.max_seq
+        for seqs, vecs in self._catalog.iter_vectors(after_seq=seq_mark, batch=_REPLAY_BATCH):
+            delta.add(seqs, whitening.apply(vecs) if whitening is not None else vecs)
+            seq_mark = int(seqs[-1])
+        return base, max(seq_mark, marks[0]), del_mark
+
+    def _switch_generation(self, on_disk: Manifest) -> int | None:
+        """Load the generation ``on_disk`` names and swap it in with a fresh delta.
+
+        The new pair is built aside (verifying and mapping the files, replaying the rows after it) while
+        searches go on; only the swap takes the index lock, so searches in flight finish on the old
+        pair, whose mapping goes when its last search drops it.
+
+        Returns:
+            Searchable vectors after the switch, or None when the generation cannot be used (logged and
+            remembered, so the next refresh does not verify it again).
+        """
+        info = on_disk.generation
+        if info is None:
+            return None
+        with self._sync_lock:
+            if info.whitening != on_disk.extra.get("whitening"):
+                logger.warning("generation %d was built with another whitening; not switching", info.number)
+                self._failed_generations.add((info.number, info.sha256))
+                return None
+            try:
+                base = Generation(info=info, index=load_generation(self._data_dir, info))
+                whitening = _load_whitening(self._data_dir, on_disk)
+            except CorruptStoreError as exc:
+                logger.error("cannot use generation %d: %s", info.number, exc)
+                self._failed_generations.add((info.number, info.sha256))
+                return None
+            delta = VectorIndex.create(base.info.dim, "Flat")
+            base, seq_mark, del_mark = self._replay_after(base, delta, whitening)
+            with self._index_lock:
+                old = self._base
+                self._vectors, self._base, self._whitening = delta, base, whitening
+                self._seq_mark, self._del_mark = seq_mark, del_mark
+                self._manifest = on_disk
+            logger.info(
+                "now serving generation %d (%d vectors, %s) + %d newer rows (was %s)",
+                info.number,
+                base.visible,
+                info.factory,
+                delta.ntotal,
+                f"generation {old.info.number}" if old is not None else "the in-memory index",
+            )
+            return self.count
 
     # ================================================================== whitening
 
@@ -529,6 +668,7 @@ class ImageStore:
             with self._index_lock:
                 self._vectors = fresh
                 self._whitening = whitening
+                self._base = None  # a replica's generation was built with the previous layout
                 self._seq_mark, self._del_mark = max_seq, del_rowid
             self._changes_since_snapshot += int(live.size)
 
@@ -766,6 +906,8 @@ class ImageStore:
                 updated_at=time.time(),
                 count=self._catalog.count(),
                 snapshot=info,
+                # Generations are published by build-index under this same lock: keep what is on disk.
+                generation=on_disk.generation if on_disk is not None else current.generation,
                 extra={**current.extra, **self._manifest.extra}
                 if not whitening_changed
                 else self._manifest.extra,
@@ -838,9 +980,7 @@ class ImageStore:
         if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
             raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
         q = self._check_vectors(queries, "queries")
-        with self._index_lock:
-            q = self._project(q)
-            scores, ids = self._vectors.search(q, int(k))  # (m, k') each, k' = min(k, ntotal)
+        scores, ids = self._search_index(q, int(k))  # (m, k') each, k' <= k
         found = ids[ids >= 0]
         records = self._catalog.get_many_by_seq(np.unique(found).tolist()) if found.size else {}
         results: list[list[Hit]] = []
@@ -856,6 +996,19 @@ class ImageStore:
                 hits.append(Hit(id=record.id, score=float(score), record=record))
             results.append(hits)
         return results
+
+    def _search_index(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of raw (unprojected) queries: the in-memory index, merged with the generation
+        on a replica. The generation is immutable, so it is searched outside the index lock (searches
+        run concurrently on it) through the reference taken with the delta, which keeps the pair
+        consistent across a generation switch."""
+        with self._index_lock:
+            q = self._project(queries)
+            scores, ids = self._vectors.search(q, k)
+            base = self._base
+        if base is not None:
+            scores, ids = merge_top_k([(scores, ids), base.search(q, k)], k)
+        return scores, ids
 
     def vectors_by_sha256(self, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
         """The stored vectors of known contents, as they were added (before any whitening), so other
@@ -909,16 +1062,19 @@ class ImageStore:
         Returns:
             ``count`` (catalog rows), ``indexed`` (searchable vectors), ``dim``, ``metric``,
             ``index_factory``, ``fingerprint``, ``snapshot`` (manifest snapshot info or None),
-            ``unsnapshotted_changes``, ``read_only``, ``data_dir``.
+            ``unsnapshotted_changes``, ``read_only``, ``data_dir``, and ``generation``: on a replica
+            serving one, its ``number``, ``factory``, ``count``, ``max_seq``, ``hidden`` (rows deleted
+            since) and ``delta`` (rows added since, searched exactly), else None.
         """
         self._check_open()
         snap = self._manifest.snapshot
+        base = self._base
         return {
             "count": self._catalog.count(),
             "indexed": self._vectors.ntotal,
             "dim": self.dim,
             "metric": self._manifest.metric,
-            "index_factory": self.index_factory,
+            "index_factory": self.index_factory if base is None else base.info.factory,
             "fingerprint": self.fingerprint,
             "snapshot": None if snap is None else asdict(snap),
             "unsnapshotted_changes": self._changes_since_snapshot,
@@ -926,6 +1082,16 @@ class ImageStore:
             "index_dim": self.index_dim,
             "read_only": self._read_only,
             "data_dir": str(self._data_dir),
+            "generation": None
+            if base is None
+            else {
+                "number": base.info.number,
+                "factory": base.info.factory,
+                "count": base.info.count,
+                "max_seq": base.info.max_seq,
+                "hidden": int(base.hidden.size),
+                "delta": self._vectors.ntotal,
+            },
         }
 
     def near_duplicates(self, threshold: float, *, k: int = 10, batch: int = 1024) -> list[list[ImageRecord]]:
@@ -953,8 +1119,7 @@ class ImageStore:
             return a
 
         for seqs, vecs in self._catalog.iter_vectors(batch=batch):
-            with self._index_lock:
-                scores, ids = self._vectors.search(self._project(vecs), k + 1)
+            scores, ids = self._search_index(vecs, k + 1)
             for seq, row_scores, row_ids in zip(seqs.tolist(), scores, ids, strict=True):
                 for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
                     if other >= 0 and other != seq and score >= threshold:
@@ -985,6 +1150,7 @@ class ImageStore:
                     logger.exception("final snapshot failed; the next open will replay from the catalog")
         finally:
             self._closed = True
+            self._base = None  # unmaps the generation once no search holds it
             self._catalog.close()
             self._lock.close()
 
@@ -1085,15 +1251,31 @@ def _reconcile_identity(
     return manifest
 
 
+def _open_generation(data_dir: Path, manifest: Manifest) -> Generation | None:
+    """The generation a replica opens on: the published one, else the previous one, when it was built
+    with the store's current whitening and its files check out; None (logged) when neither does, and
+    the replica then serves from memory like any read-only store."""
+    current = manifest.generation
+    for info in (current, current.previous if current is not None else None):
+        if info is None:
+            continue
+        if info.whitening != manifest.extra.get("whitening"):
+            logger.warning("generation %d was built with another whitening; not using it", info.number)
+            continue
+        try:
+            return Generation(info=info, index=load_generation(data_dir, info))
+        except CorruptStoreError as exc:
+            logger.error("cannot use generation %d: %s", info.number, exc)
+    if current is not None:
+        logger.warning(
+            "no usable generation in %s; serving from the snapshot and the catalog in memory", data_dir
+        )
+    return None
+
+
 def _load_whitening(data_dir: Path, manifest: Manifest) -> Whitening | None:
     """The whitening the manifest names, verified against its checksum (never a path from the file)."""
-    entry = manifest.extra.get("whitening")
-    if not entry:
-        return None
-    name = str(entry.get("file", ""))
-    if not _WHITENING_RE.fullmatch(name):
-        raise CorruptStoreError(f"manifest names an invalid whitening file {name!r}")
-    return Whitening.load(data_dir / name, expected_sha256=str(entry.get("sha256")))
+    return Whitening.load_recorded(data_dir, manifest.extra.get("whitening"))
 
 
 def _layout(manifest: Manifest) -> tuple[Any, str]:

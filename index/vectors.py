@@ -212,6 +212,11 @@ class VectorIndex:
                 ) from exc
 
     @property
+    def ivf(self) -> Any | None:
+        """The IVF index holding the ids (top level or under a pre-transform), else None."""
+        return _ivf_of(self._index)
+
+    @property
     def faiss_index(self) -> Any:
         """The underlying FAISS object (for tuning such as ``nprobe``/``efSearch``; do not mutate ids)."""
         return self._index

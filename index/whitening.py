@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -26,6 +29,7 @@ __all__ = ["Whitening"]
 log = logging.getLogger(__name__)
 
 _EPS = 1e-12
+_FILE_RE = re.compile(r"whitening-[0-9a-f]{16}\.faiss")
 
 
 class Whitening:
@@ -114,3 +118,19 @@ class Whitening:
         if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
             raise CorruptStoreError(f"whitening file {path.name} does not match its checksum in the manifest")
         return cls.from_bytes(data)
+
+    @classmethod
+    def load_recorded(cls, data_dir: Path, entry: Mapping[str, Any] | None) -> Whitening | None:
+        """The whitening a manifest entry (``{"file", "sha256", ...}``) names, verified against its
+        checksum; None for no entry. The name must be a content-addressed ``whitening-<hex>.faiss``
+        inside ``data_dir``: a path written in the manifest is never followed.
+
+        Raises:
+            CorruptStoreError: An invalid name, a missing file or a checksum mismatch.
+        """
+        if not entry:
+            return None
+        name = str(entry.get("file", ""))
+        if not _FILE_RE.fullmatch(name):
+            raise CorruptStoreError(f"manifest names an invalid whitening file {name!r}")
+        return cls.load(data_dir / name, expected_sha256=str(entry.get("sha256")))

@@ -284,6 +284,7 @@ _BENCHES = {
     "search": "scripts.bench_search",
     "serve": "scripts.bench_serve",
     "build": "scripts.bench_build",
+    "ray": "scripts.bench_ray",
 }
 
 
@@ -398,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_duplicates)
 
-    p = sub.add_parser("bench", help="benchmarks: extract, search, serve or build (prints medians and ratios)")
+    p = sub.add_parser(
+        "bench", help="benchmarks: extract, search, serve, build or ray (prints medians and ratios)"
+    )
     p.add_argument("which", choices=sorted(_BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     p.set_defaults(func=_cmd_bench)
@@ -470,6 +473,8 @@ def console_main() -> None:
     import atexit
 
     code = main()
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)  # under cProfile, coverage or a debugger: let them write their results on exit
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -145,9 +145,7 @@ def prepare_file(
             return _Item(str(path), "failed", sha256=sha, nbytes=len(data), code=exc.code, reason=str(exc))
         if probed.gpu_decodable:
             width, height = probed.upright_size
-            return _Item(
-                str(path), "ok", sha256=sha, width=width, height=height, nbytes=len(data), data=data
-            )
+            return _Item(str(path), "ok", sha256=sha, width=width, height=height, nbytes=len(data), data=data)
     try:
         loaded = load_image(data, limits=limits, draft_size=decode_size)
         tensor = transform(loaded.image)
@@ -170,9 +168,7 @@ def _collate(items: list[_Item]) -> list[_Item]:
     return items
 
 
-def _decode_on_gpu(
-    items: Sequence[_Item], *, embedder: Embedder, limits: ImageLimits
-) -> None:
+def _decode_on_gpu(items: Sequence[_Item], *, embedder: Embedder, limits: ImageLimits) -> None:
     """Decode, resize and thumbnail the JPEGs the workers left as bytes, on the embedder's GPU
     (nvJPEG: a 12 MP photo never crosses PCIe as pixels). A file nvJPEG refuses is decoded by the
     CPU loader instead, which either succeeds or fails it with the same code as the CPU path."""

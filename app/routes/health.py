@@ -5,7 +5,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import AppState, State, require_read
 from app.routes.common import model_info
-from app.schemas import ErrorResponse, HealthResponse, ReadyResponse, StatsResponse
+from app.schemas import ErrorResponse, GenerationOut, HealthResponse, ReadyResponse, StatsResponse
 
 router = APIRouter(tags=["health"])
 
@@ -23,7 +23,12 @@ def ready(request: Request, response: Response) -> ReadyResponse:
     if state.runtime is None:
         response.status_code = 503
         return ReadyResponse(status="not_ready", detail=state.not_ready_reason)
-    return ReadyResponse(status="ready")
+    generation = state.runtime.store.generation
+    return ReadyResponse(
+        status="ready",
+        read_only=state.runtime.store.read_only,
+        generation=generation.number if generation is not None else None,
+    )
 
 
 @router.get(
@@ -33,14 +38,17 @@ def ready(request: Request, response: Response) -> ReadyResponse:
     dependencies=[Depends(require_read)],
 )
 def stats(state: State) -> StatsResponse:
-    """Index size, model, layer, dimension and index type."""
+    """Index size, model, layer, dimension, index type, and on a replica its generation."""
+    info = state.store.stats()
+    generation = info["generation"]
     return StatsResponse(
         count=state.store.count,
         model=model_info(state.inference.embedder),
         dim=state.store.dim,
-        index_factory=state.store.stats()["index_factory"],
+        index_factory=info["index_factory"],
         data_dir=str(state.settings.data_dir),
-        read_only=False,
+        read_only=info["read_only"],
+        generation=None if generation is None else GenerationOut.model_validate(generation),
     )
 
 

@@ -43,7 +43,7 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
     status_code=201,
     responses={
         200: {"model": AddImageResponse, "description": "Already indexed"},
-        **_errors(400, 401, 413, 415, 422, 503, 507),
+        **_errors(400, 401, 403, 413, 415, 422, 503, 507),
     },
     dependencies=[Depends(require_write)],
 )
@@ -109,7 +109,7 @@ def get_thumbnail(state: State, image_id: ImageId) -> Response:
 @router.delete(
     "/{image_id}",
     response_model=DeleteResponse,
-    responses=_errors(401, 404, 422, 503, 507),
+    responses=_errors(401, 403, 404, 422, 503, 507),
     dependencies=[Depends(require_write)],
 )
 def delete_image(state: State, image_id: ImageId) -> DeleteResponse:

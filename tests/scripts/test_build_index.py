@@ -1,0 +1,103 @@
+"""``deepfeat build-index`` (a lean child process), ``serve --read-only`` flags, and ``bench build`` on a
+tiny store. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.manifest import Manifest
+from index.store import MANIFEST_FILE, ImageStore
+from scripts import bench_build, build_index
+from scripts.cli import build_parser, main
+from tests.index._helpers import DIM, FINGERPRINT, new_images, unit_vectors
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    data_dir = tmp_path / "store"
+    with ImageStore.open(data_dir, fingerprint=FINGERPRINT, dim=DIM) as store:
+        store.add(unit_vectors(300, seed=1), new_images(300))
+    return data_dir
+
+
+def test_build_index_publishes_and_reports(store_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    argv = ["build-index", "--data-dir", str(store_dir), "--index", "IVF4,Flat", "--max-memory", "512MiB"]
+    assert main([*argv, "--nprobe", "4", "--json", "--no-progress"]) == 0
+    summary = json.loads(capfd.readouterr().out)
+    assert summary["generation"] == 1 and summary["count"] == 300 and summary["factory"] == "IVF4,Flat"
+    assert summary["build"]["search_params"] == {"nprobe": 4} and summary["budget_bytes"] == 512 * 2**20
+    # The child's own peak: numpy + FAISS + the index package, not the front-end's torch.
+    assert 0 < summary["peak_rss_bytes"] < 512 * 2**20
+    manifest = Manifest.load(store_dir / MANIFEST_FILE)
+    assert manifest is not None and manifest.generation is not None and manifest.generation.number == 1
+
+    assert main([*argv, "--no-progress"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("published generation 2: 300 vectors, IVF4,Flat") and "generation 1 is kept" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        (["--index", "HNSW32"], "invalid_argument"),
+        (["--index", "IVF4,Flat", "--max-memory", "8MiB"], "memory_budget"),
+        (["--index", "IVF4,Flat", "--max-memory", "lots"], "invalid_argument"),
+    ],
+)
+def test_build_index_errors_are_one_line_with_a_code(
+    store_dir: Path, capfd: pytest.CaptureFixture[str], extra: list[str], code: str
+) -> None:
+    assert main(["build-index", "--data-dir", str(store_dir), *extra]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.startswith(f"error [{code}]: ") and err.count("\n") == 1
+    assert Manifest.load(store_dir / MANIFEST_FILE).generation is None  # type: ignore[union-attr]
+
+
+def test_build_index_on_a_missing_store(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    assert build_index.main(["--data-dir", str(tmp_path / "none"), "--index", "IVF4,Flat"]) == 2
+    assert capfd.readouterr().err.startswith("error [store_error]: no store in")
+    assert not (tmp_path / "none").exists()
+
+
+def test_serve_read_only_flag_reaches_the_settings() -> None:
+    args = build_parser().parse_args(["serve", "--read-only"])
+    assert args.read_only is True
+    assert build_parser().parse_args(["serve"]).read_only is None  # unset: DEEPFEAT_READ_ONLY decides
+
+
+def test_bench_build_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--n", "2000", "--dim", "16", "--queries", "20", "--index", "IVF8,Flat", "--nprobe", "1,8"]
+    argv += [
+        "--max-memory",
+        "512MiB",
+        "--data-dir",
+        str(tmp_path / "b"),
+        "--json",
+        str(out),
+        "--single-queries",
+        "5",
+    ]
+    assert bench_build.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["fill"]["filled"] is True and report["build"]["count"] == 2000
+    assert report["build"]["peak_rss_bytes"] > 0 and report["build"]["build"]["plan"]["n_vectors"] == 2000
+    by_nprobe = {row["nprobe"]: row["recall"] for row in report["search"]["by_nprobe"]}
+    assert by_nprobe[8] == 1.0 and by_nprobe[1] <= 1.0  # every list probed with flat codes: exact
+    assert "recall@10" in capsys.readouterr().out
+    # A second run reuses the filled store and publishes generation 2.
+    assert bench_build.main(argv) == 0
+    again = json.loads(out.read_text())
+    assert again["fill"]["filled"] is False and again["search"]["generation"] == 2
+
+
+def test_exact_top_k_matches_argsort() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1000, 8)).astype(np.float32)
+    queries = rng.standard_normal((7, 8)).astype(np.float32)
+    expected = np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :5]
+    assert (bench_build.exact_top_k(base, queries, 5, chunk=128) == expected).all()
