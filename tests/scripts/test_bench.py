@@ -39,7 +39,10 @@ def test_photo_set_is_the_same_whichever_process_writes_it(tmp_path: Path) -> No
 
 def test_end_to_end_configs_do_the_baselines_work() -> None:
     cpu = end_to_end_configs("cpu", with_defaults=False, compile=True)
-    assert [label for label, _ in cpu] == ["same work, auto precision", "same work, auto precision, --compile"]
+    assert [label for label, _ in cpu] == [
+        "same work, auto precision",
+        "same work, auto precision, --compile",
+    ]
     cuda = dict(end_to_end_configs("cuda", with_defaults=True, compile=False))
     assert "--no-gpu-decode" in cuda["same work, bf16, CPU decode"]
     assert all("--layer" in args for label, args in cuda.items() if label.startswith("same work"))
