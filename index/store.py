@@ -1007,7 +1007,7 @@ class ImageStore:
             scores, ids = self._vectors.search(q, k)
             base = self._base
         if base is not None:
-            if _is_exact(base.info.factory):
+            if base.index.exact_scores:
                 shortlist = base.search(q, k)
             else:
                 shortlist = self._rerank(q, *base.search(q, k * RERANK_FACTOR), k)
@@ -1033,9 +1033,8 @@ class ImageStore:
             vec_parts.append(self._project(vectors))
         if not seq_parts:
             return merge_top_k([(scores, np.full_like(ids, -1))], k)
-        known = np.concatenate(seq_parts)
-        order = np.argsort(known)
-        known, matrix = known[order], np.concatenate(vec_parts)[order]
+        # Sorted already: ``wanted`` is sorted and each chunk comes back ORDER BY seq.
+        known, matrix = np.concatenate(seq_parts), np.concatenate(vec_parts)
         pos = np.searchsorted(known, ids).clip(0, known.size - 1)
         valid = (ids >= 0) & (known[pos] == ids)
         exact = np.einsum("md,mkd->mk", queries, matrix[pos]).astype(np.float32)
@@ -1203,12 +1202,6 @@ class ImageStore:
 RERANK_FACTOR = 10
 """A replica asks a compressed generation for this many candidates per wanted hit and re-scores them
 exactly (:meth:`ImageStore._rerank`)."""
-
-
-def _is_exact(factory: str) -> bool:
-    """Whether an index factory keeps the vectors uncompressed (its scores are already exact)."""
-    parts = [part.strip() for part in factory.split(",")]
-    return parts[-1] in ("Flat", "IDMap,Flat", "IDMap2,Flat") or factory.strip() == "Flat"
 
 
 def _check_manifest(manifest: Manifest, given_fp: dict[str, Any], dim: int) -> None:

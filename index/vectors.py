@@ -165,6 +165,21 @@ class VectorIndex:
         return int(self._index.ntotal)
 
     @property
+    def exact_scores(self) -> bool:
+        """Whether searches return exact inner products: the vectors are stored uncompressed (Flat,
+        IVF-Flat, HNSW over Flat, or a Flat refine stage). A replica re-ranks the others' shortlists."""
+        for role, node in _parts(self._index):
+            if role == "refine":
+                return isinstance(faiss.downcast_index(node.refine_index), faiss.IndexFlat)
+            if role != "top":
+                continue
+            if isinstance(node, faiss.IndexFlat | faiss.IndexIVFFlat):
+                return True
+            if isinstance(node, faiss.IndexHNSW):
+                return isinstance(faiss.downcast_index(node.storage), faiss.IndexFlat)
+        return False
+
+    @property
     def is_trained(self) -> bool:
         """Whether the index can accept vectors (Flat/HNSW always; IVF/PQ after :meth:`train`)."""
         return bool(self._index.is_trained)

@@ -49,7 +49,7 @@ from index.catalog import Catalog, CatalogRow
 from index.errors import StoreError
 from index.generations import load_generation
 from index.manifest import Manifest
-from index.store import CATALOG_FILE, MANIFEST_FILE, ImageStore, _is_exact
+from index.store import CATALOG_FILE, MANIFEST_FILE, ImageStore
 from scripts.bench_search import Dataset, real_dataset, synthetic_dataset
 
 __all__ = ["exact_top_k", "fill_store", "main", "run_build"]
@@ -236,7 +236,7 @@ def measure_recall(
     exact_s = time.perf_counter() - t
     faiss.omp_set_num_threads(threads)
     replica = None
-    if not _is_exact(info.factory):
+    if not index.exact_scores:
         replica = ImageStore.open(
             data_dir, fingerprint=manifest.fingerprint, dim=manifest.dim, read_only=True
         )

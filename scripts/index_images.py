@@ -147,9 +147,7 @@ def prepare_file(
             width, height = probed.upright_size
             return _Item(str(path), "ok", sha256=sha, width=width, height=height, nbytes=len(data), data=data)
     try:
-        loaded = load_image(data, limits=limits, draft_size=decode_size)
-        tensor = transform(loaded.image)
-        thumb = make_thumbnail(loaded.image)
+        tensor, thumb, (width, height) = _decode_on_cpu(data, transform, limits, decode_size)
     except ImageError as exc:
         return _Item(str(path), "failed", sha256=sha, nbytes=len(data), code=exc.code, reason=str(exc))
     return _Item(
@@ -157,11 +155,26 @@ def prepare_file(
         "ok",
         sha256=sha,
         tensor=tensor,
-        width=loaded.upright_size[0],
-        height=loaded.upright_size[1],
+        width=width,
+        height=height,
         nbytes=len(data),
         thumbnail=thumb,
     )
+
+
+def _decode_on_cpu(
+    data: bytes,
+    transform: Callable[[Image.Image], torch.Tensor],
+    limits: ImageLimits,
+    decode_size: tuple[int, int],
+) -> tuple[torch.Tensor, bytes, tuple[int, int]]:
+    """The CPU path for one file: the model's input, the thumbnail and the upright full size.
+
+    Raises:
+        ImageError: with the code the report records.
+    """
+    loaded = load_image(data, limits=limits, draft_size=decode_size)
+    return transform(loaded.image), make_thumbnail(loaded.image), loaded.upright_size
 
 
 def _collate(items: list[_Item]) -> list[_Item]:
@@ -184,9 +197,9 @@ def _decode_on_gpu(items: Sequence[_Item], *, embedder: Embedder, limits: ImageL
                 item.thumbnail = thumbnail_from_tensor(pixels)
             else:
                 assert data is not None
-                loaded = load_image(data, limits=limits, draft_size=embedder.decode_size)
-                item.tensor = embedder.transform(loaded.image)
-                item.thumbnail = make_thumbnail(loaded.image)
+                item.tensor, item.thumbnail, _ = _decode_on_cpu(
+                    data, embedder.transform, limits, embedder.decode_size
+                )
         except ImageError as exc:
             item.status, item.code, item.reason = "failed", exc.code, str(exc)
 
@@ -397,6 +410,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def extensions_from(text: str) -> frozenset[str]:
+    """``--ext jpg,PNG,.webp`` -> ``{".jpg", ".png", ".webp"}`` (what a folder walk picks up)."""
+    return frozenset("." + ext.strip().lower().lstrip(".") for ext in text.split(",") if ext.strip())
+
+
 def input_paths(args: argparse.Namespace) -> list[str]:
     """The positional paths plus those of ``--from-list`` (a manifest of paths, one per line)."""
     paths = [str(p) for p in args.paths]
@@ -435,9 +453,7 @@ def run(args: argparse.Namespace) -> int:
             limits=image_limits(settings),
             batch_size=settings.batch_size,
             workers=settings.workers,
-            extensions=frozenset(
-                "." + ext.strip().lower().lstrip(".") for ext in args.ext.split(",") if ext.strip()
-            ),
+            extensions=extensions_from(args.ext),
             report_path=report_path,
             progress=not args.no_progress,
             gpu_decode=getattr(args, "gpu_decode", None),

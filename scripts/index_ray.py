@@ -56,7 +56,13 @@ from index.store import ImageStore, NewImage
 from models.embedder import Embedder
 from models.errors import InvalidOptionError
 from models.images import ImageLimits
-from scripts.index_images import DEFAULT_EXTENSIONS, IndexSummary, iter_image_files, prepare_file
+from scripts.index_images import (
+    DEFAULT_EXTENSIONS,
+    IndexSummary,
+    extensions_from,
+    iter_image_files,
+    prepare_file,
+)
 
 __all__ = [
     "JOBS_DIR",
@@ -683,9 +689,7 @@ def run(args: argparse.Namespace, paths: Sequence[str]) -> int:
                 actors=args.actors,
                 actor_cpus=args.actor_cpus,
                 shard_size=args.shard_size,
-                extensions=frozenset(
-                    "." + ext.strip().lower().lstrip(".") for ext in args.ext.split(",") if ext.strip()
-                ),
+                extensions=extensions_from(args.ext),
                 report_path=report_path,
                 keep_shards=args.keep_shards,
                 progress=not args.no_progress,

@@ -120,3 +120,19 @@ def test_save_load_round_trip_and_checksum(tmp_path: Path) -> None:
         VectorIndex.load(path)
     with pytest.raises(CorruptStoreError):
         VectorIndex.load(tmp_path / "missing.faiss", expected_sha256=sha)
+
+
+@pytest.mark.parametrize(
+    ("factory", "exact"),
+    [
+        ("Flat", True),
+        ("IVF8,Flat", True),
+        ("HNSW32", True),
+        ("IVF8,PQ8x4,RFlat", True),
+        ("IVF8,PQ8x4", False),
+        ("IVF8,SQ8", False),
+        ("IVF8,PQ8x4,Refine(SQ8)", False),
+    ],
+)
+def test_exact_scores_follows_how_vectors_are_stored(factory: str, exact: bool) -> None:
+    assert VectorIndex.create(32, factory).exact_scores is exact
