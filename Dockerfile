@@ -24,6 +24,7 @@ COPY app ./app
 COPY models ./models
 COPY index ./index
 COPY scripts ./scripts
+COPY deepfeat ./deepfeat
 RUN pip install . \
     && useradd --system --uid 10001 --home /srv/deepfeat deepfeat \
     && mkdir -p /data /models/torch && chown deepfeat /data /models/torch

@@ -1,13 +1,13 @@
 # The two commands a fresh machine needs (see README):
 #   make run    set up (idempotent) and start the service on ./data with the bundled model
+#               (DEEPFEAT_HOST, DEEPFEAT_PORT, DEEPFEAT_DATA_DIR and every other DEEPFEAT_* setting apply)
 #   make test   set up (idempotent, with the test extras and Chromium) and run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 RUN_STAMP := $(VENV)/.installed-run-$(HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(HASH)
-HOST ?= 127.0.0.1
-PORT ?= 8000
+LINT_PATHS := app models index scripts tests deepfeat/*.py
 
 .PHONY: run test lint
 
@@ -25,15 +25,16 @@ $(TEST_STAMP): $(PY) pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@ $(RUN_STAMP)
 
 run: $(RUN_STAMP)
-	$(VENV)/bin/deepfeat serve --data-dir $${DEEPFEAT_DATA_DIR:-data} --host $(HOST) --port $(PORT)
+	$(VENV)/bin/deepfeat serve
 
 test: $(TEST_STAMP)
 	bash scripts/install_chromium.sh
-	$(VENV)/bin/ruff check app models index scripts tests
+	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check app models index scripts tests
-	$(VENV)/bin/ruff format --check app models index scripts tests
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy

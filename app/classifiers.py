@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.errors import APIError
-from index.store import ImageStore
-from models.embedder import Embedder, Prediction
-from models.heads import (
+from deepfeat.app.errors import APIError
+from deepfeat.index.store import ImageStore
+from deepfeat.models.embedder import Embedder, Prediction
+from deepfeat.models.heads import (
     MANIFEST_FILE,
     CorruptHeadError,
     FineTunedNet,

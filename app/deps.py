@@ -10,13 +10,13 @@ from typing import Annotated
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
-from app.classifiers import ClassifierRegistry
-from app.errors import APIError
-from app.inference import Inference
-from app.metrics import Metrics
-from app.settings import Settings
-from index.store import ImageStore
-from models.images import ImageLimits, LoadedImage, load_image
+from deepfeat.app.classifiers import ClassifierRegistry
+from deepfeat.app.errors import APIError
+from deepfeat.app.inference import Inference
+from deepfeat.app.metrics import Metrics
+from deepfeat.index.store import ImageStore
+from deepfeat.models.images import ImageLimits, LoadedImage, load_image
+from deepfeat.settings import Settings
 
 __all__ = ["AppState", "Runtime", "get_runtime", "require_read", "require_write", "read_upload", "State"]
 

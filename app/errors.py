@@ -12,8 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from index import errors as store_errors
-from models import errors as model_errors
+from deepfeat.index import errors as store_errors
+from deepfeat.models import errors as model_errors
 
 __all__ = ["APIError", "install_error_handlers", "error_response", "STATUS_BY_ERROR"]
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.batching import MicroBatcher, Overloaded
-from app.errors import APIError
-from app.metrics import Metrics
-from models.embedder import Embedder, Prediction
+from deepfeat.app.batching import MicroBatcher, Overloaded
+from deepfeat.app.errors import APIError
+from deepfeat.app.metrics import Metrics
+from deepfeat.models.embedder import Embedder, Prediction
 
 __all__ = ["Inference"]
 

@@ -17,17 +17,17 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
-from app.classifiers import CLASSIFIERS_DIR, ClassifierRegistry
-from app.deps import AppState, Runtime
-from app.errors import install_error_handlers
-from app.inference import Inference
-from app.metrics import Metrics, MetricsMiddleware
-from app.middleware import BodyLimitMiddleware
-from app.routes import classifiers, classify, embed, health, images, search
-from app.runtime import build_embedder, image_limits, open_store
-from app.settings import Settings
-from index.errors import StoreError
-from models.errors import ModelError
+from deepfeat.app.classifiers import CLASSIFIERS_DIR, ClassifierRegistry
+from deepfeat.app.deps import AppState, Runtime
+from deepfeat.app.errors import install_error_handlers
+from deepfeat.app.inference import Inference
+from deepfeat.app.metrics import Metrics, MetricsMiddleware
+from deepfeat.app.middleware import BodyLimitMiddleware
+from deepfeat.app.routes import classifiers, classify, embed, health, images, search
+from deepfeat.index.errors import StoreError
+from deepfeat.models.errors import ModelError
+from deepfeat.runtime import build_embedder, image_limits, open_store
+from deepfeat.settings import Settings
 
 __all__ = ["create_app"]
 

@@ -19,7 +19,7 @@ import time
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import APIError, error_response
+from deepfeat.app.errors import APIError, error_response
 
 __all__ = ["BodyLimitMiddleware", "PayloadTooLarge", "BodyTimeout"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from index.errors import StoreFullError
+from deepfeat.index.errors import StoreFullError
 
 logger = logging.getLogger(__name__)
 

@@ -45,11 +45,11 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index._fs import FileLock, fsync_dir, fsync_file, sha256_file
-from index.catalog import Catalog
-from index.choose import estimate_memory_bytes, min_train_vectors
-from index.errors import InvalidArgumentError, MemoryBudgetError, StoreError
-from index.generations import (
+from deepfeat.index._fs import FileLock, fsync_dir, fsync_file, sha256_file
+from deepfeat.index.catalog import Catalog
+from deepfeat.index.choose import estimate_memory_bytes, min_train_vectors
+from deepfeat.index.errors import InvalidArgumentError, MemoryBudgetError, StoreError
+from deepfeat.index.generations import (
     GENERATIONS_DIR,
     OWNER_FILE,
     data_name,
@@ -58,10 +58,10 @@ from index.generations import (
     remove_unreferenced,
     used_numbers,
 )
-from index.manifest import GenerationInfo, Manifest
-from index.store import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE
-from index.vectors import VectorIndex
-from index.whitening import Whitening
+from deepfeat.index.manifest import GenerationInfo, Manifest
+from deepfeat.index.store import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE
+from deepfeat.index.vectors import VectorIndex
+from deepfeat.index.whitening import Whitening
 
 __all__ = ["BuildPlan", "build_generation", "parse_bytes", "plan_build", "process_rss_bytes"]
 

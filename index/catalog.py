@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from index._fs import is_disk_full
-from index.errors import (
+from deepfeat.index._fs import is_disk_full
+from deepfeat.index.errors import (
     CorruptStoreError,
     IncompatibleIndexError,
     InvalidArgumentError,

@@ -66,10 +66,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index._fs import sha256_file
-from index.errors import CorruptStoreError
-from index.manifest import GenerationInfo
-from index.vectors import VectorIndex
+from deepfeat.index._fs import sha256_file
+from deepfeat.index.errors import CorruptStoreError
+from deepfeat.index.manifest import GenerationInfo
+from deepfeat.index.vectors import VectorIndex
 
 __all__ = [
     "GENERATIONS_DIR",

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from index._fs import atomic_write_bytes
-from index.errors import CorruptStoreError, IncompatibleIndexError, InvalidArgumentError
+from deepfeat.index._fs import atomic_write_bytes
+from deepfeat.index.errors import CorruptStoreError, IncompatibleIndexError, InvalidArgumentError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -53,9 +53,9 @@ from typing import Any
 
 import numpy as np
 
-from index._fs import FileLock, remove_stale_temps
-from index.catalog import Catalog, CatalogRow, ImageRecord
-from index.errors import (
+from deepfeat.index._fs import FileLock, remove_stale_temps
+from deepfeat.index.catalog import Catalog, CatalogRow, ImageRecord
+from deepfeat.index.errors import (
     CorruptStoreError,
     IncompatibleIndexError,
     InvalidArgumentError,
@@ -65,10 +65,16 @@ from index.errors import (
     ReadOnlyStoreError,
     StoreError,
 )
-from index.generations import Generation, load_generation, merge_top_k
-from index.manifest import GenerationInfo, Manifest, SnapshotInfo, check_compatible, normalize_fingerprint
-from index.vectors import VectorIndex
-from index.whitening import Whitening
+from deepfeat.index.generations import Generation, load_generation, merge_top_k
+from deepfeat.index.manifest import (
+    GenerationInfo,
+    Manifest,
+    SnapshotInfo,
+    check_compatible,
+    normalize_fingerprint,
+)
+from deepfeat.index.vectors import VectorIndex
+from deepfeat.index.whitening import Whitening
 
 __all__ = [
     "CATALOG_FILE",
@@ -680,7 +686,7 @@ class ImageStore:
         open (or an explicit call) moves it from Flat to HNSW to IVF. Returns the factory in use.
         """
         self._check_writable("change the index type")
-        from index.choose import choose_factory
+        from deepfeat.index.choose import choose_factory
 
         desired = choose_factory(
             max(1, self._catalog.count()), self.index_dim, memory_budget_bytes=memory_budget_bytes

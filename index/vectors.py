@@ -41,9 +41,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index._fs import atomic_write, sha256_file
-from index.choose import default_search_params
-from index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError, StoreError
+from deepfeat.index._fs import atomic_write, sha256_file
+from deepfeat.index.choose import default_search_params
+from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError, StoreError
 
 __all__ = ["VectorIndex"]
 

@@ -21,8 +21,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index._fs import atomic_write_bytes
-from index.errors import CorruptStoreError, InvalidArgumentError
+from deepfeat.index._fs import atomic_write_bytes
+from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError
 
 __all__ = ["Whitening"]
 

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from models.errors import InvalidOptionError, UnknownPoolingError, WeightsUnavailableError
-from models.layers import build_trunk
-from models.pooling import get_pooling, list_poolings
-from models.registry import DEFAULT_MODEL, LayerSpec, ModelSpec, Preprocess, build_seeded, get_model
+from deepfeat.models.errors import InvalidOptionError, UnknownPoolingError, WeightsUnavailableError
+from deepfeat.models.layers import build_trunk
+from deepfeat.models.pooling import get_pooling, list_poolings
+from deepfeat.models.registry import DEFAULT_MODEL, LayerSpec, ModelSpec, Preprocess, build_seeded, get_model
 
 __all__ = [
     "Embedder",

@@ -47,9 +47,9 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from models.embedder import FINGERPRINT_VERSION, Prediction, build_transform
-from models.errors import ModelError
-from models.registry import ModelSpec, weights_argument
+from deepfeat.models.embedder import FINGERPRINT_VERSION, Prediction, build_transform
+from deepfeat.models.errors import ModelError
+from deepfeat.models.registry import ModelSpec, weights_argument
 
 __all__ = [
     "HEAD_FORMAT_VERSION",

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from models.errors import (
+from deepfeat.models.errors import (
     CorruptImageError,
     ImageError,
     ImageTooLargeError,

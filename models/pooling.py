@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from models.errors import InvalidOptionError, UnknownPoolingError
+from deepfeat.models.errors import InvalidOptionError, UnknownPoolingError
 
 __all__ = ["avg_pool", "max_pool", "gem_pool", "rmac_pool", "rmac_regions", "get_pooling", "list_poolings"]
 

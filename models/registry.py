@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
-from models.errors import UnknownLayerError, UnknownModelError, WeightsUnavailableError
+from deepfeat.models.errors import UnknownLayerError, UnknownModelError, WeightsUnavailableError
 
 __all__ = [
     "LayerSpec",

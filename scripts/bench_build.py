@@ -44,13 +44,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.build import parse_bytes
-from index.catalog import Catalog, CatalogRow
-from index.errors import StoreError
-from index.generations import load_generation
-from index.manifest import Manifest
-from index.store import CATALOG_FILE, MANIFEST_FILE, ImageStore
-from scripts.bench_search import Dataset, real_dataset, synthetic_dataset
+from deepfeat.index.build import parse_bytes
+from deepfeat.index.catalog import Catalog, CatalogRow
+from deepfeat.index.errors import StoreError
+from deepfeat.index.generations import load_generation
+from deepfeat.index.manifest import Manifest
+from deepfeat.index.store import CATALOG_FILE, MANIFEST_FILE, ImageStore
+from deepfeat.scripts.bench_search import Dataset, real_dataset, synthetic_dataset
 
 __all__ = ["exact_top_k", "fill_store", "main", "run_build"]
 
@@ -143,7 +143,7 @@ def run_build(data_dir: Path, *, factory: str, budget: str, extra: Sequence[str]
     cmd = [
         sys.executable,
         "-m",
-        "scripts.build_index",
+        "deepfeat.scripts.build_index",
         "--data-dir",
         str(data_dir),
         "--index",

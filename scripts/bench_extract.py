@@ -119,7 +119,7 @@ def naive_index(files: list[Path], model_name: str, device: str = "cpu") -> int:
     import torch
     from torchvision import transforms
 
-    from models.registry import build_seeded, get_model
+    from deepfeat.models.registry import build_seeded, get_model
 
     spec = get_model(model_name)
     model = build_seeded(spec.build).eval().to(device)
@@ -190,7 +190,7 @@ def model_flops(model_name: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.registry import build_seeded, get_model
+    from deepfeat.models.registry import build_seeded, get_model
 
     spec = get_model(model_name)
     model = build_seeded(spec.build).eval()
@@ -214,7 +214,7 @@ def model_throughput(
     is already on the device; each call returns the vectors to the host, which synchronises."""
     import torch
 
-    from models.embedder import Embedder
+    from deepfeat.models.embedder import Embedder
 
     # One 224 px crop at one scale: exactly the FLOPs model_flops counts (the retrieval defaults run
     # three scales, which would be ~1.75x the work per image).
@@ -264,7 +264,7 @@ def _peak_rss_kib(cmd: list[str]) -> int:
 
 
 def _deepfeat(*args: str) -> list[str]:
-    return [sys.executable, "-m", "scripts.cli", *args]
+    return [sys.executable, "-m", "deepfeat.scripts.cli", *args]
 
 
 MATCHED = ["--layer", "1", "--resize-mode", "crop", "--scales", "1"]
@@ -293,7 +293,7 @@ def run_end_to_end(
             list_file.write_text("\n".join(map(str, files)))
             naive_s.append(
                 _timed_process(
-                    [sys.executable, "-m", "scripts.bench_extract", "naive", str(list_file), model, device]
+                    [sys.executable, "-m", "deepfeat.scripts.bench_extract", "naive", str(list_file), model, device]
                 )[0]
             )
             for n, (label, extra) in enumerate(configs):
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from models.embedder import _resolve_precision, resolve_device
+    from deepfeat.models.embedder import _resolve_precision, resolve_device
 
     device = str(resolve_device(args.device))
     cuda = device.startswith("cuda")

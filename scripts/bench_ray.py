@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.bench_extract import MATCHED, make_photo_set
+from deepfeat.scripts.bench_extract import MATCHED, make_photo_set
 
 __all__ = ["main", "run_once"]
 
@@ -39,7 +39,7 @@ _STARTUP = re.compile(r"first batch after ([\d.]+)s")
 
 
 def _deepfeat(*args: str) -> list[str]:
-    return [sys.executable, "-m", "scripts.cli", *args]
+    return [sys.executable, "-m", "deepfeat.scripts.cli", *args]
 
 
 def run_once(photos: Path, data_dir: Path, *, engine: str, extra: list[str]) -> dict[str, float]:

@@ -62,8 +62,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.choose import choose_factory, default_search_params, ivf_nlist
-from index.vectors import VectorIndex
+from deepfeat.index.choose import choose_factory, default_search_params, ivf_nlist
+from deepfeat.index.vectors import VectorIndex
 
 __all__ = [
     "DEFAULT_FACTORIES",
@@ -237,7 +237,7 @@ def real_seeds(
     Returns:
         ``(seeds, photo_of_seed, photo_names)``: (s, 1280) float32 unit vectors and (s,) int labels.
     """
-    from models.embedder import Embedder  # scripts may import models; index/ never does
+    from deepfeat.models.embedder import Embedder  # scripts may import models; index/ never does
 
     rng = np.random.default_rng(seed)
     photos = _real_photos()

@@ -109,7 +109,7 @@ def _serve(data_dir: Path, port: int, env: dict[str, str], log: Path) -> subproc
     cmd = [
         sys.executable,
         "-m",
-        "scripts.cli",
+        "deepfeat.scripts.cli",
         "serve",
         "--data-dir",
         str(data_dir),

@@ -28,9 +28,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from index.build import build_generation, parse_bytes
-from index.errors import StoreError
-from scripts.cli_common import echo, echo_json, settings_from_args
+from deepfeat.index.build import build_generation, parse_bytes
+from deepfeat.index.errors import StoreError
+from deepfeat.scripts.cli_common import echo, echo_json, settings_from_args
 
 __all__ = ["add_arguments", "build", "main", "run"]
 
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     verbosity = ["-" + "v" * min(getattr(args, "verbose", 0), 2)] if getattr(args, "verbose", 0) else []
     sys.stdout.flush()
     return subprocess.run(
-        [sys.executable, "-m", "scripts.build_index", *verbosity, *argv], check=False
+        [sys.executable, "-m", "deepfeat.scripts.build_index", *verbosity, *argv], check=False
     ).returncode
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from index.errors import StoreError
-from models.errors import ModelError
-from scripts import build_index, compare_classifiers, index_images, train_classifier
-from scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
+from deepfeat.index.errors import StoreError
+from deepfeat.models.errors import ModelError
+from deepfeat.scripts import build_index, compare_classifiers, index_images, train_classifier
+from deepfeat.scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
 
 __all__ = ["main", "build_parser"]
 
@@ -27,7 +27,7 @@ log = logging.getLogger("deepfeat")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from models.registry import get_model, list_models
+    from deepfeat.models.registry import get_model, list_models
 
     rows: list[dict[str, Any]] = []
     for name in list_models():
@@ -68,9 +68,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from app.runtime import build_embedder, image_limits, open_store
-    from index.store import ImageStore
-    from models.images import load_image
+    from deepfeat.index.store import ImageStore
+    from deepfeat.models.images import load_image
+    from deepfeat.runtime import build_embedder, image_limits, open_store
 
     settings = settings_from_args(args)
     if ImageStore.read_manifest(settings.data_dir) is None:
@@ -108,12 +108,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _classify_with(args: argparse.Namespace, settings: Any) -> tuple[list[Any], dict[str, Any], list[Any]]:
     """Predictions, a model description and kNN voters for ``--classifier`` (imagenet, knn or a head)."""
-    from app.classifiers import CLASSIFIERS_DIR, DEFAULT_CLASSIFIER, knn_classify, load_head
-    from app.runtime import build_embedder, image_limits, open_store
-    from index.store import ImageStore
-    from models.embedder import Embedder
-    from models.heads import UnknownHeadError, check_head_name, embedder_kwargs, iter_head_dirs, read_manifest
-    from models.images import load_image
+    from deepfeat.app.classifiers import CLASSIFIERS_DIR, DEFAULT_CLASSIFIER, knn_classify, load_head
+    from deepfeat.index.store import ImageStore
+    from deepfeat.models.embedder import Embedder
+    from deepfeat.models.heads import (
+        UnknownHeadError,
+        check_head_name,
+        embedder_kwargs,
+        iter_head_dirs,
+        read_manifest,
+    )
+    from deepfeat.models.images import load_image
+    from deepfeat.runtime import build_embedder, image_limits, open_store
 
     name = args.classifier
     limits = image_limits(settings)
@@ -186,7 +192,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 def _cmd_weights(args: argparse.Namespace) -> int:
     """Fill the torch hub cache on a machine with internet, so later runs work offline."""
-    from models.registry import get_model
+    from deepfeat.models.registry import get_model
 
     spec = get_model(args.name)
     if spec.family != "torchvision":
@@ -203,8 +209,8 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 def _open_existing(args: argparse.Namespace, *, read_only: bool) -> tuple[Any, Any] | None:
     """Embedder + store for a command that needs an existing store (None, after a message, if absent)."""
-    from app.runtime import build_embedder, open_store
-    from index.store import ImageStore
+    from deepfeat.index.store import ImageStore
+    from deepfeat.runtime import build_embedder, open_store
 
     settings = settings_from_args(args)
     if ImageStore.read_manifest(settings.data_dir) is None:
@@ -218,11 +224,11 @@ def _open_existing(args: argparse.Namespace, *, read_only: bool) -> tuple[Any, A
 
 def _cmd_whiten(args: argparse.Namespace) -> int:
     """Learn PCA-whitening from the store (or a folder) and re-project the stored vectors."""
-    from app.runtime import image_limits
-    from index.whitening import Whitening
-    from models.errors import ImageError
-    from models.images import load_image
-    from scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
+    from deepfeat.index.whitening import Whitening
+    from deepfeat.models.errors import ImageError
+    from deepfeat.models.images import load_image
+    from deepfeat.runtime import image_limits
+    from deepfeat.scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
 
     opened = _open_existing(args, read_only=False)
     if opened is None:
@@ -280,11 +286,11 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 _BENCHES = {
-    "extract": "scripts.bench_extract",
-    "search": "scripts.bench_search",
-    "serve": "scripts.bench_serve",
-    "build": "scripts.bench_build",
-    "ray": "scripts.bench_ray",
+    "extract": "deepfeat.scripts.bench_extract",
+    "search": "deepfeat.scripts.bench_search",
+    "serve": "deepfeat.scripts.bench_serve",
+    "build": "deepfeat.scripts.bench_build",
+    "ray": "deepfeat.scripts.bench_ray",
 }
 
 
@@ -297,7 +303,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from scripts import evaluate
+    from deepfeat.scripts import evaluate
 
     return int(evaluate.main(args.rest))
 
@@ -305,7 +311,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.main import create_app
+    from deepfeat.app.main import create_app
 
     overrides = {
         name: getattr(args, name) for name in ("host", "port", "read_only") if getattr(args, name) is not None

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.settings import Settings
+from deepfeat.settings import Settings
 
 __all__ = ["add_common_arguments", "settings_from_args", "echo", "echo_json"]
 

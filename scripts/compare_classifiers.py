@@ -34,9 +34,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from app.runtime import build_embedder, image_limits
-from models.embedder import Embedder, resolve_device
-from models.heads import (
+from deepfeat.models.embedder import Embedder, resolve_device
+from deepfeat.models.heads import (
     FineTuneConfig,
     LinearConfig,
     TrainingDataError,
@@ -47,8 +46,9 @@ from models.heads import (
     stratified_split,
     train_linear,
 )
-from scripts.cli_common import add_common_arguments, echo, settings_from_args
-from scripts.train_classifier import (
+from deepfeat.runtime import build_embedder, image_limits
+from deepfeat.scripts.cli_common import add_common_arguments, echo, settings_from_args
+from deepfeat.scripts.train_classifier import (
     check_class_sizes,
     dataset_features,
     dataset_images,
@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m scripts.compare_classifiers ...`` = ``deepfeat compare-classifiers ...``."""
-    from scripts.cli import main as cli_main
+    from deepfeat.scripts.cli import main as cli_main
 
     return cli_main(["compare-classifiers", *(sys.argv[1:] if argv is None else argv)])
 

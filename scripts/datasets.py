@@ -45,7 +45,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from scripts.cli_common import echo
+from deepfeat.scripts.cli_common import echo
 
 __all__ = [
     "Collection",

@@ -307,7 +307,7 @@ def build_grid(
     ``layers`` None = the three conv layers nearest the top (a penultimate layer that is the
     avg-pooled top conv map, as in EfficientNet/ResNet, would repeat that layer's avg rows).
     """
-    from models.registry import get_model
+    from deepfeat.models.registry import get_model
 
     grid: list[Config] = []
     for model in models:
@@ -370,8 +370,8 @@ def load_images(
     paths: Sequence[Path], *, side: int = WORKING_SIDE
 ) -> tuple[list[Image.Image], list[Path], list[str]]:
     """Decode with the project's loader at most ``side`` long. Returns (images, their paths, failures)."""
-    from models.errors import ModelError
-    from models.images import load_image
+    from deepfeat.models.errors import ModelError
+    from deepfeat.models.images import load_image
 
     images: list[Image.Image] = []
     kept: list[Path] = []
@@ -428,7 +428,7 @@ class FeatureBank:
 
     def embedder(self, model: str, gem_p: float) -> Any:
         if model not in self.embedders:
-            from models.embedder import Embedder
+            from deepfeat.models.embedder import Embedder
 
             log.info("loading %s on %s", model, self.device)
             self.embedders[model] = Embedder(model, device=self.device, precision="fp32", gem_p=gem_p)
@@ -466,7 +466,7 @@ class FeatureBank:
         import torch
         import torch.nn.functional as F
 
-        from models.pooling import get_pooling
+        from deepfeat.models.pooling import get_pooling
 
         needs = sorted(
             self._needs.get((cfg.model, cfg.resize_mode, cfg.max_side, scale), {(cfg.layer, cfg.pooling)})
@@ -550,7 +550,7 @@ def _apply_whitening(
 ) -> tuple[list[np.ndarray], int | None]:
     if cfg.whitening == "none":
         return list(blocks), None
-    from index.whitening import Whitening
+    from deepfeat.index.whitening import Whitening
 
     dim = _whiten_dim(cfg.whitening, train.shape[0], train.shape[1])
     w = Whitening.fit(train, dim=dim)
@@ -1074,8 +1074,8 @@ def main(argv: Sequence[str] | None = None, *, bank: FeatureBank | None = None) 
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from index.errors import StoreError
-    from models.errors import ModelError
+    from deepfeat.index.errors import StoreError
+    from deepfeat.models.errors import ModelError
 
     try:
         report = run(args, bank=bank)

@@ -28,10 +28,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from index.store import ImageStore, NewImage
-from models.embedder import Embedder
-from models.errors import ImageError
-from models.images import (
+from deepfeat.index.store import ImageStore, NewImage
+from deepfeat.models.embedder import Embedder
+from deepfeat.models.errors import ImageError
+from deepfeat.models.images import (
     ImageLimits,
     decode_jpegs,
     load_image,
@@ -426,8 +426,8 @@ def input_paths(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the indexer from parsed CLI arguments; returns the process exit code."""
-    from app.runtime import build_embedder, image_limits, open_store
-    from scripts.cli_common import echo, settings_from_args
+    from deepfeat.runtime import build_embedder, image_limits, open_store
+    from deepfeat.scripts.cli_common import echo, settings_from_args
 
     if not args.paths and getattr(args, "from_list", None) is None:
         sys.stderr.write("error [no_inputs]: give image files/folders, or --from-list FILE\n")
@@ -438,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error [unreadable_list]: cannot read {args.from_list}: {exc.strerror or exc}\n")
         return 2
     if getattr(args, "engine", "local") == "ray":
-        from scripts import index_ray
+        from deepfeat.scripts import index_ray
 
         return index_ray.run(args, paths)
     settings = settings_from_args(args)
@@ -470,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from scripts.cli_common import add_common_arguments
+    from deepfeat.scripts.cli_common import add_common_arguments
 
     parser = argparse.ArgumentParser(
         prog="index_images", description=__doc__.splitlines()[0] if __doc__ else None

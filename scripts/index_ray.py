@@ -51,12 +51,12 @@ from typing import Any
 
 import numpy as np
 
-from index.errors import StoreError
-from index.store import ImageStore, NewImage
-from models.embedder import Embedder
-from models.errors import InvalidOptionError
-from models.images import ImageLimits
-from scripts.index_images import (
+from deepfeat.index.errors import StoreError
+from deepfeat.index.store import ImageStore, NewImage
+from deepfeat.models.embedder import Embedder
+from deepfeat.models.errors import InvalidOptionError
+from deepfeat.models.images import ImageLimits
+from deepfeat.scripts.index_images import (
     DEFAULT_EXTENSIONS,
     IndexSummary,
     extensions_from,
@@ -300,7 +300,7 @@ def _write_shard(job_dir: Path, table: Any) -> Path:
     """Write rows (sorted by listing index) as ``shard-<first index>-<n>.parquet``, atomically."""
     import pyarrow.parquet as pq
 
-    from index._fs import atomic_write
+    from deepfeat.index._fs import atomic_write
 
     table = table.sort_by("index")
     first = int(table.column("index")[0].as_py())
@@ -654,8 +654,8 @@ def index_paths_ray(
 
 def run(args: argparse.Namespace, paths: Sequence[str]) -> int:
     """``deepfeat index --engine ray``: returns the process exit code."""
-    from app.runtime import embedder_options, image_limits, open_store
-    from scripts.cli_common import echo, settings_from_args
+    from deepfeat.runtime import embedder_options, image_limits, open_store
+    from deepfeat.scripts.cli_common import echo, settings_from_args
 
     try:
         ray = import_ray()

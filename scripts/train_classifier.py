@@ -30,12 +30,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from app.runtime import build_embedder, image_limits
-from app.settings import Settings
-from index.store import ImageStore
-from models.embedder import Embedder
-from models.errors import ImageError
-from models.heads import (
+from deepfeat.index.store import ImageStore
+from deepfeat.models.embedder import Embedder
+from deepfeat.models.errors import ImageError
+from deepfeat.models.heads import (
     FINETUNE_COMPATIBLE_KEYS,
     METHODS,
     FineTuneConfig,
@@ -55,9 +53,11 @@ from models.heads import (
     stratified_split,
     train_linear,
 )
-from models.images import ImageLimits, load_image
-from scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
-from scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
+from deepfeat.models.images import ImageLimits, load_image
+from deepfeat.runtime import build_embedder, image_limits
+from deepfeat.scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
+from deepfeat.scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
+from deepfeat.settings import Settings
 
 __all__ = [
     "CACHE_FILE",
@@ -538,7 +538,7 @@ def train(
         probabilities = head.probabilities(features[test_idx]) if len(test_idx) else None
         compatible_on = None
     else:
-        from models.embedder import resolve_device
+        from deepfeat.models.embedder import resolve_device
 
         device = resolve_device(settings.device)
 
@@ -695,7 +695,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m scripts.train_classifier ...`` = ``deepfeat train-classifier ...``."""
-    from scripts.cli import main as cli_main
+    from deepfeat.scripts.cli import main as cli_main
 
     return cli_main(["train-classifier", *(sys.argv[1:] if argv is None else argv)])
 

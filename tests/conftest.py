@@ -67,7 +67,7 @@ the retrieval defaults (last conv block, GeM, full image, 3 scales) have their o
 @pytest.fixture(scope="session")
 def lite0():
     """The default model with its real bundled ImageNet weights, loaded once per test session."""
-    from models.embedder import Embedder
+    from deepfeat.models.embedder import Embedder
 
     return Embedder("efficientnet_lite0", device="cpu", **FAST_EMBEDDER)
 

@@ -4,12 +4,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
-from app.classifiers import DEFAULT_CLASSIFIER, api_error, knn_classify
-from app.deps import State, read_upload, require_read
-from app.routes.common import model_info, thumbnail_url
-from app.schemas import ClassifyResponse, ErrorResponse, NeighbourOut, PredictionOut
-from models.embedder import Prediction
-from models.heads import HeadError
+from deepfeat.app.classifiers import DEFAULT_CLASSIFIER, api_error, knn_classify
+from deepfeat.app.deps import State, read_upload, require_read
+from deepfeat.app.routes.common import model_info, thumbnail_url
+from deepfeat.app.schemas import ClassifyResponse, ErrorResponse, NeighbourOut, PredictionOut
+from deepfeat.models.embedder import Prediction
+from deepfeat.models.heads import HeadError
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_read)])
 

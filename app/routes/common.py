@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from app.schemas import ImageInfo, ModelInfo
-from index.catalog import ImageRecord
-from models.embedder import Embedder
+from deepfeat.app.schemas import ImageInfo, ModelInfo
+from deepfeat.index.catalog import ImageRecord
+from deepfeat.models.embedder import Embedder
 
 __all__ = ["model_info", "image_info", "thumbnail_url"]
 

@@ -4,9 +4,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
-from app.deps import State, read_upload, require_read
-from app.routes.common import model_info
-from app.schemas import EmbedResponse, ErrorResponse
+from deepfeat.app.deps import State, read_upload, require_read
+from deepfeat.app.routes.common import model_info
+from deepfeat.app.schemas import EmbedResponse, ErrorResponse
 
 router = APIRouter(prefix="/v1", tags=["embed"], dependencies=[Depends(require_read)])
 

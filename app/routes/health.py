@@ -3,9 +3,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import AppState, State, require_read
-from app.routes.common import model_info
-from app.schemas import ErrorResponse, GenerationOut, HealthResponse, ReadyResponse, StatsResponse
+from deepfeat.app.deps import AppState, State, require_read
+from deepfeat.app.routes.common import model_info
+from deepfeat.app.schemas import ErrorResponse, GenerationOut, HealthResponse, ReadyResponse, StatsResponse
 
 router = APIRouter(tags=["health"])
 

@@ -5,12 +5,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
 
-from app.deps import State, read_upload, require_read, require_write
-from app.errors import APIError
-from app.routes.common import image_info
-from app.schemas import AddImageResponse, DeleteResponse, ErrorResponse, ImageInfo
-from index.store import NewImage
-from models.images import make_thumbnail
+from deepfeat.app.deps import State, read_upload, require_read, require_write
+from deepfeat.app.errors import APIError
+from deepfeat.app.routes.common import image_info
+from deepfeat.app.schemas import AddImageResponse, DeleteResponse, ErrorResponse, ImageInfo
+from deepfeat.index.store import NewImage
+from deepfeat.models.images import make_thumbnail
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 

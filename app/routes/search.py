@@ -5,9 +5,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
-from app.deps import State, read_upload, require_read
-from app.routes.common import model_info, thumbnail_url
-from app.schemas import ErrorResponse, SearchHit, SearchResponse
+from deepfeat.app.deps import State, read_upload, require_read
+from deepfeat.app.routes.common import model_info, thumbnail_url
+from deepfeat.app.schemas import ErrorResponse, SearchHit, SearchResponse
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
 

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from app.settings import Settings
+from deepfeat.app.main import create_app
+from deepfeat.settings import Settings
 from tests.conftest import jpeg_bytes
 
 MakeClient = Callable[..., Any]

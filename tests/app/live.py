@@ -11,8 +11,8 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
-from app.main import create_app
-from app.settings import Settings
+from deepfeat.app.main import create_app
+from deepfeat.settings import Settings
 
 
 def free_port() -> int:

@@ -23,8 +23,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from app.settings import Settings
+from deepfeat.app.main import create_app
+from deepfeat.settings import Settings
 from tests.app import hostile as h
 
 KEY = "k3y-S3cret-0123456789"

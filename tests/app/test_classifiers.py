@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.classifiers import CLASSIFIERS_DIR
-from models.heads import (
+from deepfeat.app.classifiers import CLASSIFIERS_DIR
+from deepfeat.models.heads import (
     FineTuneConfig,
     fine_tune,
     finetune_bytes,
@@ -116,7 +116,7 @@ def test_a_head_of_another_embedder_is_refused(
     client, root = served
     other = lite0.variant(layer="head", pooling="gem").fingerprint  # the server embeds at "penultimate"
     _save(root, "other-layer", other, {"linear.npz": b"never read"})
-    with caplog.at_level(logging.WARNING, logger="app.classifiers"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.app.classifiers"):
         listing = client.get("/v1/classifiers").json()
     assert "other-layer" not in {c["name"] for c in listing["classifiers"]}
     refused = {r["name"]: r for r in listing["refused"]}
@@ -232,7 +232,7 @@ def test_web_page_picks_the_classifier(
 ) -> None:
     from playwright.sync_api import expect
 
-    from app.settings import Settings
+    from deepfeat.settings import Settings
     from tests.app.conftest import FAST
     from tests.app.live import live_server
     from tests.conftest import jpeg_bytes

@@ -20,8 +20,8 @@ from PIL import Image  # noqa: E402
 from schemathesis.core.parameters import ParameterLocation  # noqa: E402
 from schemathesis.specs.openapi import checks as oa  # noqa: E402
 
-from app.main import create_app  # noqa: E402
-from app.settings import Settings  # noqa: E402
+from deepfeat.app.main import create_app  # noqa: E402
+from deepfeat.settings import Settings  # noqa: E402
 from tests.app.hostile import encode, variant  # noqa: E402
 from tests.app.live import live_server  # noqa: E402
 

@@ -29,9 +29,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.main import create_app
-from app.middleware import BodyLimitMiddleware
-from app.settings import Settings
+from deepfeat.app.main import create_app
+from deepfeat.app.middleware import BodyLimitMiddleware
+from deepfeat.settings import Settings
 from tests.app import hostile as h
 from tests.app.serve_proc import proc_status, run_app, served
 

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from index.build import build_generation, process_rss_bytes
+from deepfeat.index.build import build_generation, process_rss_bytes
 from tests.app.conftest import MakeClient, upload
 from tests.app.serve_proc import DEEPFEAT, clean_env, served
 from tests.conftest import jpeg_bytes

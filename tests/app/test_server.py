@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from app.settings import Settings
-from scripts.cli import main as deepfeat
+from deepfeat.scripts.cli import main as deepfeat
+from deepfeat.settings import Settings
 from tests.app.live import live_server
 from tests.conftest import jpeg_bytes
 

@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from app.main import create_app
-from app.settings import Settings
+from deepfeat.app.main import create_app
+from deepfeat.settings import Settings
 
 pytestmark = pytest.mark.browser
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from index.store import NewImage
+from deepfeat.index.store import NewImage
 
 DIM = 32
 FINGERPRINT: dict[str, Any] = {"model": "resnet50", "weights": "IMAGENET1K_V2", "layer": "layer4", "dim": DIM}

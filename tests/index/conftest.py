@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from index.store import ImageStore
+from deepfeat.index.store import ImageStore
 from tests.index._helpers import DIM, FINGERPRINT
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.catalog import Catalog, CatalogRow
-from index.errors import CorruptStoreError, InvalidArgumentError, ReadOnlyStoreError, StoreFullError
+from deepfeat.index.catalog import Catalog, CatalogRow
+from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, ReadOnlyStoreError, StoreFullError
 from tests.index._helpers import DIM, sha_of, unit_vectors
 
 

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index.choose import (
+from deepfeat.index.choose import (
     FLAT_MAX_SCAN,
     HNSW_EF_SEARCH,
     IVF_FROM,
@@ -19,8 +19,8 @@ from index.choose import (
     min_train_vectors,
     resolve_factory,
 )
-from index.errors import InvalidArgumentError
-from index.vectors import VectorIndex
+from deepfeat.index.errors import InvalidArgumentError
+from deepfeat.index.vectors import VectorIndex
 from tests.index._helpers import DIM, unit_vectors
 
 GiB = 2**30

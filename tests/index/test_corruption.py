@@ -30,11 +30,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from app.settings import Settings
-from index.errors import StoreFullError
-from index.store import CATALOG_FILE, MANIFEST_FILE, SNAPSHOT_FILE, Hit, ImageStore, NewImage
-from models.embedder import Embedder
+from deepfeat.app.main import create_app
+from deepfeat.index.errors import StoreFullError
+from deepfeat.index.store import CATALOG_FILE, MANIFEST_FILE, SNAPSHOT_FILE, Hit, ImageStore, NewImage
+from deepfeat.models.embedder import Embedder
+from deepfeat.settings import Settings
 from tests.app import hostile as h
 
 Photos = dict[str, Image.Image]

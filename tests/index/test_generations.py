@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import index.build as build_module
-from index.build import BuildPlan, build_generation, parse_bytes, plan_build, process_rss_bytes
-from index.errors import (
+import deepfeat.index.build as build_module
+from deepfeat.index.build import BuildPlan, build_generation, parse_bytes, plan_build, process_rss_bytes
+from deepfeat.index.errors import (
     CorruptStoreError,
     InvalidArgumentError,
     MemoryBudgetError,
     ReadOnlyStoreError,
     StoreError,
 )
-from index.generations import GENERATIONS_DIR, Generation, load_generation, merge_top_k
-from index.manifest import GenerationInfo, Manifest
-from index.store import LOCK_FILE, MANIFEST_FILE, ImageStore
+from deepfeat.index.generations import GENERATIONS_DIR, Generation, load_generation, merge_top_k
+from deepfeat.index.manifest import GenerationInfo, Manifest
+from deepfeat.index.store import LOCK_FILE, MANIFEST_FILE, ImageStore
 from tests.index._helpers import DIM, FINGERPRINT, new_images, unit_vectors
 
 Opener = Callable[..., ImageStore]
@@ -251,7 +251,7 @@ def _crash_during_build(data_dir: Path, patch: str) -> None:
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
         import faiss
-        import index.build as b
+        import deepfeat.index.build as b
         {patch}
         b.build_generation({str(data_dir)!r}, factory={EXACT!r}, max_memory_bytes={BUDGET})
         """
@@ -334,7 +334,7 @@ def test_corrupt_generation_falls_back_to_the_previous_then_to_memory(
     with pytest.raises(CorruptStoreError, match="checksum mismatch"):
         load_generation(data_dir, second)
 
-    with caplog.at_level(logging.WARNING, logger="index.store"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.index.store"):
         replica = open_store(read_only=True)
         assert replica.generation is not None and replica.generation.number == 1  # the previous one
         assert replica.count == 620 and ids_of(replica.search(queries, 5)) == expected
@@ -355,7 +355,7 @@ def test_a_header_whose_lists_do_not_fit_the_data_file_is_refused(
     would read outside the mapping (SIGSEGV) at the first search. Simulate a buggy publish."""
     import faiss
 
-    from index._fs import sha256_file
+    from deepfeat.index._fs import sha256_file
 
     data_dir = writer.data_dir
     info = build(data_dir)
@@ -548,7 +548,7 @@ def test_replica_reads_a_data_dir_only_the_writer_can_write() -> None:
         f"""
         import json, sys
         sys.path.insert(0, {str(REPO)!r})
-        from index.store import ImageStore
+        from deepfeat.index.store import ImageStore
         from tests.index._helpers import DIM, FINGERPRINT, unit_vectors
         store = ImageStore.open({str(root / "store")!r}, fingerprint=FINGERPRINT, dim=DIM, read_only=True)
         hits = store.search(unit_vectors(5, seed=2), 1)

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from index.errors import CorruptStoreError, IncompatibleIndexError, InvalidArgumentError
-from index.manifest import FORMAT_VERSION, Manifest, SnapshotInfo, check_compatible, normalize_fingerprint
+from deepfeat.index.errors import CorruptStoreError, IncompatibleIndexError, InvalidArgumentError
+from deepfeat.index.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    SnapshotInfo,
+    check_compatible,
+    normalize_fingerprint,
+)
 
 
 def make_manifest() -> Manifest:

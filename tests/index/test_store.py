@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index.errors import (
+from deepfeat.index.errors import (
     CorruptStoreError,
     IncompatibleIndexError,
     InvalidArgumentError,
@@ -24,7 +24,7 @@ from index.errors import (
     StoreError,
     StoreFullError,
 )
-from index.store import MANIFEST_FILE, SNAPSHOT_FILE, Hit, ImageStore
+from deepfeat.index.store import MANIFEST_FILE, SNAPSHOT_FILE, Hit, ImageStore
 from tests.index._helpers import DIM, FINGERPRINT, new_images, sha_of, unit_vectors
 
 Opener = Callable[..., ImageStore]
@@ -227,7 +227,7 @@ def test_reopen_replays_rows_added_after_snapshot(
     writer.add(unit_vectors(50, seed=7), new_images(50, start=200))
     writer.delete(writer.search(queries[:1], 1)[0][0].id)
     before = ranked(writer.search(queries, 5))
-    with caplog.at_level(logging.INFO, logger="index.store"):
+    with caplog.at_level(logging.INFO, logger="deepfeat.index.store"):
         reader = open_store(snapshot_every=0)
     assert "removed 1, added 50" in caplog.text
     assert reader.count == 249 and ranked(reader.search(queries, 5)) == before
@@ -242,7 +242,7 @@ def test_subprocess_killed_without_close_loses_nothing(data_dir: Path, open_stor
         f"""
         import os, sys
         sys.path.insert(0, {str(Path.cwd())!r})
-        from index.store import ImageStore
+        from deepfeat.index.store import ImageStore
         from tests.index._helpers import FINGERPRINT, DIM, new_images, unit_vectors
         store = ImageStore.open({str(data_dir)!r}, fingerprint=FINGERPRINT, dim=DIM, snapshot_every=100)
         for b in range(3):
@@ -272,7 +272,7 @@ def test_damaged_snapshot_is_set_aside_and_rebuilt(
     else:
         data[len(data) // 2] ^= 0x10
     snap.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="index.store"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.index.store"):
         reopened = open_store()
     assert "rebuilding the index from the catalog" in caplog.text
     assert ranked(reopened.search(queries, 5)) == before
@@ -342,7 +342,7 @@ def test_different_fingerprint_refused_and_files_untouched(open_store: Opener, d
 
 def test_stored_factory_wins(open_store: Opener, caplog: pytest.LogCaptureFixture) -> None:
     open_store(index_factory="HNSW32").close()
-    with caplog.at_level(logging.WARNING, logger="index.store"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.index.store"):
         store = open_store(index_factory="Flat")
     assert store.index_factory == "HNSW32" and "ignoring the requested 'Flat'" in caplog.text
 
@@ -472,7 +472,7 @@ def test_disk_full_on_snapshot_keeps_previous(
 def test_known_sha256_lists_every_stored_hash(tmp_path) -> None:
     import numpy as np
 
-    from index.store import ImageStore, NewImage
+    from deepfeat.index.store import ImageStore, NewImage
 
     rng = np.random.default_rng(3)
     vecs = rng.standard_normal((3, 8)).astype(np.float32)

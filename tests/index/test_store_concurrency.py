@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.store import ImageStore
+from deepfeat.index.store import ImageStore
 from tests.index._helpers import DIM, FINGERPRINT, new_images, sha_of, unit_vectors
 
 Opener = Callable[..., ImageStore]
@@ -131,7 +131,7 @@ def test_two_processes_add_concurrently(data_dir: Path, open_store: Opener) -> N
         f"""
         import sys
         sys.path.insert(0, {str(Path.cwd())!r})
-        from index.store import ImageStore
+        from deepfeat.index.store import ImageStore
         from tests.index._helpers import FINGERPRINT, DIM, new_images, unit_vectors
         start = int(sys.argv[1])
         with ImageStore.open({str(data_dir)!r}, fingerprint=FINGERPRINT, dim=DIM, snapshot_every=40) as s:

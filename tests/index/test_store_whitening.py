@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.errors import CorruptStoreError, InvalidArgumentError
-from index.store import ImageStore, NewImage
-from index.whitening import Whitening
+from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError
+from deepfeat.index.store import ImageStore, NewImage
+from deepfeat.index.whitening import Whitening
 
 FP = {"model": "test", "layer": "x"}
 DIM = 24
@@ -122,7 +122,7 @@ def test_near_duplicate_groups_use_the_index(tmp_path: Path) -> None:
 
 
 def test_auto_index_follows_the_collection_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import index.choose as choose
+    import deepfeat.index.choose as choose
 
     x = _data(300)
     with _open(tmp_path / "s", index_factory="auto") as store:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError, StoreError
-from index.vectors import VectorIndex
+from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError, StoreError
+from deepfeat.index.vectors import VectorIndex
 from tests.index._helpers import DIM, unit_vectors
 
 

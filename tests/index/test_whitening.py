@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.errors import CorruptStoreError, InvalidArgumentError
-from index.whitening import Whitening
+from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError
+from deepfeat.index.whitening import Whitening
 
 
 def _correlated(n: int = 2000, d: int = 32, seed: int = 0) -> np.ndarray:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.embedder import Embedder, resolve_device
-from models.errors import InvalidOptionError, UnknownLayerError, UnknownPoolingError
-from models.registry import get_model, list_models
+from deepfeat.models.embedder import Embedder, resolve_device
+from deepfeat.models.errors import InvalidOptionError, UnknownLayerError, UnknownPoolingError
+from deepfeat.models.registry import get_model, list_models
 from tests.conftest import FAST_EMBEDDER
 
 
@@ -204,7 +204,7 @@ def test_variant_shares_the_backbone(lite0: Embedder, photos: dict[str, Image.Im
 
 
 def test_full_image_transform_keeps_the_aspect_ratio(lite0: Embedder) -> None:
-    from models.embedder import FullImageTransform
+    from deepfeat.models.embedder import FullImageTransform
 
     tf = FullImageTransform(lite0.spec.preprocess, 512)
     assert tf.size_for(4000, 3000) == (384, 512)  # 4:3 landscape -> 512 x 384
@@ -270,7 +270,7 @@ def test_resize_option_errors(lite0: Embedder) -> None:
 
 
 def test_auto_precision_uses_bf16_only_with_native_support() -> None:
-    from models.embedder import _resolve_precision, cpu_has_native_bf16
+    from deepfeat.models.embedder import _resolve_precision, cpu_has_native_bf16
 
     expected = torch.bfloat16 if cpu_has_native_bf16() else None
     assert _resolve_precision("auto", torch.device("cpu")) == expected

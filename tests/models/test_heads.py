@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from models.heads import (
+from deepfeat.models.heads import (
     FINETUNE_COMPATIBLE_KEYS,
     CorruptHeadError,
     FineTuneConfig,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageFile
 from skimage import data as skdata
 
-from models.errors import (
+from deepfeat.models.errors import (
     CorruptImageError,
     ImageError,
     ImageTooLargeError,
@@ -25,7 +25,7 @@ from models.errors import (
     InvalidOptionError,
     UnsupportedFormatError,
 )
-from models.images import (
+from deepfeat.models.images import (
     ALLOWED_FORMATS,
     ImageLimits,
     LoadedImage,

@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from models.errors import InvalidOptionError, UnknownPoolingError
-from models.pooling import avg_pool, gem_pool, get_pooling, list_poolings, max_pool, rmac_pool, rmac_regions
+from deepfeat.models.errors import InvalidOptionError, UnknownPoolingError
+from deepfeat.models.pooling import (
+    avg_pool,
+    gem_pool,
+    get_pooling,
+    list_poolings,
+    max_pool,
+    rmac_pool,
+    rmac_regions,
+)
 
 # One image, two channels, 2x2 maps.
 X = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 8.0]]]])

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from models.errors import UnknownLayerError, UnknownModelError, WeightsUnavailableError
-from models.registry import get_model, list_models, register_model, weights_argument
+from deepfeat.models.errors import UnknownLayerError, UnknownModelError, WeightsUnavailableError
+from deepfeat.models.registry import get_model, list_models, register_model, weights_argument
 
 TORCHVISION = ["vgg16", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 

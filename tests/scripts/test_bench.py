@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.settings import Settings
-from scripts.bench_extract import (
+from deepfeat.scripts.bench_extract import (
     _write_photos,
     end_to_end_configs,
     make_photo_set,
@@ -16,7 +15,8 @@ from scripts.bench_extract import (
     model_flops,
     naive_index,
 )
-from scripts.bench_serve import drive
+from deepfeat.scripts.bench_serve import drive
+from deepfeat.settings import Settings
 from tests.app.live import live_server
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.choose import choose_factory, default_search_params
-from scripts.bench_search import (
+from deepfeat.index.choose import choose_factory, default_search_params
+from deepfeat.scripts.bench_search import (
     Dataset,
     main,
     parse_factories,

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.manifest import Manifest
-from index.store import MANIFEST_FILE, ImageStore
-from scripts import bench_build, build_index
-from scripts.cli import build_parser, main
+from deepfeat.index.manifest import Manifest
+from deepfeat.index.store import MANIFEST_FILE, ImageStore
+from deepfeat.scripts import bench_build, build_index
+from deepfeat.scripts.cli import build_parser, main
 from tests.index._helpers import DIM, FINGERPRINT, new_images, unit_vectors
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts.cli import main
+from deepfeat.scripts.cli import main
 from tests.conftest import jpeg_bytes
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from scripts import evaluate as ev
+from deepfeat.scripts import evaluate as ev
 
 # ---------------------------------------------------------------------------------------------------
 # metrics

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.errors import IncompatibleIndexError
-from index.store import ImageStore
-from models.embedder import Embedder
-from models.errors import ImageError
-from models.images import ImageLimits, load_image
-from scripts.index_images import index_paths, iter_image_files
+from deepfeat.index.errors import IncompatibleIndexError
+from deepfeat.index.store import ImageStore
+from deepfeat.models.embedder import Embedder
+from deepfeat.models.errors import ImageError
+from deepfeat.models.images import ImageLimits, load_image
+from deepfeat.scripts.index_images import index_paths, iter_image_files
 from tests.conftest import jpeg_bytes
 
 
@@ -201,7 +201,7 @@ def test_device_decode_path_gives_the_same_index_as_the_worker_path(
 
 
 def test_a_file_the_device_decoder_refuses_fails_with_the_cpu_loaders_code(lite0: Embedder) -> None:
-    from scripts.index_images import _decode_on_gpu, _Item
+    from deepfeat.scripts.index_images import _decode_on_gpu, _Item
     from tests.models.test_images import NOT_A_SCAN
 
     good = jpeg_bytes(Image.new("RGB", (64, 48), (200, 30, 30)))

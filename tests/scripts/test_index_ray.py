@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.store import CATALOG_FILE, ImageStore
-from models.embedder import Embedder
-from models.errors import InvalidOptionError
-from models.images import ImageLimits
-from scripts import cli
-from scripts.bench_extract import make_photo_set
-from scripts.index_images import DEFAULT_EXTENSIONS, index_paths, iter_image_files
+from deepfeat.index.store import CATALOG_FILE, ImageStore
+from deepfeat.models.embedder import Embedder
+from deepfeat.models.errors import InvalidOptionError
+from deepfeat.models.images import ImageLimits
+from deepfeat.scripts import cli
+from deepfeat.scripts.bench_extract import make_photo_set
+from deepfeat.scripts.index_images import DEFAULT_EXTENSIONS, index_paths, iter_image_files
 from tests.app.live import free_port
 from tests.app.serve_proc import DEEPFEAT, clean_env
 from tests.conftest import FAST_EMBEDDER, jpeg_bytes
@@ -37,8 +37,8 @@ from tests.scripts.test_index_images import png_bomb
 
 ray = pytest.importorskip("ray")
 
-from scripts import index_ray  # noqa: E402  (after the skip: it is only useful with Ray)
-from scripts.index_ray import (  # noqa: E402
+from deepfeat.scripts import index_ray  # noqa: E402  (after the skip: it is only useful with Ray)
+from deepfeat.scripts.index_ray import (  # noqa: E402
     JOBS_DIR,
     EmbedderActor,
     JobRunningError,
@@ -146,7 +146,7 @@ def test_ray_engine_matches_the_local_indexer(
     )
     assert not (data_dir / JOBS_DIR).exists()  # the shards are removed once committed
     # `deepfeat bench ray` reads its figures from this summary line.
-    from scripts.bench_ray import _REPORTED, _STARTUP
+    from deepfeat.scripts.bench_ray import _REPORTED, _STARTUP
 
     assert _REPORTED.search(out) and _STARTUP.search(out)
 

@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.errors import StoreError
-from index.store import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE, ImageStore
-from index.vectors import VectorIndex
-from models.embedder import Embedder
+from deepfeat.index.errors import StoreError
+from deepfeat.index.store import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE, ImageStore
+from deepfeat.index.vectors import VectorIndex
+from deepfeat.models.embedder import Embedder
 from tests.app import hostile as h
 from tests.app.live import free_port, live_server
 from tests.app.serve_proc import DEEPFEAT, clean_env, served
@@ -58,8 +58,8 @@ KNOWN_FILES |= {"index-report.jsonl"}
 def cli_embedder(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
     """The embedder `deepfeat index` and `deepfeat serve` build for a new store with default settings:
     its fingerprint is the one a restart opens the store with."""
-    from app.runtime import build_embedder
-    from app.settings import Settings
+    from deepfeat.runtime import build_embedder
+    from deepfeat.settings import Settings
 
     return build_embedder(Settings(data_dir=tmp_path_factory.mktemp("no-store")))
 
@@ -377,7 +377,7 @@ def test_server_killed_during_adds_keeps_every_acknowledged_image(
 def test_indexer_and_server_write_one_data_dir_at_once(
     tmp_path: Path, source_dir: Path, photos: Photos, cli_embedder: Embedder
 ) -> None:
-    from app.settings import Settings
+    from deepfeat.settings import Settings
 
     data_dir = tmp_path / "data"
     files = sorted(source_dir.iterdir())

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.classifiers import load_head
-from app.runtime import image_limits
-from app.settings import Settings
-from index.store import ImageStore, NewImage
-from models.heads import FineTuneConfig, HeadExistsError, TrainingDataError, read_manifest
-from scripts import cli
-from scripts.compare_classifiers import compare, markdown_table
-from scripts.train_classifier import (
+from deepfeat.app.classifiers import load_head
+from deepfeat.index.store import ImageStore, NewImage
+from deepfeat.models.heads import FineTuneConfig, HeadExistsError, TrainingDataError, read_manifest
+from deepfeat.runtime import image_limits
+from deepfeat.scripts import cli
+from deepfeat.scripts.compare_classifiers import compare, markdown_table
+from deepfeat.scripts.train_classifier import (
     CACHE_FILE,
     FeatureCache,
     TrainOptions,
@@ -26,6 +25,7 @@ from scripts.train_classifier import (
     scan_class_folders,
     train,
 )
+from deepfeat.settings import Settings
 from tests.conftest import jpeg_bytes
 from tests.models.test_heads import CLASSES, augmented_classes
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from app.settings import Settings
-from index.store import ImageStore
-from models.embedder import Embedder
-from models.heads import embedder_kwargs
-from models.images import ImageLimits
+from deepfeat.index.store import ImageStore
+from deepfeat.models.embedder import Embedder
+from deepfeat.models.heads import embedder_kwargs
+from deepfeat.models.images import ImageLimits
+from deepfeat.settings import Settings
 
 __all__ = ["embedder_options", "build_embedder", "open_store", "image_limits"]
 
