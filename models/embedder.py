@@ -421,6 +421,27 @@ class Embedder:
             raise InvalidOptionError("no images given")
         return [self.transform(img) for img in images]
 
+    def forward_intermediates(
+        self, batch: torch.Tensor, layers: Sequence[str | int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Raw outputs of several layers from one forward pass (in the spirit of timm's
+        ``forward_intermediates``): the one path every embedding, evaluation and training run takes,
+        so device, precision, channels-last and inference mode are always the embedder's own.
+
+        Args:
+            batch: (n, 3, H, W) preprocessed images (``preprocess``/``classify_inputs`` output).
+            layers: layer names or positions k; None = the embedding layer.
+        Returns:
+            {layer name: float32 tensor on the embedder's device}: (n, c, h, w) for conv layers,
+            (n, d) for vector layers.
+        Raises:
+            InvalidOptionError: the batch is not (n, 3, H, W). UnknownLayerError: a bad layer.
+        """
+        specs = [self.layer] if layers is None else [self.spec.get_layer(x) for x in layers]
+        nodes = tuple(dict.fromkeys(spec.node for spec in specs))
+        out = self._forward(batch, nodes)
+        return {spec.name: out[spec.node] for spec in specs}
+
     def _forward(self, batch: torch.Tensor, nodes: tuple[str, ...]) -> dict[str, torch.Tensor]:
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise InvalidOptionError(f"expected a (n, 3, H, W) batch, got shape {tuple(batch.shape)}")
@@ -433,11 +454,36 @@ class Embedder:
             out: dict[str, torch.Tensor] = self._trunk(nodes)(batch)
         return {k: out[k].float() for k in nodes}
 
-    def _pooled(self, feat: torch.Tensor) -> torch.Tensor:
-        """Layer output -> (n, dim) unit vectors."""
-        if self._pool is not None:
-            feat = self._pool(feat)  # (n, c, h, w) -> (n, c)
-        return F.normalize(feat.flatten(1), dim=1)
+    def pool(
+        self,
+        features: torch.Tensor,
+        *,
+        layer: str | int | None = None,
+        pooling: str | None = None,
+        gem_p: float | None = None,
+    ) -> torch.Tensor:
+        """A layer's raw output -> (n, dim) unit vectors.
+
+        Args:
+            features: ``forward_intermediates`` output of ``layer``.
+            layer, pooling, gem_p: default to the embedder's own; a conv layer is pooled (avg, max,
+                gem, rmac), a vector layer is only normalised.
+        """
+        spec = self.layer if layer is None else self.spec.get_layer(layer)
+        if spec.kind == "conv":
+            if layer is None and pooling is None and gem_p is None and self._pool is not None:
+                features = self._pool(features)  # (n, c, h, w) -> (n, c)
+            else:
+                p = self.gem_p if gem_p is None else float(gem_p)
+                features = get_pooling(pooling or self.pooling, gem_p=p)(features)
+        return F.normalize(features.flatten(1), dim=1)
+
+    @staticmethod
+    def rescale(batch: torch.Tensor, scale: float) -> torch.Tensor:
+        """The multi-scale input: (n, 3, H, W) resized by ``scale`` (antialiased), unchanged at 1."""
+        if scale == 1.0:
+            return batch
+        return F.interpolate(batch, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
 
     def _predictions(self, logits: torch.Tensor, k: int) -> list[list[Prediction]]:
         if k < 1:
@@ -454,14 +500,10 @@ class Embedder:
 
     def _descriptors(self, batch: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) same-size batch -> (n, dim) unit vectors, averaged over the scales."""
-        descriptors = []
-        for scale in self.scales:
-            x = batch
-            if scale != 1.0:
-                x = F.interpolate(
-                    batch, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False
-                )
-            descriptors.append(self._pooled(self._forward(x, (self.layer.node,))[self.layer.node]))
+        descriptors = [
+            self.pool(self.forward_intermediates(self.rescale(batch, scale))[self.layer.name])
+            for scale in self.scales
+        ]
         return F.normalize(torch.stack(descriptors).sum(dim=0), dim=1)
 
     def embed_tensors(self, tensors: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
@@ -521,5 +563,5 @@ class Embedder:
             return self.embed(images), self.classify(images, k=k)
         nodes = tuple(dict.fromkeys((self.layer.node, self.spec.logits_node)))
         out = self._forward(self._classify_batch(images), nodes)
-        vectors = self._pooled(out[self.layer.node]).cpu().numpy().astype(np.float32, copy=False)
+        vectors = self.pool(out[self.layer.node]).cpu().numpy().astype(np.float32, copy=False)
         return vectors, self._predictions(out[self.spec.logits_node], k)
