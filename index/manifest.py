@@ -129,6 +129,9 @@ class Manifest:
     fingerprint: dict[str, Any]
     dim: int
     index_factory: str = "Flat"
+    embedder: dict[str, Any] | None = None
+    """The options that made the vectors, as the embedder's config recorded them (opaque here: the
+    index never interprets them). Absent in stores written before it existed; a writer adds it."""
     metric: str = "ip"
     format_version: int = FORMAT_VERSION
     created_at: float = 0.0
@@ -149,6 +152,8 @@ class Manifest:
         data["generation"] = None if self.generation is None else self.generation.to_dict()
         if data["generation"] is None:
             del data["generation"]  # stores without generations keep the manifest they always had
+        if data["embedder"] is None:
+            del data["embedder"]
         return {**extra, **data}
 
     @classmethod
@@ -184,6 +189,9 @@ class Manifest:
                 raise TypeError(f"fingerprint must be an object, got {type(fingerprint).__name__}")
             if not isinstance(dim, int) or dim < 1:
                 raise TypeError(f"dim must be a positive integer, got {dim!r}")
+            embedder = data.get("embedder")
+            if embedder is not None and not isinstance(embedder, dict):
+                raise TypeError(f"embedder must be an object or null, got {type(embedder).__name__}")
             snapshot = None
             if snap is not None:
                 if not isinstance(snap, dict):
@@ -207,12 +215,14 @@ class Manifest:
                 "count",
                 "snapshot",
                 "generation",
+                "embedder",
             }
             gen = data.get("generation")
             return cls(
                 fingerprint=fingerprint,
                 dim=dim,
                 index_factory=str(data.get("index_factory", "Flat")),
+                embedder=embedder,
                 metric=str(data.get("metric", "ip")),
                 format_version=version,
                 created_at=float(data.get("created_at", 0.0)),

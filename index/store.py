@@ -211,6 +211,7 @@ class ImageStore:
         index_factory: str | None = None,
         read_only: bool = False,
         snapshot_every: int = 1000,
+        embedder_config: dict[str, Any] | None = None,
     ) -> ImageStore:
         """Open the store in ``data_dir``, creating it when absent.
 
@@ -229,6 +230,9 @@ class ImageStore:
             read_only: Refuse add/delete/snapshot; never write to the directory.
             snapshot_every: Write a snapshot automatically after this many vectors were added (0: only
                 on :meth:`snapshot` and :meth:`close`).
+            embedder_config: The options that made ``fingerprint`` (JSON-able), recorded in the
+                manifest of a new store, and added atomically to the manifest of an older store that
+                lacks them when opened for writing.
 
         Returns:
             The open store (also a context manager).
@@ -280,6 +284,7 @@ class ImageStore:
                     None if auto else index_factory,
                     data_dir=data_dir,
                     read_only=read_only,
+                    embedder_config=embedder_config,
                 )
                 store = cls._load_vectors(data_dir, catalog, manifest, lock, read_only, snapshot_every, base)
         except BaseException:
@@ -1233,6 +1238,7 @@ def _reconcile_identity(
     *,
     data_dir: Path,
     read_only: bool,
+    embedder_config: dict[str, Any] | None,
 ) -> Manifest:
     """Make the manifest and the catalog's ``meta`` agree on the store's identity; create a new store.
 
@@ -1257,6 +1263,10 @@ def _reconcile_identity(
                 manifest.index_factory,
                 index_factory,
             )
+        if manifest.embedder is None and embedder_config is not None and not read_only:
+            manifest = replace(manifest, embedder=normalize_fingerprint(embedder_config))
+            manifest.save(data_dir / MANIFEST_FILE)
+            logger.info("recorded the embedder options in the manifest of %s", data_dir)
         return manifest
 
     now = time.time()
@@ -1267,6 +1277,7 @@ def _reconcile_identity(
             fingerprint=stored_fp,
             dim=stored_dim,
             index_factory=catalog.get_meta("index_factory") or "Flat",
+            embedder=None if embedder_config is None else normalize_fingerprint(embedder_config),
             created_at=now,
             updated_at=now,
             count=catalog.count(),
@@ -1284,7 +1295,13 @@ def _reconcile_identity(
         catalog.set_meta("dim", str(dim))
         catalog.set_meta("index_factory", factory)
         manifest = Manifest(
-            fingerprint=given_fp, dim=dim, index_factory=factory, created_at=now, updated_at=now, count=0
+            fingerprint=given_fp,
+            dim=dim,
+            index_factory=factory,
+            embedder=None if embedder_config is None else normalize_fingerprint(embedder_config),
+            created_at=now,
+            updated_at=now,
+            count=0,
         )
         logger.info("created a new store in %s (dim %d, factory %s)", data_dir, dim, factory)
     if not read_only:
