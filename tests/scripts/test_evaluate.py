@@ -162,6 +162,65 @@ def bank(lite0: object) -> ev.FeatureBank:
     return ev.FeatureBank(embedders={"efficientnet_lite0": lite0})
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        # the baseline: a vector layer, centre crop, one scale
+        ev.Config("efficientnet_lite0", "penultimate", "none", "none", baseline=True),
+        # a conv layer pooled by R-MAC, whole images of three shapes, two scales
+        ev.Config("efficientnet_lite0", "blocks.5", "rmac", "none", (1.0, 1 / math.sqrt(2)), "full", 256),
+    ],
+    ids=["penultimate-crop", "blocks5-rmac-full-2scales"],
+)
+def test_bank_vectors_are_the_embedders(
+    cfg: ev.Config, photos: dict[str, Image.Image], bank: ev.FeatureBank
+) -> None:
+    """The shared pass (several layers and poolings read from one forward pass, scales summed by the
+    bank) gives what an Embedder built with the configuration's options returns from ``embed``."""
+    from deepfeat.models.embedder import Embedder
+
+    images = []
+    for name in ("chelsea", "rocket", "astronaut"):  # landscape, portrait, square
+        small = photos[name].copy()
+        small.thumbnail((300, 300))
+        images.append(small)
+    # other rows of the same passes: the bank must pool each of them apart from cfg's
+    siblings = [
+        ev.Config(cfg.model, layer, pooling, "none", cfg.scales, cfg.resize_mode, cfg.max_side)
+        for layer, pooling in (("head", "gem"), ("blocks.5", "max"), ("logits", "none"))
+    ]
+    bank.register([*siblings, cfg])
+    got = bank.vectors("database", images, cfg)
+    reference = Embedder(
+        cfg.model,
+        device="cpu",
+        precision="fp32",
+        layer=cfg.layer,
+        pooling=None if cfg.pooling == "none" else cfg.pooling,
+        gem_p=cfg.gem_p,
+        resize_mode=cfg.resize_mode,
+        max_side=cfg.max_side,
+        scales=cfg.scales,
+    ).embed(images)
+    assert got.shape == reference.shape and got.dtype == np.float32
+    assert float((got * reference).sum(axis=1).min()) >= 0.999
+
+
+def test_bank_never_serves_another_image_list_under_the_same_name(
+    photos: dict[str, Image.Image], bank: ev.FeatureBank
+) -> None:
+    cfg = ev.Config("efficientnet_lite0", "penultimate", "none", "none")
+    first = [photos["chelsea"], photos["coffee"]]
+    second = [photos["rocket"], photos["hopper"], photos["astronaut"]]
+    a = bank.vectors("database", first, cfg)
+    b = bank.vectors("database", second, cfg)
+    assert a.shape == (2, 1280) and b.shape == (3, 1280)
+    np.testing.assert_allclose(bank.vectors("database", first, cfg), a, atol=1e-5)
+    # a row registered after its pass ran is computed, not a KeyError
+    late = ev.Config("efficientnet_lite0", "head", "gem", "none")
+    assert bank.vectors("database", first, late).shape == (2, 1280)
+
+
 def _augment(img: Image.Image, seed: int) -> Image.Image:
     """A mild, seeded variation: crop 80-95%, maybe mirrored, colour jitter."""
     rng = np.random.default_rng(seed)
