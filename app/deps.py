@@ -10,10 +10,10 @@ from typing import Annotated
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
-from deepfeat.app.classifiers import ClassifierRegistry
 from deepfeat.app.errors import APIError
 from deepfeat.app.inference import Inference
 from deepfeat.app.metrics import Metrics
+from deepfeat.classifiers import ClassifierRegistry
 from deepfeat.index.store import ImageStore
 from deepfeat.models.images import ImageLimits, LoadedImage, load_image
 from deepfeat.settings import Settings

@@ -14,8 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepfeat.index import errors as store_errors
 from deepfeat.models import errors as model_errors
+from deepfeat.models.heads import errors as head_errors
 
-__all__ = ["APIError", "install_error_handlers", "error_response", "STATUS_BY_ERROR"]
+__all__ = ["APIError", "install_error_handlers", "error_response", "STATUS_BY_ERROR", "HEADERS_BY_ERROR"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (model_errors.UnsupportedFormatError, 415),
     (model_errors.ImageError, 422),
     (model_errors.WeightsUnavailableError, 503),
+    (model_errors.Overloaded, 503),
+    (head_errors.UnknownHeadError, 404),
+    (head_errors.InvalidHeadNameError, 404),  # a name that cannot exist is not found either
+    (head_errors.IncompatibleHeadError, 409),
+    (head_errors.CorruptHeadError, 503),
+    (head_errors.NoLabelsError, 422),
     (model_errors.ModelError, 422),
     (store_errors.NotFoundError, 404),
     (store_errors.InvalidVectorError, 422),
@@ -47,6 +54,14 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (store_errors.CorruptStoreError, 503),
     (store_errors.StoreError, 422),
 ]
+
+HEADERS_BY_ERROR: dict[type[Exception], dict[str, str]] = {
+    model_errors.Overloaded: {"Retry-After": "1"},
+}
+
+# Server-side (5xx) but not logged per request: a full queue is the expected answer to a burst
+# (counted in the metrics), and a refused head was logged once when the registry loaded it.
+_NOT_LOGGED: tuple[type[Exception], ...] = (model_errors.Overloaded, head_errors.CorruptHeadError)
 
 _CODE_BY_STATUS = {
     400: "malformed_body",
@@ -79,9 +94,9 @@ def install_error_handlers(app: FastAPI) -> None:
         for cls, status in STATUS_BY_ERROR:
             if isinstance(exc, cls):
                 _count(request, code)
-                if status >= 500:
+                if status >= 500 and not isinstance(exc, _NOT_LOGGED):
                     log.error("%s: %s", code, exc)
-                return error_response(status, code, str(exc))
+                return error_response(status, code, str(exc), headers=HEADERS_BY_ERROR.get(cls))
         raise exc  # pragma: no cover - every registered class is in the table
 
     for cls in (model_errors.ModelError, store_errors.StoreError):

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deepfeat.app.batching import MicroBatcher, Overloaded
-from deepfeat.app.errors import APIError
 from deepfeat.app.metrics import Metrics
+from deepfeat.models.batching import MicroBatcher
 from deepfeat.models.embedder import Embedder, Prediction
+from deepfeat.models.errors import Overloaded
 
 __all__ = ["Inference"]
 
@@ -32,7 +32,7 @@ class Inference:
     batching: gather concurrent requests into one forward pass (else one pass per request).
     max_batch: most images per forward pass.
     max_wait_ms: how long the first request of a batch waits for company.
-    max_queue: images allowed to wait; beyond that requests get 503 ``overloaded``.
+    max_queue: images allowed to wait; beyond that requests get :class:`Overloaded` (503 ``overloaded``).
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class Inference:
 
     def _run_direct(self, n: int, fn: Callable[[], T]) -> T:
         if not self._waiting.acquire(blocking=False):
-            raise _overloaded()
+            raise Overloaded
         try:
             with self._direct:
                 result = self._timed(fn)
@@ -109,29 +109,17 @@ class Inference:
         tensors = self.embedder.preprocess(images)
         if self._embedder_batcher is None:
             return self._run_direct(len(images), lambda: self.embedder.embed_tensors(tensors))
-        try:
-            return np.stack(self._embedder_batcher.submit_many(tensors))
-        except Overloaded:
-            raise _overloaded() from None
+        return np.stack(self._embedder_batcher.submit_many(tensors))
 
     def classify(self, images: Sequence[Image.Image], *, k: int) -> list[list[Prediction]]:
         tensors = self.embedder.classify_inputs(images)
         if self._logits_batcher is None:
             logits = self._run_direct(len(images), lambda: self.embedder.logits(tensors))
         else:
-            try:
-                logits = torch.stack(self._logits_batcher.submit_many(tensors))
-            except Overloaded:
-                raise _overloaded() from None
+            logits = torch.stack(self._logits_batcher.submit_many(tensors))
         return self.embedder.top_k(logits, k=k)
 
     def close(self) -> None:
         for batcher in (self._embedder_batcher, self._logits_batcher):
             if batcher is not None:
                 batcher.close()
-
-
-def _overloaded() -> APIError:
-    return APIError(
-        503, "overloaded", "too many requests are waiting for the model; retry shortly", {"Retry-After": "1"}
-    )

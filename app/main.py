@@ -17,13 +17,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
-from deepfeat.app.classifiers import CLASSIFIERS_DIR, ClassifierRegistry
 from deepfeat.app.deps import AppState, Runtime
 from deepfeat.app.errors import install_error_handlers
 from deepfeat.app.inference import Inference
 from deepfeat.app.metrics import Metrics, MetricsMiddleware
 from deepfeat.app.middleware import BodyLimitMiddleware
 from deepfeat.app.routes import classifiers, classify, embed, health, images, search
+from deepfeat.classifiers import CLASSIFIERS_DIR, ClassifierRegistry
 from deepfeat.index.errors import StoreError
 from deepfeat.models.errors import ModelError
 from deepfeat.runtime import build_embedder, image_limits, open_store
@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (search, classify, classifiers, embed, images, health):
         app.include_router(module.router)
 
-    page = resources.files("app").joinpath("web", "index.html").read_text(encoding="utf-8")
+    page = resources.files("deepfeat.app").joinpath("web", "index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> HTMLResponse:

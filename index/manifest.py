@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepfeat import fingerprints
 from deepfeat.index._fs import atomic_write_bytes
 from deepfeat.index.errors import CorruptStoreError, IncompatibleIndexError, InvalidArgumentError
 
@@ -30,7 +31,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_MAX_VALUE_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -290,15 +290,9 @@ def normalize_fingerprint(fingerprint: Any) -> dict[str, Any]:
     if not isinstance(fingerprint, dict):
         raise InvalidArgumentError(f"fingerprint must be a dict, got {type(fingerprint).__name__}")
     try:
-        result: dict[str, Any] = json.loads(json.dumps(fingerprint, sort_keys=True, allow_nan=False))
+        return fingerprints.normalize(fingerprint)
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"fingerprint must be JSON-serialisable: {exc}") from exc
-    return result
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=repr)
-    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
 
 
 def check_compatible(stored_fingerprint: dict[str, Any], given_fingerprint: dict[str, Any]) -> None:
@@ -315,26 +309,13 @@ def check_compatible(stored_fingerprint: dict[str, Any], given_fingerprint: dict
         IncompatibleIndexError: The fingerprints differ; the message lists each differing key with the
             stored and the given value (``<missing>`` when one side lacks the key).
     """
-    stored = normalize_fingerprint(stored_fingerprint)
-    given = normalize_fingerprint(given_fingerprint)
-    if stored == given:
-        return
-    missing = object()
-    differences: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(stored) | set(given)):
-        a, b = stored.get(key, missing), given.get(key, missing)
-        if a != b:
-            differences[key] = (None if a is missing else a, None if b is missing else b)
-    parts = []
-    for key in differences:
-        a, b = stored.get(key, missing), given.get(key, missing)
-        parts.append(
-            f"{key}: stored={'<missing>' if a is missing else _short(a)} "
-            f"given={'<missing>' if b is missing else _short(b)}"
-        )
-    raise IncompatibleIndexError(
-        "this store was built by a different embedder (fingerprint mismatch): "
-        + "; ".join(parts)
-        + ". Use a new data directory or re-index with this embedder.",
-        differences=differences,
+    differences = fingerprints.differences(
+        normalize_fingerprint(stored_fingerprint), normalize_fingerprint(given_fingerprint)
     )
+    if differences:
+        raise IncompatibleIndexError(
+            "this store was built by a different embedder (fingerprint mismatch): "
+            + fingerprints.describe(differences, sides=("stored", "given"))
+            + ". Use a new data directory or re-index with this embedder.",
+            differences=fingerprints.without_missing(differences),
+        )

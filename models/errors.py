@@ -18,6 +18,7 @@ __all__ = [
     "CorruptImageError",
     "ImageTooLargeError",
     "ImageTooSmallError",
+    "Overloaded",
 ]
 
 
@@ -79,3 +80,13 @@ class ImageTooSmallError(ImageError):
     """A side shorter than the configured minimum (1x1 images carry no features)."""
 
     code = "image_too_small"
+
+
+class Overloaded(ModelError):
+    """Too many requests are already waiting for the model: a bounded queue turns overload into an
+    immediate answer the caller can retry, instead of a backlog that grows until every request times out."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str = "too many requests are waiting for the model; retry shortly") -> None:
+        super().__init__(message)

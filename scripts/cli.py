@@ -108,7 +108,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _classify_with(args: argparse.Namespace, settings: Any) -> tuple[list[Any], dict[str, Any], list[Any]]:
     """Predictions, a model description and kNN voters for ``--classifier`` (imagenet, knn or a head)."""
-    from deepfeat.app.classifiers import CLASSIFIERS_DIR, DEFAULT_CLASSIFIER, knn_classify, load_head
+    from deepfeat.classifiers import CLASSIFIERS_DIR, DEFAULT_CLASSIFIER, knn_classify, load_head
     from deepfeat.index.store import ImageStore
     from deepfeat.models.embedder import Embedder
     from deepfeat.models.heads import (

@@ -237,7 +237,7 @@ def compare(
 
                 net, log_ = fine_tune(
                     embedder.spec,
-                    embedder._net,
+                    embedder.backbone,
                     [pictures[i] for i in train_idx],
                     y[train_idx],
                     classes,

@@ -553,7 +553,7 @@ def train(
 
         net, training = fine_tune(
             embedder.spec,
-            embedder._net,  # the loaded pretrained backbone; fine_tune trains a copy
+            embedder.backbone,  # the loaded pretrained backbone; fine_tune trains a copy
             [pictures[i] for i in train_idx],
             y[train_idx],
             dataset.classes,

@@ -4,9 +4,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from deepfeat.app.classifiers import DEFAULT_CLASSIFIER, KNN_NEIGHBOURS, LABEL_KEY, describe_reserved
 from deepfeat.app.deps import State, require_read
 from deepfeat.app.schemas import ClassifierInfo, ClassifiersResponse, ErrorResponse, RefusedClassifier
+from deepfeat.classifiers import DEFAULT_CLASSIFIER, KNN_NEIGHBOURS, LABEL_KEY, describe_reserved
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_read)])
 

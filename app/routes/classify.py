@@ -4,12 +4,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
-from deepfeat.app.classifiers import DEFAULT_CLASSIFIER, api_error, knn_classify
 from deepfeat.app.deps import State, read_upload, require_read
 from deepfeat.app.routes.common import model_info, thumbnail_url
 from deepfeat.app.schemas import ClassifyResponse, ErrorResponse, NeighbourOut, PredictionOut
+from deepfeat.classifiers import DEFAULT_CLASSIFIER, knn_classify
 from deepfeat.models.embedder import Prediction
-from deepfeat.models.heads import HeadError
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_read)])
 
@@ -35,24 +34,21 @@ def classify(
 ) -> ClassifyResponse:
     """Top-k classes of the uploaded image: ImageNet's, kNN over labelled images, or a trained head's."""
     neighbours = None
-    try:
-        if classifier == DEFAULT_CLASSIFIER:
-            image = read_upload(state, file)
-            predictions: list[Prediction] = state.inference.classify([image.image], k=k)[0]
-        elif classifier == "knn":
-            image = read_upload(state, file)
-            vector = state.inference.embed([image.image])
-            predictions, voters = knn_classify(state.store, vector, k=k)
-            neighbours = [
-                NeighbourOut(id=n.id, score=n.score, label=n.label, thumbnail_url=thumbnail_url(n.id))
-                for n in voters
-            ]
-        else:
-            head = state.classifiers.get(classifier)  # before decoding: an unknown name costs nothing
-            image = read_upload(state, file)
-            predictions = head.predict([image.image], embed=state.inference.embed, k=k)[0]
-    except HeadError as exc:
-        raise api_error(exc) from None
+    if classifier == DEFAULT_CLASSIFIER:
+        image = read_upload(state, file)
+        predictions: list[Prediction] = state.inference.classify([image.image], k=k)[0]
+    elif classifier == "knn":
+        image = read_upload(state, file)
+        vector = state.inference.embed([image.image])
+        predictions, voters = knn_classify(state.store, vector, k=k)
+        neighbours = [
+            NeighbourOut(id=n.id, score=n.score, label=n.label, thumbnail_url=thumbnail_url(n.id))
+            for n in voters
+        ]
+    else:
+        head = state.classifiers.get(classifier)  # before decoding: an unknown name costs nothing
+        image = read_upload(state, file)
+        predictions = head.predict([image.image], embed=state.inference.embed, k=k)[0]
     return ClassifyResponse(
         predictions=[
             PredictionOut(label=p.label, class_index=p.class_index, probability=p.probability)

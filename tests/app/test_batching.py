@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from deepfeat.app.batching import MicroBatcher, Overloaded
+from deepfeat.models.batching import MicroBatcher, Overloaded
 from tests.app.conftest import MakeClient, upload
 from tests.conftest import jpeg_bytes
 

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from deepfeat.app.classifiers import CLASSIFIERS_DIR
+from deepfeat.classifiers import CLASSIFIERS_DIR
 from deepfeat.models.heads import (
     FineTuneConfig,
     fine_tune,
@@ -116,7 +116,7 @@ def test_a_head_of_another_embedder_is_refused(
     client, root = served
     other = lite0.variant(layer="head", pooling="gem").fingerprint  # the server embeds at "penultimate"
     _save(root, "other-layer", other, {"linear.npz": b"never read"})
-    with caplog.at_level(logging.WARNING, logger="deepfeat.app.classifiers"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.classifiers"):
         listing = client.get("/v1/classifiers").json()
     assert "other-layer" not in {c["name"] for c in listing["classifiers"]}
     refused = {r["name"]: r for r in listing["refused"]}
@@ -207,7 +207,12 @@ def test_a_fine_tuned_head_is_served(
     data = augmented_classes(photos, train=3, test=1)
     images = data["cat"][0] + data["rocket"][0]
     net, log = fine_tune(
-        lite0.spec, lite0._net, images, [0] * 3 + [1] * 3, ("cat", "rocket"), config=FineTuneConfig(epochs=0)
+        lite0.spec,
+        lite0.backbone,
+        images,
+        [0] * 3 + [1] * 3,
+        ("cat", "rocket"),
+        config=FineTuneConfig(epochs=0),
     )
     manifest = manifest_for("ft", lite0.fingerprint, method="finetune", classes=("cat", "rocket"))
     save_head(root, manifest, {"finetune.pt": finetune_bytes(finetune_state(net, log.extra["unfrozen"]))})

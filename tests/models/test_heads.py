@@ -317,7 +317,7 @@ def test_fine_tune_one_epoch_on_cpu_and_reload(
     seen: list[dict[str, float]] = []
     net, log = fine_tune(
         lite0.spec,
-        lite0._net,
+        lite0.backbone,
         images,
         labels,
         ("cat", "rocket"),
@@ -329,7 +329,7 @@ def test_fine_tune_one_epoch_on_cpu_and_reload(
     assert log.extra["unfrozen"] == ["conv_head", "bn2", "blocks.6"]
     assert not any(p.requires_grad for p in net.parameters())
     # The loaded backbone itself was not touched.
-    assert not any(p.requires_grad for p in lite0._net.parameters())
+    assert not any(p.requires_grad for p in lite0.backbone.parameters())
 
     state = finetune_state(net, log.extra["unfrozen"])
     assert "head.weight" in state and any(k.startswith("trunk.blocks.6.") for k in state)
@@ -337,7 +337,7 @@ def test_fine_tune_one_epoch_on_cpu_and_reload(
     manifest = manifest_for("ft", lite0.fingerprint, method="finetune", classes=("cat", "rocket"))
     path = save_head(tmp_path, manifest, {"finetune.pt": finetune_bytes(state)})
     rebuilt = finetuned_from_state(
-        lite0.spec, lite0._net, read_manifest(path), load_finetune_state(path, read_manifest(path))
+        lite0.spec, lite0.backbone, read_manifest(path), load_finetune_state(path, read_manifest(path))
     )
     batch = torch.stack([lite0.classify_transform(img) for img in data["cat"][1] + data["rocket"][1]])
     with torch.inference_mode():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepfeat.app.classifiers import load_head
+from deepfeat.classifiers import load_head
 from deepfeat.index.store import ImageStore, NewImage
 from deepfeat.models.heads import FineTuneConfig, HeadExistsError, TrainingDataError, read_manifest
 from deepfeat.runtime import image_limits

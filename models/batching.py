@@ -5,12 +5,12 @@ batches of 1 (better cache use, one Python/dispatch overhead). So requests hand 
 tensors to one worker thread, which takes whatever has queued up — waiting at most ``max_wait_s``
 for more once it has the first — runs them together and hands each result back.
 
-A bounded queue turns overload into an immediate, explicit 503 instead of an ever-growing backlog.
+A bounded queue turns overload into an immediate, explicit :class:`Overloaded` (503 in the service)
+instead of an ever-growing backlog.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -19,16 +19,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
-__all__ = ["MicroBatcher", "Overloaded"]
+from deepfeat.models.errors import Overloaded
 
-log = logging.getLogger(__name__)
+__all__ = ["MicroBatcher", "Overloaded"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class Overloaded(Exception):
-    """The queue of waiting requests is full."""
 
 
 @dataclass

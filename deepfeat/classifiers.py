@@ -6,7 +6,11 @@ Heads are picked up without a restart: listing rescans the directory (a ``listdi
 head), and asking for a name that is not loaded, or whose ``head.json`` changed, rescans or reloads it.
 A head trained on other features than the running embedder's (another model, weights, layer, pooling,
 resize mode...) is refused at load, logged once with the differing keys, left out of the list of usable
-classifiers (reported under ``refused``), and answered with 409 ``incompatible_classifier``.
+classifiers (reported under ``refused``), and answered with ``IncompatibleHeadError`` (409
+``incompatible_classifier`` in the service).
+
+This is domain logic the CLI needs without the web stack: it composes ``models`` and ``index`` and never
+imports ``deepfeat.app``; the service maps the head errors to HTTP in ``app/errors.py``.
 """
 
 from __future__ import annotations
@@ -24,14 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deepfeat.app.errors import APIError
 from deepfeat.index.store import ImageStore
 from deepfeat.models.embedder import Embedder, Prediction
 from deepfeat.models.heads import (
     MANIFEST_FILE,
     CorruptHeadError,
     FineTunedNet,
-    HeadError,
     HeadManifest,
     IncompatibleHeadError,
     InvalidHeadNameError,
@@ -61,7 +63,7 @@ __all__ = [
     "Neighbour",
     "load_head",
     "knn_classify",
-    "api_error",
+    "describe_reserved",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,20 +79,6 @@ request read a million records."""
 _LABELS_REFRESH_S = 5.0
 _LABELS_MAX_AGE_S = 30.0
 _LABELS_THROTTLE_ABOVE = 50_000
-
-_STATUS = {
-    "unknown_classifier": 404,
-    "invalid_classifier_name": 404,
-    "incompatible_classifier": 409,
-    "corrupt_classifier": 503,
-    "no_labels": 422,
-}
-
-
-def api_error(exc: HeadError) -> APIError:
-    """The HTTP error for a classifier error (stable codes: see ``_STATUS``)."""
-    return APIError(_STATUS.get(exc.code, 422), exc.code, str(exc))
-
 
 Signature = tuple[int, int, int]
 
@@ -171,7 +159,7 @@ def load_head(head_dir: Path, embedder: Embedder, *, signature: Signature | None
         return LoadedHead(manifest, head_dir, signature, linear=load_linear(head_dir, manifest))
     state = load_finetune_state(head_dir, manifest)
     # The server's own backbone is the base (the compatibility check guarantees the same weights).
-    net = finetuned_from_state(embedder.spec, embedder._net, manifest, state).to(embedder.device)
+    net = finetuned_from_state(embedder.spec, embedder.backbone, manifest, state).to(embedder.device)
     return LoadedHead(
         manifest,
         head_dir,

@@ -1,0 +1,394 @@
+"""Saved heads on disk: ``DATA_DIR/classifiers/NAME/`` with ``head.json`` and one weight file.
+
+``head.json`` records the classes, the embedder fingerprint the head was trained with (and which of its
+keys must match the server's), metrics, training settings and checksums of the weight files. A head is
+written to a temporary directory and renamed into place, so it is either complete or absent; it is
+read back checksum-verified, and refused when the running embedder makes other features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepfeat import fingerprints
+from deepfeat.models.embedder import FINGERPRINT_VERSION
+from deepfeat.models.heads.errors import (
+    CorruptHeadError,
+    HeadError,
+    HeadExistsError,
+    IncompatibleHeadError,
+    InvalidHeadNameError,
+)
+from deepfeat.models.heads.linear import LinearHead
+from deepfeat.models.registry import weights_argument
+
+__all__ = [
+    "HEAD_FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "METHODS",
+    "RESERVED_NAMES",
+    "FINETUNE_COMPATIBLE_KEYS",
+    "HeadManifest",
+    "check_head_name",
+    "check_compatible",
+    "embedder_kwargs",
+    "save_head",
+    "read_manifest",
+    "load_linear",
+    "load_finetune_state",
+    "linear_bytes",
+    "finetune_bytes",
+    "iter_head_dirs",
+]
+
+log = logging.getLogger(__name__)
+
+HEAD_FORMAT_VERSION = 1
+MANIFEST_FILE = "head.json"
+LINEAR_FILE = "linear.npz"
+FINETUNE_FILE = "finetune.pt"
+METHODS = ("linear", "finetune")
+RESERVED_NAMES = frozenset({"imagenet", "knn"})
+"""Built-in classifiers the service always offers; a saved head may not take their names."""
+
+FINETUNE_COMPATIBLE_KEYS = ("version", "model", "weights", "pretrained")
+"""A fine-tuned head runs its own copy of the backbone on the classification crop, so it only needs the
+same base network and weights as the server; layer, pooling and resize mode of the store do not matter."""
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_head_name(name: str) -> str:
+    """A head name is a directory name: 1-64 of ``A-Z a-z 0-9 _ . -``, not starting with ``.``/``-``/``_``.
+
+    Raises:
+        InvalidHeadNameError: Anything else, or a reserved name (``imagenet``, ``knn``).
+    """
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InvalidHeadNameError(
+            f"invalid classifier name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    if name.lower() in RESERVED_NAMES:
+        raise InvalidHeadNameError(
+            f"classifier name {name!r} is reserved (built-in: {', '.join(sorted(RESERVED_NAMES))})"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class HeadManifest:
+    """The parsed ``head.json``."""
+
+    name: str
+    method: str
+    classes: tuple[str, ...]
+    fingerprint: dict[str, Any]
+    compatible_on: tuple[str, ...] | None = None
+    """Fingerprint keys that must match the server's (None: all of them, as for the store)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    created_at: float = 0.0
+    format_version: int = HEAD_FORMAT_VERSION
+
+    @property
+    def weights_file(self) -> str:
+        return LINEAR_FILE if self.method == "linear" else FINETUNE_FILE
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["classes"] = list(self.classes)
+        data["compatible_on"] = None if self.compatible_on is None else list(self.compatible_on)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "head.json") -> HeadManifest:
+        """Validate a decoded manifest.
+
+        Raises:
+            CorruptHeadError: Missing or mistyped fields, or a newer format version.
+        """
+        if not isinstance(data, dict):
+            raise CorruptHeadError(f"{where}: expected a JSON object")
+        try:
+            version = int(data["format_version"])
+            if version > HEAD_FORMAT_VERSION:
+                raise CorruptHeadError(
+                    f"{where}: format_version {version} is newer than the supported {HEAD_FORMAT_VERSION}"
+                )
+            method = str(data["method"])
+            if method not in METHODS:
+                raise CorruptHeadError(f"{where}: unknown method {method!r}; expected one of {METHODS}")
+            classes = data["classes"]
+            if (
+                not isinstance(classes, list)
+                or len(classes) < 2
+                or not all(isinstance(c, str) for c in classes)
+            ):
+                raise CorruptHeadError(f"{where}: classes must be a list of at least 2 names")
+            fingerprint = data["fingerprint"]
+            if not isinstance(fingerprint, dict) or fingerprint.get("version") != FINGERPRINT_VERSION:
+                raise CorruptHeadError(f"{where}: fingerprint missing or of another version")
+            compatible_on = data.get("compatible_on")
+            files = data.get("files") or {}
+            if not isinstance(files, dict):
+                raise CorruptHeadError(f"{where}: files must be an object")
+            return cls(
+                name=str(data["name"]),
+                method=method,
+                classes=tuple(classes),
+                fingerprint=fingerprint,
+                compatible_on=None if compatible_on is None else tuple(str(k) for k in compatible_on),
+                metrics=dict(data.get("metrics") or {}),
+                training=dict(data.get("training") or {}),
+                files={str(k): dict(v) for k, v in files.items()},
+                created_at=float(data.get("created_at", 0.0)),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptHeadError(f"{where}: malformed manifest ({exc!r})") from exc
+
+
+def check_compatible(manifest: HeadManifest, fingerprint: dict[str, Any]) -> None:
+    """Refuse a head trained on other features than ``fingerprint`` (the running embedder's), with the
+    store's definition of "other" (:mod:`deepfeat.fingerprints`), on the keys the head depends on.
+
+    Raises:
+        IncompatibleHeadError: The message names every differing key with the head's and the given value.
+    """
+    diffs = fingerprints.differences(manifest.fingerprint, fingerprint, keys=manifest.compatible_on)
+    if diffs:
+        parts = fingerprints.describe(diffs, sides=("head", "server"), max_chars=120)
+        raise IncompatibleHeadError(
+            f"classifier {manifest.name!r} was trained on other features than this embedder's ({parts}); "
+            "retrain it with `deepfeat train-classifier` against this data dir",
+            differences=fingerprints.without_missing(diffs),
+        )
+
+
+def embedder_kwargs(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Embedder keyword arguments that reproduce a recorded fingerprint (model, weights, layer, pooling,
+    resize mode, scales). ``weights`` is absent when it cannot be derived (a checkpoint file)."""
+    kwargs: dict[str, Any] = {"model": fingerprint.get("model"), "layer": fingerprint.get("layer")}
+    pooling = str(fingerprint.get("pooling", "none"))
+    if pooling.startswith("gem(p="):
+        kwargs["pooling"] = "gem"
+        kwargs["gem_p"] = float(pooling[len("gem(p=") : -1])
+    elif pooling != "none":
+        kwargs["pooling"] = pooling
+    preprocess = fingerprint.get("preprocess") or {}
+    if preprocess.get("mode") in ("crop", "full"):
+        kwargs["resize_mode"] = preprocess["mode"]
+        if preprocess["mode"] == "full" and preprocess.get("max_side"):
+            kwargs["max_side"] = int(preprocess["max_side"])
+    if fingerprint.get("scales"):
+        kwargs["scales"] = tuple(fingerprint["scales"])
+    weights = weights_argument(str(fingerprint.get("weights", "")))
+    if weights is not None:
+        kwargs["weights"] = weights
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def linear_bytes(head: LinearHead) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, weight=head.weight.astype(np.float32), bias=head.bias.astype(np.float32))
+    return buf.getvalue()
+
+
+def finetune_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _check_files(manifest: HeadManifest, files: dict[str, bytes]) -> None:
+    """The weight file must be there, and every name must stay inside the head's directory."""
+    if manifest.weights_file not in files:
+        raise HeadError(f"a {manifest.method} head needs its {manifest.weights_file}")
+    for fname in files:
+        if fname != Path(fname).name or fname.startswith(".") or fname == MANIFEST_FILE:
+            raise HeadError(f"invalid file name {fname!r} in a head")
+
+
+def _write_synced(directory: Path, files: dict[str, bytes]) -> None:
+    for fname, data in files.items():
+        with open(directory / fname, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def save_head(
+    root: str | Path,
+    manifest: HeadManifest,
+    files: dict[str, bytes],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``root/NAME/`` atomically: everything goes to a hidden temporary directory in ``root``,
+    is fsynced, and the directory is renamed into place. A failure at any point leaves no ``NAME/``
+    (or the previous one, when overwriting) and no temporary directory.
+
+    Args:
+        root: The classifiers directory (``DATA_DIR/classifiers``), created when missing.
+        manifest: The head's manifest; checksums of ``files`` are added to it.
+        files: File name -> bytes (the weight file, and extras such as a report or a PNG).
+        overwrite: Replace an existing head of that name.
+
+    Returns:
+        The head's directory.
+
+    Raises:
+        InvalidHeadNameError: Bad name.
+        HeadExistsError: The name is taken and ``overwrite`` is false.
+        HeadError: Missing weight file, or a file name with a path in it.
+    """
+    name = check_head_name(manifest.name)
+    root = Path(root)
+    _check_files(manifest, files)
+    target = root / name
+    if target.exists() and not overwrite:
+        raise HeadExistsError(
+            f"a classifier named {name!r} already exists in {root}; pass --overwrite to replace it"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    checksums = {
+        fname: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        for fname, data in files.items()
+    }
+    full = replace(manifest, files=checksums, created_at=manifest.created_at or time.time())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    old: Path | None = None
+    try:
+        _write_synced(tmp, {**files, MANIFEST_FILE: _manifest_bytes(full)})
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+            os.replace(target, old / name)
+        os.replace(tmp, target)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / name).exists() and not target.exists():
+            os.replace(old / name, target)  # put the previous head back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info(
+        "saved %s classifier %r (%d classes) in %s", manifest.method, name, len(manifest.classes), target
+    )
+    return target
+
+
+def _manifest_bytes(manifest: HeadManifest) -> bytes:
+    return (json.dumps(manifest.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def read_manifest(head_dir: str | Path) -> HeadManifest:
+    """Parse ``head_dir/head.json`` (the name must match the directory's).
+
+    Raises:
+        CorruptHeadError: Missing, unreadable or malformed.
+    """
+    head_dir = Path(head_dir)
+    path = head_dir / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptHeadError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptHeadError(f"cannot read {path}: {exc}") from exc
+    manifest = HeadManifest.from_dict(data, where=str(path))
+    if manifest.name != head_dir.name:
+        raise CorruptHeadError(
+            f"{path}: name {manifest.name!r} does not match the directory {head_dir.name!r}"
+        )
+    return manifest
+
+
+def _read_checked(head_dir: Path, manifest: HeadManifest, fname: str) -> bytes:
+    path = head_dir / fname
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorruptHeadError(f"cannot read {path}: {exc}") from exc
+    expected = manifest.files.get(fname, {}).get("sha256")
+    if expected is None or hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptHeadError(f"{path} does not match the checksum in {MANIFEST_FILE}")
+    return data
+
+
+def load_linear(head_dir: str | Path, manifest: HeadManifest) -> LinearHead:
+    """The linear head's weights, checksum-verified.
+
+    Raises:
+        CorruptHeadError: Missing file, bad checksum, or weights of the wrong shape.
+    """
+    data = _read_checked(Path(head_dir), manifest, LINEAR_FILE)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            weight = np.asarray(npz["weight"], dtype=np.float32)
+            bias = np.asarray(npz["bias"], dtype=np.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CorruptHeadError(f"{head_dir}/{LINEAR_FILE}: {exc}") from exc
+    num_classes, dim = len(manifest.classes), manifest.fingerprint.get("dim")
+    if weight.shape != (num_classes, dim) or bias.shape != (num_classes,) or not np.isfinite(weight).all():
+        raise CorruptHeadError(
+            f"{head_dir}/{LINEAR_FILE}: weight {weight.shape} / bias {bias.shape} do not fit "
+            f"{num_classes} classes of dim {dim}"
+        )
+    return LinearHead(manifest.classes, weight, bias)
+
+
+def load_finetune_state(head_dir: str | Path, manifest: HeadManifest) -> dict[str, torch.Tensor]:
+    """The fine-tuned tensors (checksum-verified, loaded without pickle code execution).
+
+    Raises:
+        CorruptHeadError: Missing file, bad checksum, not a tensor dict.
+    """
+    data = _read_checked(Path(head_dir), manifest, FINETUNE_FILE)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError, OSError) as exc:  # torch's unpickler errors
+        raise CorruptHeadError(f"{head_dir}/{FINETUNE_FILE}: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorruptHeadError(f"{head_dir}/{FINETUNE_FILE}: not a dict of tensors")
+    return state
+
+
+def iter_head_dirs(root: str | Path) -> Iterator[Path]:
+    """Sub-directories of ``root`` that may be heads (hidden ones, such as temporary saves, skipped)."""
+    root = Path(root)
+    try:
+        entries = sorted(root.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(".") and entry.is_dir():
+            yield entry
