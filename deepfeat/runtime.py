@@ -1,55 +1,59 @@
-"""Composition shared by the service and the CLI: settings -> Embedder and ImageStore.
+"""The composition root: settings -> Embedder and ImageStore, shared by the service and the CLI.
 
-An existing store decides what its vectors mean: the embedder options recorded in its manifest are used
-unless the user set them explicitly, in which case a mismatch is refused by the store (never mixed).
+It composes models/ and index/ (which never import each other) and loads no web stack, so every
+command but ``serve`` runs without FastAPI. An existing store decides what its vectors mean: the
+options recorded in its manifest are used unless the user set them explicitly, in which case a
+mismatch is refused by the store (never mixed). :meth:`EmbedderConfig.merged` holds that rule.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
-from deepfeat.index.store import ImageStore
-from deepfeat.models.embedder import Embedder
-from deepfeat.models.heads import embedder_kwargs
-from deepfeat.models.images import ImageLimits
+from deepfeat.models.config import EmbedderConfig
 from deepfeat.settings import Settings
 
-__all__ = ["embedder_options", "build_embedder", "open_store", "image_limits"]
+if TYPE_CHECKING:
+    from deepfeat.index.manifest import Manifest
+    from deepfeat.index.store import ImageStore
+    from deepfeat.models.embedder import Embedder
+    from deepfeat.models.images import ImageLimits
+
+__all__ = ["build_embedder", "embedder_config", "image_limits", "open_store", "read_manifest", "stored_config"]
 
 log = logging.getLogger(__name__)
 
 
-def embedder_options(settings: Settings) -> dict[str, Any]:
-    """Embedder keyword arguments: explicit settings, else the store's manifest, else defaults."""
-    options: dict[str, Any] = {
-        "model": settings.model,
-        "weights": settings.weights,
-        "layer": settings.layer,
-        "pooling": settings.pooling,
-        "gem_p": settings.gem_p,
-        "resize_mode": settings.resize_mode,
-        "max_side": settings.max_side,
-        "scales": tuple(settings.scales),
-    }
-    manifest = ImageStore.read_manifest(settings.data_dir)
-    if manifest is not None:
-        from_store = embedder_kwargs(manifest.fingerprint)
-        explicit = settings.explicit_embedder_options()
-        if "model" in explicit or "layer" in explicit:
-            # Another network or layer: the store's pooling may not even apply; let the store
-            # refuse the mismatch by name instead of failing on a pooling/layer combination.
-            from_store.pop("pooling", None)
-            from_store.pop("gem_p", None)
-        for key, value in from_store.items():
-            if key not in explicit:
-                options[key] = value
-    return options
+def read_manifest(settings: Settings) -> Manifest | None:
+    """The manifest of the store in ``settings.data_dir`` (None when there is no store yet)."""
+    from deepfeat.index.store import ImageStore
+
+    return ImageStore.read_manifest(settings.data_dir)
 
 
-def build_embedder(settings: Settings) -> Embedder:
+def stored_config(manifest: Manifest | None) -> EmbedderConfig | None:
+    """The options an existing store was made with: as its manifest recorded them, or, for a store
+    written before manifests recorded them, as its fingerprint describes them."""
+    if manifest is None:
+        return None
+    if manifest.embedder is not None:
+        return EmbedderConfig.model_validate(manifest.embedder)
+    return EmbedderConfig.from_fingerprint(manifest.fingerprint)
+
+
+def embedder_config(settings: Settings, manifest: Manifest | None = None) -> EmbedderConfig:
+    """Explicit settings, else the store's manifest, else the defaults."""
+    if manifest is None:
+        manifest = read_manifest(settings)
+    return settings.embedder.merged(explicit=settings.explicit_embedder_options(), stored=stored_config(manifest))
+
+
+def build_embedder(settings: Settings, manifest: Manifest | None = None) -> Embedder:
+    from deepfeat.models.embedder import Embedder
+
     return Embedder(
-        **embedder_options(settings),
+        embedder_config(settings, manifest),
         device=settings.device,
         precision=settings.precision,
         compile=settings.compile,
@@ -57,6 +61,8 @@ def build_embedder(settings: Settings) -> Embedder:
 
 
 def open_store(settings: Settings, embedder: Embedder, *, read_only: bool = False) -> ImageStore:
+    from deepfeat.index.store import ImageStore
+
     return ImageStore.open(
         settings.data_dir,
         fingerprint=embedder.fingerprint,
@@ -64,8 +70,11 @@ def open_store(settings: Settings, embedder: Embedder, *, read_only: bool = Fals
         index_factory=settings.index_factory,
         read_only=read_only,
         snapshot_every=settings.snapshot_every,
+        embedder_config=embedder.config.model_dump(mode="json"),
     )
 
 
 def image_limits(settings: Settings) -> ImageLimits:
+    from deepfeat.models.images import ImageLimits
+
     return ImageLimits(max_pixels=settings.max_pixels, min_side=settings.min_side)

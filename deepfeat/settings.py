@@ -1,46 +1,37 @@
 """One settings class for the service and the CLI (env prefix ``DEEPFEAT_``; CLI flags override).
 
-Kept free of FastAPI imports so the batch tools can use it without loading the web stack.
+The options that define a vector are not declared here: they are :class:`EmbedderFields`, taken in
+whole, so their types, choices and defaults live in one place (models/config.py) while keeping flat
+names (``DEEPFEAT_SCALES``, ``--scales``). ``Settings.embedder`` gives them back as the config object.
+Kept free of FastAPI and torch imports: the CLI builds its flags from this class.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "EMBEDDER_FIELDS"]
+from deepfeat.models.config import EmbedderConfig, EmbedderFields, parse_list
 
-EMBEDDER_FIELDS = ("model", "weights", "layer", "pooling", "gem_p", "resize_mode", "max_side", "scales")
-"""The settings that decide what a vector means; an existing store's manifest supplies them unless set."""
+__all__ = ["Settings"]
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, EmbedderFields):
     model_config = SettingsConfigDict(env_prefix="DEEPFEAT_", env_nested_delimiter="__", extra="ignore")
 
-    # --- what makes a vector (recorded in the store's manifest) ---
-    data_dir: Path = Field(
-        Path("data"), description="Directory holding the catalog, FAISS index and manifest"
-    )
-    model: str = Field("efficientnet_lite0", description="Model name (`deepfeat models` lists them)")
-    weights: str = Field("DEFAULT", description="DEFAULT, a weights enum name, a checkpoint path, or none")
-    layer: str | None = Field(None, description="Embedding layer name or its position k from the top")
-    pooling: str | None = Field(None, description="avg, max, gem or rmac (conv layers only; default gem)")
-    gem_p: float = Field(3.0, gt=0, description="GeM power")
-    resize_mode: str = Field("full", description="full (whole image, aspect kept) or crop (centre crop)")
-    max_side: int = Field(512, ge=64, le=4096, description="Longest side in full resize mode")
-    scales: list[float] = Field(
-        default_factory=lambda: [1.0], description="Multi-scale factors, e.g. [1, 0.707]"
-    )
+    data_dir: Path = Field(Path("data"), description="Directory holding the catalog, FAISS index and manifest")
+    # List settings take "a,b,c" in the environment as on the command line (JSON works too).
+    scales: Annotated[tuple[float, ...], NoDecode] = EmbedderFields.model_fields["scales"]  # type: ignore[assignment]
     index_factory: str = Field(
         "Flat", description="FAISS factory string for new stores, or auto (by collection size)"
     )
 
     # --- how it runs ---
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: str = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16",
     )
@@ -54,7 +45,7 @@ class Settings(BaseSettings):
     )
 
     # --- batch indexer ---
-    batch_size: int = Field(32, ge=1, le=1024)
+    batch_size: int = Field(32, ge=1, le=1024, description="Images per forward pass when indexing")
     workers: int | None = Field(
         None,
         ge=0,
@@ -75,7 +66,9 @@ class Settings(BaseSettings):
     body_timeout_s: float | None = Field(
         60.0, gt=0, description="Seconds the whole request body may take; slower uploads get 408"
     )
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed to call the API from a browser (CORS)"
+    )
     batching: bool = Field(True, description="Gather concurrent requests into one forward pass")
     batch_max_size: int = Field(16, ge=1, le=256, description="Most images per batched forward pass")
     batch_max_wait_ms: float = Field(
@@ -94,6 +87,17 @@ class Settings(BaseSettings):
         description="Serve as a read replica: search the latest published index generation, refuse writes",
     )
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_list(cls, value: Any) -> Any:
+        return parse_list(value)
+
+    @property
+    def embedder(self) -> EmbedderConfig:
+        """The options that define a vector, as the config object the Embedder is built from."""
+        return EmbedderConfig.model_validate({name: getattr(self, name) for name in EmbedderConfig.model_fields})
+
     def explicit_embedder_options(self) -> dict[str, Any]:
-        """The embedder options the user set (env or flag), as opposed to defaults."""
-        return {name: getattr(self, name) for name in EMBEDDER_FIELDS if name in self.model_fields_set}
+        """The vector options the user set (environment or flag), as opposed to defaults: these win
+        over an existing store's manifest (see :meth:`EmbedderConfig.merged`)."""
+        return {name: getattr(self, name) for name in EmbedderConfig.model_fields if name in self.model_fields_set}

@@ -21,15 +21,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import ValidationError
 from torchvision.transforms import v2 as T
 
+from deepfeat.models.config import POOLINGS, RESIZE_MODES, EmbedderConfig
 from deepfeat.models.errors import InvalidOptionError, UnknownPoolingError, WeightsUnavailableError
+from deepfeat.models.identity import FINGERPRINT_VERSION, fingerprint_of, resolve
 from deepfeat.models.layers import build_trunk
-from deepfeat.models.pooling import get_pooling, list_poolings
-from deepfeat.models.registry import DEFAULT_MODEL, LayerSpec, ModelSpec, Preprocess, build_seeded, get_model
+from deepfeat.models.pooling import get_pooling
+from deepfeat.models.registry import LayerSpec, ModelSpec, Preprocess, build_seeded, get_model
 
 __all__ = [
     "Embedder",
+    "EmbedderConfig",
+    "make_config",
     "Prediction",
     "FullImageTransform",
     "resolve_device",
@@ -42,10 +47,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-FINGERPRINT_VERSION = 1
 
 _TRACE_LOCK = threading.Lock()
-"""Bumped whenever the meaning of a vector changes for the same model/layer/pooling."""
 
 
 @dataclass(frozen=True)
@@ -119,11 +122,6 @@ def build_transform(pre: Preprocess) -> T.Compose:
     )
 
 
-RESIZE_MODES = ("crop", "full")
-DEFAULT_SCALES = (1.0, 0.7071, 0.5)
-"""Defaults for new stores, set from `deepfeat eval` (README, "Retrieval quality"): the last conv block,
-GeM, the whole image at 512 px, three scales beat the penultimate/centre-crop baseline on both
-category retrieval (mAP 0.694 vs 0.611) and copy detection (recall@1 0.964 vs 0.880)."""
 _SIDE_MULTIPLE = 32
 
 
@@ -175,60 +173,75 @@ def compile_trunk(trunk: torch.nn.Module) -> torch.nn.Module:
     return compiled
 
 
+def make_config(config: EmbedderConfig | str | None = None, **options: Any) -> EmbedderConfig:
+    """An :class:`EmbedderConfig` from a config, a model name and/or field values, with the models'
+    own error types (so a bad option reads the same from Python, the CLI and the API).
+
+    Raises:
+        UnknownPoolingError: an unknown pooling name. InvalidOptionError: any other bad value.
+    """
+    values = config.model_dump() if isinstance(config, EmbedderConfig) else {}
+    if isinstance(config, str):
+        values["model"] = config
+    values.update({k: v for k, v in options.items() if v is not None or k in ("layer", "pooling")})
+    try:
+        return EmbedderConfig.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(x) for x in first["loc"][:1]) or "options"
+        value = values.get(field)
+        if field == "pooling":
+            raise UnknownPoolingError(
+                f"unknown pooling {value!r}; choose one of: {', '.join(POOLINGS)}"
+            ) from None
+        if field == "resize_mode":
+            raise InvalidOptionError(
+                f"unknown resize mode {value!r}; choose one of: {', '.join(RESIZE_MODES)}"
+            ) from None
+        if field not in EmbedderConfig.model_fields:
+            raise InvalidOptionError(
+                f"unknown embedder option {field!r}; choose from: {', '.join(EmbedderConfig.model_fields)}"
+            ) from None
+        raise InvalidOptionError(f"{field}: {first['msg']} (got {value!r})") from None
+
+
 class Embedder:
     """Batch-first feature extractor and classifier over one pretrained backbone.
 
     Args:
-        model: registry name (``deepfeat models`` lists them).
-        weights: ``DEFAULT``, a weights enum name, a checkpoint path, or ``none`` (seeded random init).
-        layer: layer name or its position k from the top (0 = logits); None = the model's default
-            (its last conv block).
-        pooling: avg / max / gem / rmac for conv layers; None = gem. Vector layers take no pooling.
-        gem_p: GeM power.
+        config: what the vectors are (an :class:`EmbedderConfig`; or a model name, with the other
+            options as keywords: ``Embedder("resnet50", layer="layer3", pooling="gem")``). The
+            defaults are the retrieval defaults documented in the README.
         device: auto / cpu / cuda / cuda:N.
-        precision: auto / fp32 / bf16 / fp16 (autocast; vectors are always returned as float32).
+        precision: auto (bf16 on CUDA and on CPUs with native bf16, else fp32) / fp32 / bf16 / fp16
+            (autocast; vectors are always returned as float32).
         channels_last: NHWC memory format, faster for convs on recent CPUs and GPUs.
-        resize_mode: "crop" (resize + centre crop, as the weights were trained: classification's
-            preprocessing) or "full" (whole image, aspect kept, longest side ``max_side``).
-        max_side: longest side in "full" mode.
-        scales: multi-scale descriptors: the input is also resized by each factor, the pooled
-            descriptors are averaged over scales and re-normalised (1 and 1/sqrt(2) is typical).
         compile: ``torch.compile`` the embedding trunk (Inductor, with weight freezing). Pays a
             one-off compile per input shape (tens of seconds on a small CPU, cached on disk by
             Inductor) for a faster forward pass: worth it for batch indexing, where one shape runs
             thousands of times (``deepfeat bench extract`` measures it).
+        **options: :class:`EmbedderConfig` fields overriding ``config``.
     Raises:
         ModelError subclasses for unknown names, unavailable weights, bad options.
     """
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        config: EmbedderConfig | str | None = None,
         *,
-        weights: str = "DEFAULT",
-        layer: str | int | None = None,
-        pooling: str | None = None,
-        gem_p: float = 3.0,
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         channels_last: bool = True,
-        resize_mode: str = "full",
-        max_side: int = 512,
-        scales: Sequence[float] = DEFAULT_SCALES,
         compile: bool = False,
+        **options: Any,
     ) -> None:
-        self.spec: ModelSpec = get_model(model)
-        self._set_resize(resize_mode, max_side, scales)
-        self.layer: LayerSpec = self.spec.get_layer(layer)
-        self.pooling = self._check_pooling(pooling)
-        self.gem_p = float(gem_p)
-        self._pool = get_pooling(self.pooling, gem_p=self.gem_p) if self.layer.kind == "conv" else None
+        self._apply_config(resolve(make_config(config, **options)))
         self.device = resolve_device(device)
         self.precision = precision
         self._autocast_dtype = _resolve_precision(precision, self.device)
         self.channels_last = channels_last
 
-        resolved = self.spec.resolve(weights)
+        resolved = self.spec.resolve(self.config.weights)
         net = build_seeded(self.spec.build)
         if resolved.state_dict is not None:
             try:
@@ -265,77 +278,63 @@ class Embedder:
             self.pooling,
             self.dim,
             self.device,
-            precision,
+            self.precision_in_use,
         )
 
-    def variant(
-        self,
-        *,
-        layer: str | int | None = None,
-        pooling: str | None = None,
-        gem_p: float | None = None,
-        resize_mode: str | None = None,
-        max_side: int | None = None,
-        scales: Sequence[float] | None = None,
-    ) -> Embedder:
-        """The same loaded backbone read at another layer/pooling (no weight copy, shared trunk cache).
-
-        Lets the service return features from any layer without loading the model twice.
-        """
-        other = copy.copy(self)
-        other.layer = self.spec.get_layer(self.layer.name if layer is None else layer)
-        if other.layer.node != self.layer.node:
-            other._single = None  # served by the all-layers trunk
-        other.gem_p = self.gem_p if gem_p is None else float(gem_p)
-        other.pooling = other._check_pooling(pooling)
-        other._pool = get_pooling(other.pooling, gem_p=other.gem_p) if other.layer.kind == "conv" else None
-        other._set_resize(
-            resize_mode or self.resize_mode,
-            self.max_side if max_side is None else max_side,
-            self.scales if scales is None else scales,
-        )
-        return other
-
-    def _set_resize(self, resize_mode: str, max_side: int, scales: Sequence[float]) -> None:
-        if resize_mode not in RESIZE_MODES:
-            raise InvalidOptionError(
-                f"unknown resize mode {resize_mode!r}; choose one of: {', '.join(RESIZE_MODES)}"
-            )
-        if not 64 <= int(max_side) <= 4096:
-            raise InvalidOptionError(f"max_side must be between 64 and 4096, got {max_side}")
-        clean = tuple(float(x) for x in scales)
-        if not clean or any(not 0.1 <= x <= 2.0 for x in clean):
-            raise InvalidOptionError(
-                f"scales must be a non-empty list of factors in [0.1, 2], got {list(scales)}"
-            )
-        self.resize_mode = resize_mode
-        self.max_side = int(max_side)
-        self.scales = clean
+    def _apply_config(self, config: EmbedderConfig) -> None:
+        """Derive what the forward pass needs from a resolved config (layer named, pooling decided)."""
+        self.config = config
+        self.spec: ModelSpec = get_model(config.model)
+        self.layer: LayerSpec = self.spec.get_layer(config.layer)
+        self._pool = get_pooling(self.pooling, gem_p=self.gem_p) if self.layer.kind == "conv" else None
         self.transform: Callable[[Image.Image | torch.Tensor], torch.Tensor] = (
             build_transform(self.spec.preprocess)
-            if resize_mode == "crop"
-            else FullImageTransform(self.spec.preprocess, self.max_side)
+            if config.resize_mode == "crop"
+            else FullImageTransform(self.spec.preprocess, config.max_side)
         )
+
+    def variant(self, **options: Any) -> Embedder:
+        """The same loaded backbone read with other options (another layer, pooling, resize mode or
+        scales): no weight copy, the all-layers trunk is shared. Lets the service return features
+        from any layer without loading the model twice.
+
+        Raises:
+            InvalidOptionError: ``model`` or ``weights`` differ (that needs another Embedder).
+        """
+        for key in ("model", "weights"):
+            if options.get(key) not in (None, getattr(self.config, key)):
+                raise InvalidOptionError(f"a variant keeps the loaded {key}; build another Embedder")
+        update = {k: v for k, v in options.items() if v is not None}
+        if "layer" in update and "pooling" not in update:
+            update["pooling"] = None  # the new layer's own default (none for vector layers)
+        other = copy.copy(self)
+        other._apply_config(resolve(make_config(self.config, **update)))
+        if other.layer.node != self.layer.node:
+            other._single = None  # served by the all-layers trunk
+        return other
 
     # ---------------------------------------------------------------------------------------------
     # identity
 
-    def _check_pooling(self, pooling: str | None) -> str:
-        if self.layer.kind == "vector":
-            if pooling not in (None, "none"):
-                raise UnknownPoolingError(
-                    f"layer {self.layer.name!r} of {self.spec.name} is already a vector; pooling applies to conv "
-                    f"layers only (choose one of: "
-                    f"{', '.join(s.name for s in self.spec.layers if s.kind == 'conv')}) or omit pooling"
-                )
-            return "none"
-        if pooling is None:
-            return "gem"
-        if pooling not in list_poolings():
-            raise UnknownPoolingError(
-                f"unknown pooling {pooling!r}; choose one of: {', '.join(list_poolings())}"
-            )
-        return pooling
+    @property
+    def pooling(self) -> str:
+        return str(self.config.pooling)
+
+    @property
+    def gem_p(self) -> float:
+        return self.config.gem_p
+
+    @property
+    def resize_mode(self) -> str:
+        return self.config.resize_mode
+
+    @property
+    def max_side(self) -> int:
+        return self.config.max_side
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return self.config.scales
 
     @property
     def dim(self) -> int:
@@ -352,45 +351,17 @@ class Embedder:
         return f"gem(p={self.gem_p:g})" if self.pooling == "gem" else self.pooling
 
     @property
+    def precision_in_use(self) -> str:
+        """What ``auto`` turned into on this device (fp32, bf16 or fp16)."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._autocast_dtype]
+
+    @property
     def fingerprint(self) -> dict[str, Any]:
-        """What makes two vectors comparable. Stored in an index's manifest and compared on open.
-
-        Device and precision are deliberately absent: they change vectors by far less than the
-        distance between different images (tested at cosine >= 0.99), so an index built on a GPU
-        in bf16 serves a CPU in fp32.
-        """
-        return {
-            "version": FINGERPRINT_VERSION,
-            "model": self.spec.name,
-            "weights": self.weights_identity,
-            "pretrained": self.pretrained,
-            "layer": self.layer.name,
-            "pooling": self.pooling_id,
-            "dim": self.dim,
-            "preprocess": (
-                {"mode": "crop", **self.spec.preprocess.to_dict()}
-                if self.resize_mode == "crop"
-                else {
-                    "mode": "full",
-                    "max_side": self.max_side,
-                    **self.spec.preprocess.to_dict(),
-                    "resize": None,
-                    "crop": None,
-                }
-            ),
-            "scales": list(self.scales),
-            "normalize": "l2",
-        }
-
-    def describe(self) -> dict[str, Any]:
-        """Fingerprint plus the run-time settings, for /v1/stats and the CLI."""
-        return {
-            **self.fingerprint,
-            "device": str(self.device),
-            "precision": self.precision,
-            "channels_last": self.channels_last,
-            "compiled": self.compiled,
-        }
+        """What makes two vectors comparable. Stored in an index's manifest and compared on open
+        (see :func:`deepfeat.models.identity.fingerprint_of`)."""
+        fingerprint = fingerprint_of(self.config)
+        fingerprint["weights"] = self.weights_identity  # as loaded, the same by construction
+        return fingerprint
 
     @property
     def decode_size(self) -> tuple[int, int]:

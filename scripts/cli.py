@@ -3,6 +3,10 @@
 Every sub-command reads the same Settings (``DEEPFEAT_*`` environment variables) and lets flags
 override them; errors from ``models`` and ``index`` are reported as one line with their stable code
 and a non-zero exit status, never a traceback.
+
+Start-up is kept short: torch, torchvision, FAISS, FastAPI and Ray are imported inside the commands
+that use them, and only the sub-command being run gets its full set of flags (the others are listed
+by name and help), so ``deepfeat --help`` loads none of them. ``deepfeat bench cli`` measures it.
 """
 
 from __future__ import annotations
@@ -11,14 +15,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from deepfeat.index.errors import StoreError
 from deepfeat.models.errors import ModelError
-from deepfeat.scripts import build_index, compare_classifiers, index_images, train_classifier
 from deepfeat.scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
 
 __all__ = ["main", "build_parser"]
@@ -68,17 +71,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from deepfeat.index.store import ImageStore
     from deepfeat.models.images import load_image
-    from deepfeat.runtime import build_embedder, image_limits, open_store
+    from deepfeat.runtime import build_embedder, image_limits, open_store, read_manifest
 
     settings = settings_from_args(args)
-    if ImageStore.read_manifest(settings.data_dir) is None:
+    manifest = read_manifest(settings)
+    if manifest is None:
         echo(
             f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first"
         )
         return 2
-    embedder = build_embedder(settings)
+    embedder = build_embedder(settings, manifest)
     query = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
     with open_store(settings, embedder, read_only=True) as store:
         hits = store.search(embedder.embed([query.image]), args.k)[0]
@@ -109,17 +112,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _classify_with(args: argparse.Namespace, settings: Any) -> tuple[list[Any], dict[str, Any], list[Any]]:
     """Predictions, a model description and kNN voters for ``--classifier`` (imagenet, knn or a head)."""
     from deepfeat.classifiers import CLASSIFIERS_DIR, DEFAULT_CLASSIFIER, knn_classify, load_head
-    from deepfeat.index.store import ImageStore
+    from deepfeat.models.config import EmbedderConfig
     from deepfeat.models.embedder import Embedder
     from deepfeat.models.heads import (
         UnknownHeadError,
         check_head_name,
-        embedder_kwargs,
         iter_head_dirs,
         read_manifest,
     )
     from deepfeat.models.images import load_image
     from deepfeat.runtime import build_embedder, image_limits, open_store
+    from deepfeat.runtime import read_manifest as read_store_manifest
 
     name = args.classifier
     limits = image_limits(settings)
@@ -132,11 +135,12 @@ def _classify_with(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
         model = {"name": embedder.spec.name, "weights": embedder.weights_identity}
         return embedder.classify([image.image], k=args.k)[0], model, []
     if name == "knn":
-        if ImageStore.read_manifest(settings.data_dir) is None:
+        manifest = read_store_manifest(settings)
+        if manifest is None:
             raise UnknownHeadError(
                 f"kNN needs a store with labelled images; there is none in {settings.data_dir}"
             )
-        embedder = build_embedder(settings)
+        embedder = build_embedder(settings, manifest)
         image = load_image(args.image, limits=limits, draft_size=embedder.decode_size)
         with open_store(settings, embedder, read_only=True) as store:
             predictions, voters = knn_classify(store, embedder.embed([image.image]), k=args.k)
@@ -150,9 +154,11 @@ def _classify_with(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
             "built in: imagenet, knn)"
         )
     # The head decides the features it needs; explicit flags still win (and are then checked against it).
-    options = {**embedder_kwargs(read_manifest(head_dir).fingerprint), **settings.explicit_embedder_options()}
-    options.setdefault("weights", settings.weights)
-    embedder = Embedder(**options, device=settings.device, precision=settings.precision)
+    config = settings.embedder.merged(
+        explicit=settings.explicit_embedder_options(),
+        stored=EmbedderConfig.from_fingerprint(read_manifest(head_dir).fingerprint),
+    )
+    embedder = Embedder(config, device=settings.device, precision=settings.precision)
     head = load_head(head_dir, embedder)
     image = load_image(args.image, limits=limits, draft_size=embedder.decode_size)
     model = {**embedder.fingerprint, "classifier": name, "method": head.manifest.method}
@@ -209,16 +215,16 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 def _open_existing(args: argparse.Namespace, *, read_only: bool) -> tuple[Any, Any] | None:
     """Embedder + store for a command that needs an existing store (None, after a message, if absent)."""
-    from deepfeat.index.store import ImageStore
-    from deepfeat.runtime import build_embedder, open_store
+    from deepfeat.runtime import build_embedder, open_store, read_manifest
 
     settings = settings_from_args(args)
-    if ImageStore.read_manifest(settings.data_dir) is None:
+    manifest = read_manifest(settings)
+    if manifest is None:
         echo(
             f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first"
         )
         return None
-    embedder = build_embedder(settings)
+    embedder = build_embedder(settings, manifest)
     return embedder, open_store(settings, embedder, read_only=read_only)
 
 
@@ -291,6 +297,7 @@ _BENCHES = {
     "serve": "deepfeat.scripts.bench_serve",
     "build": "deepfeat.scripts.bench_build",
     "ray": "deepfeat.scripts.bench_ray",
+    "cli": "deepfeat.scripts.bench_cli",
 }
 
 
@@ -313,10 +320,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from deepfeat.app.main import create_app
 
-    overrides = {
-        name: getattr(args, name) for name in ("host", "port", "read_only") if getattr(args, name) is not None
-    }
-    settings = settings_from_args(args, **overrides)
+    settings = settings_from_args(args)
     echo(
         f"deepfeat serving {settings.data_dir}{' read-only' if settings.read_only else ''} "
         f"on http://{settings.host}:{settings.port}/ (API docs at /docs)"
@@ -335,33 +339,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deepfeat", description="Image retrieval, classification and features on deep CNN features."
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "models", help="list models, whether their weights are available here, and their layers"
-    )
-    p.add_argument("--weights", help="check these weights instead of DEFAULT")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_models)
-
-    p = sub.add_parser("index", help="index image files and folders into a store")
-    add_common_arguments(p)
-    index_images.add_arguments(p)
-    p.set_defaults(func=index_images.run)
-
-    p = sub.add_parser("search", help="find the images most similar to IMAGE in a store")
+def _args_search(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("image")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
 
-    p = sub.add_parser("classify", help="top-k classes of IMAGE: ImageNet's, kNN's or a trained classifier's")
+
+def _args_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="check these weights instead of DEFAULT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_models)
+
+
+def _args_classify(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("image")
     p.add_argument("-k", type=int, default=5, help="number of classes (default 5)")
@@ -373,23 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classify)
 
-    p = sub.add_parser(
-        "train-classifier",
-        help="train your own classifier from a folder with one sub-folder per class (linear or finetune)",
-    )
-    train_classifier.add_arguments(p)
-    p.set_defaults(func=train_classifier.run)
 
-    p = sub.add_parser(
-        "compare-classifiers",
-        help="linear probe vs kNN vs fine-tuning vs the mapped ImageNet head on one held-out split",
-    )
-    compare_classifiers.add_arguments(p)
-    p.set_defaults(func=compare_classifiers.run)
-
-    p = sub.add_parser(
-        "whiten", help="learn PCA-whitening for a store (applied to every query automatically)"
-    )
+def _args_whiten(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--dim", type=int, help="output dimension, e.g. 128/256/512 (default: keep all)")
     p.add_argument(
@@ -398,30 +375,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", action="store_true", help="remove the whitening (back to raw vectors)")
     p.set_defaults(func=_cmd_whiten)
 
-    p = sub.add_parser("duplicates", help="list groups of near-identical images in a store")
+
+def _args_duplicates(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
     p.add_argument("--neighbours", type=int, default=10, help="neighbours examined per image (default 10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_duplicates)
 
-    p = sub.add_parser(
-        "bench", help="benchmarks: extract, search, serve, build or ray (prints medians and ratios)"
-    )
+
+def _args_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", choices=sorted(_BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("eval", help="retrieval evaluation: category or copy detection, with sweeps")
-    p.add_argument(
-        "rest", nargs=argparse.REMAINDER, help="options of the evaluation (see `deepfeat eval --help`)"
-    )
+
+def _args_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the evaluation (see `deepfeat eval --help`)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("serve", help="run the HTTP service (API + web page) on a store")
+
+def _args_serve(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in the Docker image)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--port", help="port (default 8000)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument(
         "--read-only",
@@ -431,25 +408,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser(
-        "build-index",
-        help="build an IVF index generation from the catalog within a memory budget and publish it for replicas",
-    )
-    build_index.add_arguments(p)
-    p.set_defaults(func=build_index.run)
 
-    p = sub.add_parser(
-        "weights", help="download torchvision weights into the torch hub cache (needs internet)"
-    )
+def _args_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["download"])
     p.add_argument("name", help="model name, e.g. resnet50")
     p.add_argument("--which", default="DEFAULT", help="weights enum name (default DEFAULT)")
     p.set_defaults(func=_cmd_weights)
+
+
+def _from_module(module: str, *, common: bool = False) -> Callable[[argparse.ArgumentParser], None]:
+    """A script's own ``add_arguments``/``run``, imported only when its command is the one run."""
+
+    def configure(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        if common:
+            add_common_arguments(p)
+        script = importlib.import_module(module)
+        script.add_arguments(p)
+        p.set_defaults(func=script.run)
+
+    return configure
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "models": ("list models, whether their weights are available here, and their layers", _args_models),
+    "index": ("index image files and folders into a store", _from_module("deepfeat.scripts.index_images", common=True)),
+    "search": ("find the images most similar to IMAGE in a store", _args_search),
+    "classify": ("top-k classes of IMAGE: ImageNet's, kNN's or a trained classifier's", _args_classify),
+    "train-classifier": (
+        "train your own classifier from a folder with one sub-folder per class (linear or finetune)",
+        _from_module("deepfeat.scripts.train_classifier"),
+    ),
+    "compare-classifiers": (
+        "linear probe vs kNN vs fine-tuning vs the mapped ImageNet head on one held-out split",
+        _from_module("deepfeat.scripts.compare_classifiers"),
+    ),
+    "whiten": ("learn PCA-whitening for a store (applied to every query automatically)", _args_whiten),
+    "duplicates": ("list groups of near-identical images in a store", _args_duplicates),
+    "bench": ("benchmarks: " + ", ".join(_BENCHES) + " (prints medians and ratios)", _args_bench),
+    "eval": ("retrieval evaluation: category or copy detection, with sweeps", _args_eval),
+    "serve": ("run the HTTP service (API + web page) on a store", _args_serve),
+    "build-index": (
+        "build an IVF index generation from the catalog within a memory budget and publish it for replicas",
+        _from_module("deepfeat.scripts.build_index"),
+    ),
+    "weights": ("download torchvision weights into the torch hub cache (needs internet)", _args_weights),
+}
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not an option), if any."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, only the sub-command it names gets its flags (None: all of them)."""
+    parser = argparse.ArgumentParser(
+        prog="deepfeat", description="Image retrieval, classification and features on deep CNN features."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = None if argv is None else _command_in(argv)
+    for name, (text, configure) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if argv is None or name == wanted:
+            configure(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -461,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        sys.stderr.write(f"error [invalid_settings]: {problems}\n")
+        sys.stderr.write(f"error [invalid_setting]: {problems}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; everything committed so far is kept, re-run to resume\n")

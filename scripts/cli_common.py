@@ -1,7 +1,10 @@
-"""Flags shared by every ``deepfeat`` sub-command, and turning them into the one Settings object.
+"""Flags shared by every ``deepfeat`` sub-command, generated from the settings, and turning them into
+the one Settings object.
 
 Flags override ``DEEPFEAT_*`` environment variables, which override defaults: a flag left out is
 simply not passed to Settings, so the environment (or an existing store's manifest) still decides.
+Every flag here is a Settings field (``--gem-p`` is ``gem_p``), so adding an option to
+:class:`~deepfeat.models.config.EmbedderFields` or Settings adds its flag, help and choices.
 """
 
 from __future__ import annotations
@@ -9,74 +12,79 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+import types
+import typing
 from typing import Any
 
+from pydantic.fields import FieldInfo
+
+from deepfeat.models.config import EmbedderConfig
 from deepfeat.settings import Settings
 
-__all__ = ["add_common_arguments", "settings_from_args", "echo", "echo_json"]
+__all__ = ["COMMON_FIELDS", "add_common_arguments", "add_setting_arguments", "settings_from_args", "echo", "echo_json"]
 
-# argparse dest -> Settings field
-_FLAG_FIELDS = (
+COMMON_FIELDS = (
     "data_dir",
-    "model",
-    "weights",
-    "layer",
-    "pooling",
-    "gem_p",
-    "resize_mode",
-    "max_side",
-    "scales",
+    *EmbedderConfig.model_fields,
     "device",
     "precision",
     "compile",
     "index_factory",
-    "batch_size",
-    "workers",
     "max_pixels",
 )
+"""The settings every store-using command takes as flags."""
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    """The values of a Literal annotation (also inside ``X | None``), else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _choices(arg)
+            if found:
+                return found
+    return None
+
+
+def _default_text(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        return ""
+    value = info.default
+    if value is None:
+        return ""
+    if isinstance(value, tuple | list):
+        value = ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value)
+    return f" (default {value})"
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser | Any, names: typing.Iterable[str]) -> None:
+    """One ``--flag-name`` per Settings field: help from its description, choices from its Literal
+    type, booleans as switches. Values are validated by Settings, so a bad flag reads like a bad
+    environment variable (``error [invalid_setting]``)."""
+    for name in names:
+        info = Settings.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        text = (info.description or name.replace("_", " ")) + _default_text(info)
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+            continue
+        choices = _choices(info.annotation)
+        if name == "pooling" and choices:
+            choices = [c for c in choices if c != "none"]
+        parser.add_argument(flag, dest=name, choices=choices, help=text)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "model and store (default: DEEPFEAT_* environment, then the store's manifest)"
+        "model and store (default: DEEPFEAT_* environment, then the store's manifest, then the default)"
     )
-    group.add_argument("--data-dir", type=Path, help="store directory (default ./data)")
-    group.add_argument("--model", help="model name (see `deepfeat models`)")
-    group.add_argument("--weights", help="DEFAULT, a weights enum name, a checkpoint path, or none")
-    group.add_argument("--layer", help="layer name or its position k from the top (0 = logits)")
-    group.add_argument("--pooling", choices=["avg", "max", "gem", "rmac"], help="pooling for conv layers")
-    group.add_argument("--gem-p", type=float, help="GeM power (default 3)")
-    group.add_argument(
-        "--resize-mode", choices=["crop", "full"], help="centre crop, or the full image (aspect kept)"
-    )
-    group.add_argument("--max-side", type=int, help="longest side in full resize mode (default 512)")
-    group.add_argument("--scales", type=_scales, help="multi-scale factors, e.g. 1,0.707 (default 1)")
-    group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    group.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="auto (default): bf16 on CUDA and on CPUs with native bf16, else fp32",
-    )
-    group.add_argument(
-        "--compile",
-        action="store_true",
-        default=None,
-        help="torch.compile the embedding trunk: a one-off compile, then a faster forward pass",
-    )
-    group.add_argument("--index-factory", help="FAISS factory string for a new store (default Flat)")
-    group.add_argument("--max-pixels", type=int, help="reject larger images (default 40M)")
-
-
-def _scales(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
+    add_setting_arguments(group, COMMON_FIELDS)
 
 
 def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
-    values = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name, None) is not None}
+    """Settings from the environment, with every flag that names a setting and was given on top."""
+    values = {name: value for name in Settings.model_fields if (value := getattr(args, name, None)) is not None}
     values.update(overrides)
     return Settings(**values)
 

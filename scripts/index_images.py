@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from deepfeat.index.store import ImageStore, NewImage
 from deepfeat.models.embedder import Embedder
+from deepfeat.scripts.cli_common import add_setting_arguments
 from deepfeat.models.errors import ImageError
 from deepfeat.models.images import (
     ImageLimits,
@@ -389,10 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-shards", action="store_true", help="ray: keep the job's shards after the commit"
     )
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
-    parser.add_argument(
-        "--workers", type=int, help="decode worker processes (default: half the CPUs; CUDA: all but one)"
-    )
+    add_setting_arguments(parser, ("batch_size", "workers"))
     parser.add_argument(
         "--ext",
         default=",".join(sorted(ext.lstrip(".") for ext in DEFAULT_EXTENSIONS)),

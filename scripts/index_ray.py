@@ -654,7 +654,7 @@ def index_paths_ray(
 
 def run(args: argparse.Namespace, paths: Sequence[str]) -> int:
     """``deepfeat index --engine ray``: returns the process exit code."""
-    from deepfeat.runtime import embedder_options, image_limits, open_store
+    from deepfeat.runtime import embedder_config, image_limits, open_store
     from deepfeat.scripts.cli_common import echo, settings_from_args
 
     try:
@@ -663,7 +663,7 @@ def run(args: argparse.Namespace, paths: Sequence[str]) -> int:
         sys.stderr.write(f"error [ray_not_installed]: {exc}\n")
         return 2
     settings = settings_from_args(args)
-    options = embedder_options(settings)
+    options = embedder_config(settings).model_dump(mode="json")
     # This process only needs the fingerprint and the preprocessing: the actors do the forward passes.
     embedder = Embedder(**options, device="cpu", precision="fp32")
     report_path = args.report or settings.data_dir / "index-report.jsonl"

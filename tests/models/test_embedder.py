@@ -176,7 +176,7 @@ def test_compiled_trunk_gives_the_eager_embeddings(lite0: Embedder, photos: dict
     """torch.compile with weight freezing is a faster forward pass, not another model: the same
     vectors (the fingerprint does not record it) and the same classes. Slow: Inductor compiles C++."""
     compiled = Embedder("efficientnet_lite0", device="cpu", compile=True, **FAST_EMBEDDER)
-    assert compiled.describe()["compiled"] is True and compiled.fingerprint == lite0.fingerprint
+    assert compiled.compiled is True and compiled.fingerprint == lite0.fingerprint
     images = list(photos.values())
     cos = np.sum(compiled.embed(images) * lite0.embed(images), axis=1)
     assert cos.min() >= 0.999, cos

@@ -76,7 +76,7 @@ def test_errors_are_one_line_with_a_code(capsys: pytest.CaptureFixture[str], tmp
     code, _, err = run(capsys, "classify", str(text), "--model", "alexnet")
     assert code == 2 and "error [unknown_model]" in err
     code, _, err = run(capsys, "index", str(tmp_path), "--data-dir", str(tmp_path / "d"), "--batch-size", "0")
-    assert code == 2 and "error [invalid_settings]" in err and "batch_size" in err
+    assert code == 2 and "error [invalid_setting]" in err and "batch_size" in err
     code, _, err = run(
         capsys, "classify", str(text), "--model", "resnet50", "--weights", str(tmp_path / "missing.pth")
     )
@@ -128,3 +128,54 @@ def test_whiten_and_duplicates(
     assert code == 0 and "removed" in out
     code, _, err = run(capsys, "whiten", "--data-dir", data, "--dim", "5000")
     assert code == 2 and "error [invalid_argument]" in err
+
+
+def _modules_after(argv: list[str], tmp_path: Path) -> set[str]:
+    """The top-level modules a real ``deepfeat`` process had imported when its command finished."""
+    probe = (
+        "import sys\nfrom deepfeat.scripts.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('MODULES=' + ','.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
+    line = next(x for x in done.stdout.splitlines() if x.startswith("MODULES="))
+    return set(line[len("MODULES=") :].split(","))
+
+
+def test_help_and_models_load_no_heavy_library(tmp_path: Path) -> None:
+    # The first run on a machine reads torchvision's weights metadata once and caches it.
+    assert "torchvision" in _modules_after(["models"], tmp_path)
+    for argv in (["--help"], ["models"]):
+        loaded = _modules_after(argv, tmp_path)
+        assert not loaded & {"torch", "torchvision", "faiss", "fastapi", "starlette", "uvicorn", "ray"}, argv
+
+
+def test_classify_does_not_load_the_web_stack(tmp_path: Path, photos: dict[str, Image.Image]) -> None:
+    cat = tmp_path / "cat.jpg"
+    cat.write_bytes(jpeg_bytes(photos["chelsea"]))
+    loaded = _modules_after(["classify", str(cat), "-k", "1"], tmp_path)
+    assert "torch" in loaded  # it did classify
+    assert not loaded & {"fastapi", "starlette", "uvicorn"}
+
+
+def test_list_settings_take_the_same_syntax_in_the_environment(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deepfeat.settings import Settings
+
+    monkeypatch.setenv("DEEPFEAT_SCALES", "1,0.7071")
+    assert Settings().scales == (1.0, 0.7071)
+    monkeypatch.setenv("DEEPFEAT_SCALES", "[1, 0.5]")
+    assert Settings().scales == (1.0, 0.5)
+    monkeypatch.setenv("DEEPFEAT_SCALES", "1,big")
+    code, _, err = run(capsys, "search", str(tmp_path / "q.jpg"), "--data-dir", str(tmp_path))
+    assert code == 2 and err.startswith("error [invalid_setting]: scales") and err.count("\n") == 1
+    monkeypatch.delenv("DEEPFEAT_SCALES")
+    code, _, err = run(capsys, "search", str(tmp_path / "q.jpg"), "--scales", "5")
+    assert code == 2 and err.startswith("error [invalid_setting]: scales") and "[0.1, 2]" in err

@@ -1,0 +1,163 @@
+"""``EmbedderConfig``: every option that changes what a vector is, defined once.
+
+In the spirit of timm's ``pretrained_cfg``: one typed object with its choices and defaults. The
+Embedder is built from it, :class:`deepfeat.settings.Settings` takes its fields (so the environment
+variables keep their flat names, ``DEEPFEAT_SCALES``), the CLI generates its flags from them, and a
+store's manifest records it verbatim, so an existing store is reopened with exactly the options that
+made it, without parsing anything back from a fingerprint string.
+
+Importing this module loads neither torch nor the model registry: the CLI builds its flags from it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_SCALES",
+    "POOLINGS",
+    "RESIZE_MODES",
+    "EmbedderConfig",
+    "EmbedderFields",
+    "parse_list",
+]
+
+DEFAULT_MODEL = "efficientnet_lite0"
+DEFAULT_SCALES = (1.0, 0.7071, 0.5)
+Pooling = Literal["avg", "max", "gem", "rmac", "none"]
+POOLINGS = ("avg", "max", "gem", "rmac")
+"""Poolings for conv layers (``none`` is what a vector layer records); models/pooling.py implements
+them, and a test holds the two lists together."""
+ResizeMode = Literal["crop", "full"]
+RESIZE_MODES = ("crop", "full")
+
+
+def parse_list(value: Any) -> Any:
+    """``"1,0.7071,0.5"`` or ``"[1, 0.7071, 0.5]"`` -> a list: the environment and the command line
+    take the same syntax. Anything else passes through to the field's own validation."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                return value
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class EmbedderFields(BaseModel):
+    """The fields, their types, choices and defaults (shared by :class:`EmbedderConfig` and Settings).
+
+    The defaults are the retrieval defaults: the last conv block of EfficientNet-Lite0 (its ``head``),
+    GeM-pooled, on the whole image at 512 px and at three scales.
+    """
+
+    model: str = Field(DEFAULT_MODEL, description="Model name (`deepfeat models` lists them)")
+    weights: str = Field("DEFAULT", description="DEFAULT, a weights enum name, a checkpoint path, or none")
+    layer: str | None = Field(
+        None,
+        description="Embedding layer: a name or its position k from the top (0 = logits); "
+        "default: the model's last conv block",
+    )
+    pooling: Pooling | None = Field(
+        None, description="avg, max, gem or rmac for conv layers (default gem); vector layers take none"
+    )
+    gem_p: float = Field(3.0, gt=0, le=100, description="GeM power")
+    resize_mode: ResizeMode = Field(
+        "full", description="full (whole image, aspect kept) or crop (resize + centre crop)"
+    )
+    max_side: int = Field(512, ge=64, le=4096, description="Longest side in full resize mode")
+    scales: tuple[float, ...] = Field(
+        DEFAULT_SCALES,
+        min_length=1,
+        max_length=8,
+        description="Multi-scale factors; descriptors are summed over them and re-normalised",
+    )
+
+    @field_validator("layer", mode="before")
+    @classmethod
+    def _layer_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("scales", mode="before")
+    @classmethod
+    def _scales_list(cls, value: Any) -> Any:
+        return parse_list(value)
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [x for x in value if not 0.1 <= x <= 2.0]
+        if bad:
+            raise ValueError(f"every scale must be in [0.1, 2], got {list(value)}")
+        return value
+
+
+class EmbedderConfig(EmbedderFields):
+    """What a vector is. ``Embedder(config)`` builds it; ``Embedder.config`` is the resolved copy
+    (layer and pooling named), which is what a store's manifest records."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two vectors comparable: these options resolved against the model registry
+        (weights identity, layer name, dimension, the preprocessing that travels with the weights).
+        Loads the registry (and so torch), but no weights.
+
+        Raises:
+            ModelError subclasses for an unknown model, layer, pooling or weights.
+        """
+        from deepfeat.models.identity import fingerprint_of
+
+        return fingerprint_of(self)
+
+    def merged(self, *, explicit: dict[str, Any], stored: EmbedderConfig | None) -> EmbedderConfig:
+        """The options to run with, decided in one place: what the user set explicitly wins, else
+        what an existing store recorded, else this config's values (the defaults).
+
+        A store's pooling is only kept while the model and layer are the store's: asked for another
+        network or layer, the store's pooling may not even apply, and the store then refuses the
+        mismatch by name instead of the user meeting a pooling/layer error.
+        """
+        values = self.model_dump()
+        if stored is not None:
+            inherited = stored.model_dump()
+            if "model" in explicit or "layer" in explicit:
+                inherited.pop("pooling")
+                inherited.pop("gem_p")
+            values.update(inherited)
+        values.update(explicit)
+        return EmbedderConfig.model_validate(values)
+
+    @classmethod
+    def from_fingerprint(cls, fingerprint: dict[str, Any]) -> EmbedderConfig:
+        """The options of a store written before manifests recorded them (deepfeat 0.1), read from
+        its fingerprint. Only the migration of such stores uses this; a writer then records the
+        config in the manifest. A checkpoint file's path was never recorded: ``weights`` then stays
+        the default and the fingerprint check asks the user for ``--weights``."""
+        values: dict[str, Any] = {"model": fingerprint.get("model", DEFAULT_MODEL)}
+        if fingerprint.get("layer") is not None:
+            values["layer"] = fingerprint["layer"]
+        pooling = str(fingerprint.get("pooling", "none"))
+        if pooling.startswith("gem(p="):
+            values["pooling"], values["gem_p"] = "gem", float(pooling[len("gem(p=") : -1])
+        else:
+            values["pooling"] = pooling
+        preprocess = fingerprint.get("preprocess") or {}
+        if preprocess.get("mode") in RESIZE_MODES:
+            values["resize_mode"] = preprocess["mode"]
+            if preprocess["mode"] == "full" and preprocess.get("max_side"):
+                values["max_side"] = int(preprocess["max_side"])
+        if fingerprint.get("scales"):
+            values["scales"] = tuple(fingerprint["scales"])
+        from deepfeat.models.registry import weights_argument
+
+        weights = weights_argument(str(fingerprint.get("weights", "")))
+        if weights is not None:
+            values["weights"] = weights
+        return cls.model_validate(values)

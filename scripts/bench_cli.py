@@ -1,0 +1,97 @@
+"""Start-up benchmark of the ``deepfeat`` command: how long a user waits for ``--help`` and for the
+commands that should answer at once, each a fresh process, the median of several runs.
+
+The baseline in the same run is a bare ``python -c pass`` (the interpreter's own start-up), and the
+report names which heavy libraries (torch, torchvision, faiss, fastapi, ray) each command imported.
+
+    deepfeat bench cli --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from deepfeat.scripts.bench_machine import describe, machine
+
+__all__ = ["main", "measure"]
+
+HEAVY = ("torch", "torchvision", "faiss", "fastapi", "ray", "timm")
+COMMANDS = {
+    "python -c pass (baseline)": [sys.executable, "-c", "pass"],
+    "deepfeat --help": [sys.executable, "-m", "deepfeat.scripts.cli", "--help"],
+    "deepfeat index --help": [sys.executable, "-m", "deepfeat.scripts.cli", "index", "--help"],
+    "deepfeat models": [sys.executable, "-m", "deepfeat.scripts.cli", "models"],
+}
+
+_PROBE = (
+    "import sys, runpy; sys.argv = ['deepfeat', *sys.argv[1:]]\n"
+    "try:\n    runpy.run_module('deepfeat.scripts.cli', run_name='__probe__')\n"
+    "    from deepfeat.scripts.cli import main\n    main()\nexcept SystemExit:\n    pass\n"
+    f"print('\\nHEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+)
+
+
+def measure(argv: list[str], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def imported(argv: list[str]) -> list[str]:
+    """The heavy libraries a command imports (run once more in-process with a probe)."""
+    if argv[1:3] != ["-m", "deepfeat.scripts.cli"]:
+        return []
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv[3:]], capture_output=True, text=True, check=False
+    )
+    for line in done.stderr.splitlines():
+        if line.startswith("HEAVY="):
+            return [m for m in line[len("HEAVY=") :].split(",") if m]
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepfeat bench cli", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7, help="runs per command (default 7)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    print(describe(), flush=True)
+    rows: list[dict[str, Any]] = []
+    base: float | None = None
+    for name, command in COMMANDS.items():
+        measure(command, 1)  # warm the page cache (and the registry's metadata cache)
+        times = measure(command, args.repeats)
+        median = statistics.median(times)
+        base = median if base is None else base
+        heavy = imported(command)
+        row: dict[str, Any] = {
+            "command": name,
+            "median_s": round(median, 3),
+            "min_s": round(min(times), 3),
+            "max_s": round(max(times), 3),
+            "x_baseline": round(median / base, 1),
+            "imports": heavy,
+        }
+        rows.append(row)
+        print(
+            f"{name:<28} median {row['median_s']:6.3f} s  (min {row['min_s']:.3f}, max {row['max_s']:.3f}, "
+            f"{row['x_baseline']:>5}x python)  heavy imports: {', '.join(heavy) or 'none'}",
+            flush=True,
+        )
+    if args.json:
+        print(json.dumps({"machine": machine(), "repeats": args.repeats, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
