@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from deepfeat.index.store import ImageStore, NewImage
 from deepfeat.models.embedder import Embedder
-from deepfeat.scripts.cli_common import add_setting_arguments
 from deepfeat.models.errors import ImageError
 from deepfeat.models.images import (
     ImageLimits,
@@ -40,6 +39,7 @@ from deepfeat.models.images import (
     probe_image,
     thumbnail_from_tensor,
 )
+from deepfeat.scripts.cli_common import add_setting_arguments
 
 __all__ = ["IndexSummary", "index_paths", "iter_image_files", "prepare_file", "main", "DEFAULT_EXTENSIONS"]
 
