@@ -342,6 +342,11 @@ class Embedder:
 
     @property
     def backbone(self) -> torch.nn.Module:
+        """The loaded network (eval mode, frozen): fine-tuning trains a copy of it, never this one."""
+        return self._net
+
+    @property
+    def backbone(self) -> torch.nn.Module:
         """The loaded pretrained network (eval mode, frozen, on ``device``), shared by every variant of
         this embedder; fine-tuning trains a copy and never modifies it."""
         return self._net
