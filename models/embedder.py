@@ -346,12 +346,6 @@ class Embedder:
         return self._net
 
     @property
-    def backbone(self) -> torch.nn.Module:
-        """The loaded pretrained network (eval mode, frozen, on ``device``), shared by every variant of
-        this embedder; fine-tuning trains a copy and never modifies it."""
-        return self._net
-
-    @property
     def pooling_id(self) -> str:
         return f"gem(p={self.gem_p:g})" if self.pooling == "gem" else self.pooling
 
