@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from deepfeat.models.config import EmbedderConfig
+
 __all__ = [
     "ErrorResponse",
     "ModelInfo",
@@ -40,7 +42,8 @@ class ModelInfo(BaseModel):
     pooling: str
     dim: int
     device: str
-    precision: str
+    precision: str = Field(description="The precision in use (what `auto` resolved to): fp32, bf16 or fp16")
+    config: EmbedderConfig = Field(description="Every option that defines the vectors, as the store records them")
 
 
 class SearchHit(BaseModel):

@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     from deepfeat.models.embedder import Embedder
     from deepfeat.models.images import ImageLimits
 
-__all__ = ["build_embedder", "embedder_config", "image_limits", "open_store", "read_manifest", "stored_config"]
+__all__ = [
+    "build_embedder",
+    "embedder_config",
+    "image_limits",
+    "open_store",
+    "read_manifest",
+    "stored_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +53,9 @@ def embedder_config(settings: Settings, manifest: Manifest | None = None) -> Emb
     """Explicit settings, else the store's manifest, else the defaults."""
     if manifest is None:
         manifest = read_manifest(settings)
-    return settings.embedder.merged(explicit=settings.explicit_embedder_options(), stored=stored_config(manifest))
+    return settings.embedder.merged(
+        explicit=settings.explicit_embedder_options(), stored=stored_config(manifest)
+    )
 
 
 def build_embedder(settings: Settings, manifest: Manifest | None = None) -> Embedder:

@@ -22,7 +22,9 @@ __all__ = ["Settings"]
 class Settings(BaseSettings, EmbedderFields):
     model_config = SettingsConfigDict(env_prefix="DEEPFEAT_", env_nested_delimiter="__", extra="ignore")
 
-    data_dir: Path = Field(Path("data"), description="Directory holding the catalog, FAISS index and manifest")
+    data_dir: Path = Field(
+        Path("data"), description="Directory holding the catalog, FAISS index and manifest"
+    )
     # List settings take "a,b,c" in the environment as on the command line (JSON works too).
     scales: Annotated[tuple[float, ...], NoDecode] = EmbedderFields.model_fields["scales"]  # type: ignore[assignment]
     index_factory: str = Field(
@@ -55,14 +57,14 @@ class Settings(BaseSettings, EmbedderFields):
     )
 
     # --- service ---
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address the service binds (0.0.0.0 in the Docker image)")
+    port: int = Field(8000, ge=1, le=65535, description="Port the service listens on")
     api_key: SecretStr | None = Field(None, description="Required for write routes when set")
     read_api_key: SecretStr | None = Field(None, description="Required for read routes when set")
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, description="Largest request body (the whole multipart upload)"
     )
-    max_k: int = Field(100, ge=1, le=10_000)
+    max_k: int = Field(100, ge=1, le=10_000, description="Most results one search may ask for")
     body_timeout_s: float | None = Field(
         60.0, gt=0, description="Seconds the whole request body may take; slower uploads get 408"
     )
@@ -95,9 +97,13 @@ class Settings(BaseSettings, EmbedderFields):
     @property
     def embedder(self) -> EmbedderConfig:
         """The options that define a vector, as the config object the Embedder is built from."""
-        return EmbedderConfig.model_validate({name: getattr(self, name) for name in EmbedderConfig.model_fields})
+        return EmbedderConfig.model_validate(
+            {name: getattr(self, name) for name in EmbedderConfig.model_fields}
+        )
 
     def explicit_embedder_options(self) -> dict[str, Any]:
         """The vector options the user set (environment or flag), as opposed to defaults: these win
         over an existing store's manifest (see :meth:`EmbedderConfig.merged`)."""
-        return {name: getattr(self, name) for name in EmbedderConfig.model_fields if name in self.model_fields_set}
+        return {
+            name: getattr(self, name) for name in EmbedderConfig.model_fields if name in self.model_fields_set
+        }

@@ -391,7 +391,9 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
 
 
 def _args_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the evaluation (see `deepfeat eval --help`)")
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="options of the evaluation (see `deepfeat eval --help`)"
+    )
     p.set_defaults(func=_cmd_eval)
 
 
@@ -433,7 +435,10 @@ def _from_module(module: str, *, common: bool = False) -> Callable[[argparse.Arg
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "models": ("list models, whether their weights are available here, and their layers", _args_models),
-    "index": ("index image files and folders into a store", _from_module("deepfeat.scripts.index_images", common=True)),
+    "index": (
+        "index image files and folders into a store",
+        _from_module("deepfeat.scripts.index_images", common=True),
+    ),
     "search": ("find the images most similar to IMAGE in a store", _args_search),
     "classify": ("top-k classes of IMAGE: ImageNet's, kNN's or a trained classifier's", _args_classify),
     "train-classifier": (

@@ -21,7 +21,14 @@ from pydantic.fields import FieldInfo
 from deepfeat.models.config import EmbedderConfig
 from deepfeat.settings import Settings
 
-__all__ = ["COMMON_FIELDS", "add_common_arguments", "add_setting_arguments", "settings_from_args", "echo", "echo_json"]
+__all__ = [
+    "COMMON_FIELDS",
+    "add_common_arguments",
+    "add_setting_arguments",
+    "settings_from_args",
+    "echo",
+    "echo_json",
+]
 
 COMMON_FIELDS = (
     "data_dir",
@@ -84,7 +91,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
     """Settings from the environment, with every flag that names a setting and was given on top."""
-    values = {name: value for name in Settings.model_fields if (value := getattr(args, name, None)) is not None}
+    values = {
+        name: value for name in Settings.model_fields if (value := getattr(args, name, None)) is not None
+    }
     values.update(overrides)
     return Settings(**values)
 

@@ -18,7 +18,8 @@ def model_info(embedder: Embedder) -> ModelInfo:
         pooling=embedder.pooling_id,
         dim=embedder.dim,
         device=str(embedder.device),
-        precision=embedder.precision,
+        precision=embedder.precision_in_use,
+        config=embedder.config,
     )
 
 
