@@ -175,6 +175,7 @@ def load_image(
     *,
     limits: ImageLimits = DEFAULT_LIMITS,
     draft_size: tuple[int, int] | None = None,
+    sha256: str | None = None,
 ) -> LoadedImage:
     """Decode untrusted bytes (or a file) into an upright RGB image, enforcing ``limits``.
 
@@ -215,7 +216,7 @@ def load_image(
     data = _read_source(source, max_bytes=limits.max_bytes)
     if not data:
         raise CorruptImageError("empty input: 0 bytes is not an image")
-    sha256 = hashlib.sha256(data).hexdigest()
+    sha256 = sha256 or hashlib.sha256(data).hexdigest()
 
     img, fmt, original_size = _open_checked(data, limits)
     with img:
@@ -299,7 +300,7 @@ class ProbedImage:
 
 
 def probe_image(
-    source: bytes | str | os.PathLike[str], *, limits: ImageLimits = DEFAULT_LIMITS
+    source: bytes | str | os.PathLike[str], *, limits: ImageLimits = DEFAULT_LIMITS, sha256: str | None = None
 ) -> ProbedImage:
     """Read, hash and check an image like :func:`load_image`, without decoding its pixels.
 
@@ -312,7 +313,7 @@ def probe_image(
     data = _read_source(source, max_bytes=limits.max_bytes)
     if not data:
         raise CorruptImageError("empty input: 0 bytes is not an image")
-    sha256 = hashlib.sha256(data).hexdigest()
+    sha256 = sha256 or hashlib.sha256(data).hexdigest()
     img, fmt, (w, h) = _open_checked(data, limits)
     with img:
         orientation = _read_orientation(img)

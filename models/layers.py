@@ -8,9 +8,9 @@ embedding layer and the logits from a single forward pass (embed + classify one 
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.feature_extraction import create_feature_extractor
 
-__all__ = ["build_trunk", "list_nodes"]
+__all__ = ["build_trunk"]
 
 
 def build_trunk(model: nn.Module, outputs: dict[str, str]) -> nn.Module:
@@ -27,8 +27,3 @@ def build_trunk(model: nn.Module, outputs: dict[str, str]) -> nn.Module:
     """
     trunk = create_feature_extractor(model, return_nodes=outputs)
     return trunk.eval()
-
-
-def list_nodes(model: nn.Module) -> list[str]:
-    """All node names of the model's eval-mode graph (what ``build_trunk`` accepts)."""
-    return list(get_graph_node_names(model)[1])

@@ -141,14 +141,14 @@ def prepare_file(
         return _Item(str(path), "present", sha256=sha, nbytes=len(data))
     if gpu_decode:
         try:
-            probed = probe_image(data, limits=limits)
+            probed = probe_image(data, limits=limits, sha256=sha)
         except ImageError as exc:
             return _Item(str(path), "failed", sha256=sha, nbytes=len(data), code=exc.code, reason=str(exc))
         if probed.gpu_decodable:
             width, height = probed.upright_size
             return _Item(str(path), "ok", sha256=sha, width=width, height=height, nbytes=len(data), data=data)
     try:
-        tensor, thumb, (width, height) = _decode_on_cpu(data, transform, limits, decode_size)
+        tensor, thumb, (width, height) = _decode_on_cpu(data, transform, limits, decode_size, sha)
     except ImageError as exc:
         return _Item(str(path), "failed", sha256=sha, nbytes=len(data), code=exc.code, reason=str(exc))
     return _Item(
@@ -168,13 +168,14 @@ def _decode_on_cpu(
     transform: Callable[[Image.Image], torch.Tensor],
     limits: ImageLimits,
     decode_size: tuple[int, int],
+    sha256: str | None = None,
 ) -> tuple[torch.Tensor, bytes, tuple[int, int]]:
     """The CPU path for one file: the model's input, the thumbnail and the upright full size.
 
     Raises:
         ImageError: with the code the report records.
     """
-    loaded = load_image(data, limits=limits, draft_size=decode_size)
+    loaded = load_image(data, limits=limits, draft_size=decode_size, sha256=sha256)
     return transform(loaded.image), make_thumbnail(loaded.image), loaded.upright_size
 
 
@@ -199,7 +200,7 @@ def _decode_on_gpu(items: Sequence[_Item], *, embedder: Embedder, limits: ImageL
             else:
                 assert data is not None
                 item.tensor, item.thumbnail, _ = _decode_on_cpu(
-                    data, embedder.transform, limits, embedder.decode_size
+                    data, embedder.transform, limits, embedder.decode_size, item.sha256
                 )
         except ImageError as exc:
             item.status, item.code, item.reason = "failed", exc.code, str(exc)
