@@ -101,6 +101,12 @@ class Inference:
         finally:
             self._waiting.release()
 
+    def variant(self, *, layer: str | None = None, pooling: str | None = None) -> Embedder:
+        """The loaded model read at another layer or pooling (no second copy of the weights)."""
+        if layer is None and pooling is None:
+            return self.embedder
+        return self.embedder.variant(layer=layer, pooling=pooling)
+
     def embed(self, images: Sequence[Image.Image], embedder: Embedder | None = None) -> np.ndarray:
         """(n, dim) vectors; ``embedder`` may be a variant (another layer) of the loaded model."""
         if embedder is not None and embedder is not self.embedder:

@@ -35,9 +35,7 @@ def embed(
     ] = None,
 ) -> EmbedResponse:
     """The deep-feature vector of the uploaded image (L2-normalised), from the store's layer or another one."""
-    embedder = state.inference.embedder
-    if layer is not None or pooling is not None:
-        embedder = embedder.variant(layer=layer, pooling=pooling)
+    embedder = state.inference.variant(layer=layer, pooling=pooling)
     image = read_upload(state, file)
     vector = state.inference.embed([image.image], embedder)[0]
     return EmbedResponse(
