@@ -36,7 +36,6 @@ from deepfeat.models.heads.errors import (
     InvalidHeadNameError,
 )
 from deepfeat.models.heads.linear import LinearHead
-from deepfeat.models.registry import weights_argument
 
 __all__ = [
     "HEAD_FORMAT_VERSION",
@@ -47,7 +46,6 @@ __all__ = [
     "HeadManifest",
     "check_head_name",
     "check_compatible",
-    "embedder_kwargs",
     "save_head",
     "read_manifest",
     "load_linear",
@@ -180,29 +178,6 @@ def check_compatible(manifest: HeadManifest, fingerprint: dict[str, Any]) -> Non
             "retrain it with `deepfeat train-classifier` against this data dir",
             differences=fingerprints.without_missing(diffs),
         )
-
-
-def embedder_kwargs(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Embedder keyword arguments that reproduce a recorded fingerprint (model, weights, layer, pooling,
-    resize mode, scales). ``weights`` is absent when it cannot be derived (a checkpoint file)."""
-    kwargs: dict[str, Any] = {"model": fingerprint.get("model"), "layer": fingerprint.get("layer")}
-    pooling = str(fingerprint.get("pooling", "none"))
-    if pooling.startswith("gem(p="):
-        kwargs["pooling"] = "gem"
-        kwargs["gem_p"] = float(pooling[len("gem(p=") : -1])
-    elif pooling != "none":
-        kwargs["pooling"] = pooling
-    preprocess = fingerprint.get("preprocess") or {}
-    if preprocess.get("mode") in ("crop", "full"):
-        kwargs["resize_mode"] = preprocess["mode"]
-        if preprocess["mode"] == "full" and preprocess.get("max_side"):
-            kwargs["max_side"] = int(preprocess["max_side"])
-    if fingerprint.get("scales"):
-        kwargs["scales"] = tuple(fingerprint["scales"])
-    weights = weights_argument(str(fingerprint.get("weights", "")))
-    if weights is not None:
-        kwargs["weights"] = weights
-    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def linear_bytes(head: LinearHead) -> bytes:
