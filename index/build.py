@@ -49,6 +49,7 @@ from deepfeat.index._fs import FileLock, fsync_dir, fsync_file, sha256_file
 from deepfeat.index.catalog import Catalog
 from deepfeat.index.choose import estimate_memory_bytes, min_train_vectors
 from deepfeat.index.errors import InvalidArgumentError, MemoryBudgetError, StoreError
+from deepfeat.index.files import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE
 from deepfeat.index.generations import (
     GENERATIONS_DIR,
     OWNER_FILE,
@@ -59,7 +60,7 @@ from deepfeat.index.generations import (
     used_numbers,
 )
 from deepfeat.index.manifest import GenerationInfo, Manifest
-from deepfeat.index.store import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE
+from deepfeat.index.relayout import FillReport, train_and_fill
 from deepfeat.index.vectors import VectorIndex
 from deepfeat.index.whitening import Whitening
 
@@ -74,7 +75,6 @@ RESERVE_BYTES = 48 * 2**20
 MIN_ADD_BATCH = 256
 MAX_ADD_BATCH = 50_000
 MIN_SHARD = 10_000
-_SAMPLE_ROUNDS = 8
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: stage is ``train``, ``add`` or ``merge``."""
@@ -175,20 +175,7 @@ def plan_build(
         MemoryBudgetError: The budget cannot hold the process, the trained structures and the smallest
             training sample, or the requested ``sample``.
     """
-    ivf = faiss.extract_index_ivf(_template(factory, index_dim).faiss_index)
-    nlist, code_size = int(ivf.nlist), int(ivf.code_size)
-    if n_vectors < 1:
-        raise InvalidArgumentError("nothing to build: the store holds no vectors")
-    min_train = max(nlist, min_train_vectors(factory))
-    if n_vectors < min_train:
-        raise InvalidArgumentError(
-            f"{factory!r} needs at least {min_train} vectors to train, the store holds {n_vectors}; "
-            "use fewer IVF lists"
-        )
-    if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool) or sample < min_train):
-        raise InvalidArgumentError(
-            f"--sample must be an integer >= {min_train} for {factory!r}, got {sample!r}"
-        )
+    nlist, code_size, min_train = _trainable(factory, index_dim, n_vectors=n_vectors, sample=sample)
     width = max(dim, index_dim)
     fixed = estimate_memory_bytes(factory, 0, index_dim)
     work = budget_bytes - baseline_bytes - fixed - RESERVE_BYTES
@@ -239,6 +226,31 @@ def plan_build(
         add_batch=add_batch,
         shard_vectors=int(min(shard, n_vectors)),
     )
+
+
+def _trainable(factory: str, index_dim: int, *, n_vectors: int, sample: int | None) -> tuple[int, int, int]:
+    """``(nlist, code_size, min_train)`` of an IVF factory, once the collection and the requested
+    sample are known to be enough to train it.
+
+    Raises:
+        InvalidArgumentError: Not a usable IVF factory, nothing to build, too few vectors, or a
+            ``sample`` under the training minimum.
+    """
+    ivf = faiss.extract_index_ivf(_template(factory, index_dim).faiss_index)
+    nlist, code_size = int(ivf.nlist), int(ivf.code_size)
+    if n_vectors < 1:
+        raise InvalidArgumentError("nothing to build: the store holds no vectors")
+    min_train = max(nlist, min_train_vectors(factory))
+    if n_vectors < min_train:
+        raise InvalidArgumentError(
+            f"{factory!r} needs at least {min_train} vectors to train, the store holds {n_vectors}; "
+            "use fewer IVF lists"
+        )
+    if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool) or sample < min_train):
+        raise InvalidArgumentError(
+            f"--sample must be an integer >= {min_train} for {factory!r}, got {sample!r}"
+        )
+    return nlist, code_size, min_train
 
 
 def _template(factory: str, index_dim: int, search_params: Mapping[str, float] | None = None) -> VectorIndex:
@@ -343,40 +355,6 @@ def _reserve(gen_dir: Path, manifest: Manifest) -> tuple[int, Path]:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
         (partial / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
         return number, partial
-
-
-def _train_sample(
-    catalog: Catalog, *, max_seq: int, n_live: int, want: int, dim: int, seed: int
-) -> np.ndarray:
-    """Up to ``want`` catalog vectors with seq <= ``max_seq``, drawn uniformly (seeded), as (n, dim).
-
-    Draws seq numbers rather than listing the live ones (8 bytes a row would not fit a budget at
-    a billion rows); seqs of deleted rows are simply absent, so a few rounds top the sample up.
-    """
-    out = np.empty((want, dim), dtype=np.float32)
-    filled = 0
-    if want >= n_live:
-        for seqs, vecs in catalog.iter_vectors(batch=10_000):
-            take = vecs[seqs <= max_seq][: want - filled]
-            out[filled : filled + len(take)] = take
-            filled += len(take)
-            if filled >= want or seqs[-1] >= max_seq:
-                break
-        return out[:filled]
-    rng = np.random.default_rng(seed)
-    tried = np.empty(0, dtype=np.int64)
-    for _ in range(_SAMPLE_ROUNDS):
-        need = want - filled
-        draw = rng.choice(max_seq, size=min(max_seq, tried.size + int(need * 1.2) + 64), replace=False) + 1
-        fresh = np.setdiff1d(draw, tried)[: int(need * 1.2) + 64]
-        tried = np.union1d(tried, fresh)
-        for _, vecs in catalog.vectors_for_seqs(fresh.tolist()):
-            take = vecs[: want - filled]
-            out[filled : filled + len(take)] = take
-            filled += len(take)
-        if filled >= want or tried.size >= max_seq:
-            break
-    return out[:filled]
 
 
 def build_generation(
@@ -491,73 +469,27 @@ def _build_into(
 ) -> GenerationInfo:
     """Train, add shard by shard, merge into ``partial``; returns the entry minus the publish fields."""
     report = progress or (lambda stage, done, total: None)
-    timings: dict[str, float] = {}
-
-    def project(x: np.ndarray) -> np.ndarray:
-        return whitening.apply(x) if whitening is not None else x
-
-    # Train on a sample, then free it before the add phase.
-    t = time.monotonic()
-    report("train", 0, plan.train_vectors)
     template = _template(plan.factory, plan.index_dim, search_params)
-    sample = _train_sample(
-        catalog, max_seq=max_seq, n_live=plan.n_vectors, want=plan.train_vectors, dim=plan.dim, seed=seed
-    )
-    template.train(project(sample), max_vectors=plan.train_vectors)
-    trained_on = int(sample.shape[0])
-    del sample
-    report("train", trained_on, plan.train_vectors)
-    timings["train_s"] = round(time.monotonic() - t, 3)
-
-    # Add: one empty copy of the trained index per shard, its lists written to disk when full.
     t = time.monotonic()
-    shards: list[tuple[Path, np.ndarray]] = []
-    added = 0
+    shards, filled = _fill_shards(
+        partial,
+        template,
+        catalog,
+        plan=plan,
+        whitening=whitening,
+        max_seq=max_seq,
+        seed=seed,
+        progress=progress,
+    )
+    timings = {
+        "train_s": round(filled.train_s, 3),
+        "add_s": round(time.monotonic() - t - filled.train_s, 3),
+    }
 
-    def flush(block: Any) -> None:
-        path = partial / f"shard-{len(shards):05d}.lists"
-        shards.append((path, _write_lists(faiss.extract_index_ivf(block), path)))
-
-    block = faiss.clone_index(template.faiss_index)
-    for seqs, vecs in catalog.iter_vectors(batch=plan.add_batch):
-        keep = seqs <= max_seq
-        done = not keep.all()
-        if done:
-            seqs, vecs = seqs[keep], vecs[keep]
-        if seqs.size:
-            block.add_with_ids(np.ascontiguousarray(project(vecs), dtype=np.float32), seqs)
-            added += int(seqs.size)
-        if block.ntotal >= plan.shard_vectors:
-            flush(block)
-            block = faiss.clone_index(template.faiss_index)
-        report("add", added, plan.n_vectors)
-        if done:
-            break
-    if block.ntotal or not shards:
-        flush(block)
-    del block
-    timings["add_s"] = round(time.monotonic() - t, 3)
-
-    # Merge the shards' lists into one file, list by list, then write the header that describes it.
     t = time.monotonic()
     report("merge", 0, len(shards))
     header, data = partial / header_name(number), partial / data_name(number)
-    sizes = _merge_lists(shards, data, code_size=plan.code_size)
-    ntotal = int(sizes.sum())
-    merged = faiss.clone_index(template.faiss_index)
-    ivf = faiss.extract_index_ivf(merged)
-    # The header records only the bare data file name: readers re-point it (index.generations).
-    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, data_name(number))
-    lists.totsize = data.stat().st_size
-    list_sizes = np.ascontiguousarray(sizes, dtype=np.uint64)  # named: swig_ptr keeps no reference
-    lists.set_all_lists_sizes(faiss.swig_ptr(list_sizes))
-    ivf.replace_invlists(lists, True)
-    lists.this.disown()  # type: ignore[attr-defined]  # SWIG proxy attribute; the index owns the lists now
-    ivf.ntotal = merged.ntotal = ntotal
-    faiss.write_index(merged, str(header))
-    del merged, ivf, lists
-    fsync_file(data)
-    fsync_file(header)
+    ntotal = _merge_into(shards, template, header=header, data=data, code_size=plan.code_size)
     report("merge", len(shards), len(shards))
     timings["merge_s"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
@@ -578,12 +510,82 @@ def _build_into(
         count=ntotal,
         built_at=time.time(),
         build={
-            "trained_on": trained_on,
+            "trained_on": filled.trained_on,
             "shards": len(shards),
             "search_params": template.search_params,
             **timings,
         },
     )
+
+
+def _fill_shards(
+    partial: Path,
+    template: VectorIndex,
+    catalog: Catalog,
+    *,
+    plan: BuildPlan,
+    whitening: Whitening | None,
+    max_seq: int,
+    seed: int,
+    progress: Progress | None,
+) -> tuple[list[tuple[Path, np.ndarray]], FillReport]:
+    """Train ``template`` on a sample, then add the catalog into empty copies of it, one a shard, each
+    written to ``partial`` as soon as it is full; returns the shards (file, list sizes) in order."""
+    shards: list[tuple[Path, np.ndarray]] = []
+    block: Any = None  # the shard being filled; made once the template is trained
+
+    def flush(full: Any) -> None:
+        path = partial / f"shard-{len(shards):05d}.lists"
+        shards.append((path, _write_lists(faiss.extract_index_ivf(full), path)))
+
+    def add(seqs: np.ndarray, vecs: np.ndarray) -> None:
+        nonlocal block
+        if block is None:
+            block = faiss.clone_index(template.faiss_index)
+        block.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), seqs)
+        if block.ntotal >= plan.shard_vectors:
+            flush(block)
+            block = None
+
+    filled = train_and_fill(
+        template,
+        catalog,
+        max_seq=max_seq,
+        n_live=plan.n_vectors,
+        sample=plan.train_vectors,
+        seed=seed,
+        project=whitening.apply if whitening is not None else None,
+        add=add,
+        batch=plan.add_batch,
+        progress=progress,
+    )
+    if not shards or (block is not None and block.ntotal):
+        flush(block if block is not None else faiss.clone_index(template.faiss_index))
+    return shards, filled
+
+
+def _merge_into(
+    shards: list[tuple[Path, np.ndarray]], template: VectorIndex, *, header: Path, data: Path, code_size: int
+) -> int:
+    """Merge the shards' lists into ``data``, list by list, write the index ``header`` that describes
+    it, fsync both; returns the vectors held."""
+    sizes = _merge_lists(shards, data, code_size=code_size)
+    ntotal = int(sizes.sum())
+    merged = faiss.clone_index(template.faiss_index)
+    ivf = faiss.extract_index_ivf(merged)
+    # The header records only the bare data file name: readers re-point it (index.generations).
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, data.name)
+    lists.totsize = data.stat().st_size
+    list_sizes = np.ascontiguousarray(sizes, dtype=np.uint64)  # named: swig_ptr keeps no reference
+    lists.set_all_lists_sizes(faiss.swig_ptr(list_sizes))
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # type: ignore[attr-defined]  # SWIG proxy attribute; the index owns the lists now
+    ivf.ntotal = merged.ntotal = ntotal
+    faiss.write_index(merged, str(header))
+    del merged, ivf, lists
+    fsync_file(data)
+    fsync_file(header)
+    return ntotal
 
 
 def _publish(data_dir: Path, partial: Path, info: GenerationInfo, *, expected: Manifest) -> GenerationInfo:

@@ -4,81 +4,38 @@ One row per distinct image content (sha256). ``seq`` (INTEGER PRIMARY KEY AUTOIN
 id FAISS uses and is never exposed; ``id`` (uuid4 hex) is the public, stable id. AUTOINCREMENT
 guarantees a ``seq`` is never reused, and because SQLite has one writer at a time, rows become visible
 in ``seq`` order: "every row with seq <= N" is a valid watermark for catching up incrementally.
-Deletions leave a tombstone in ``deletions`` so other processes can replay them the same way.
+Deletions leave a tombstone in ``deletions`` so other processes can replay them the same way. The
+``meta`` table keeps a copy of the store's identity (:class:`CatalogIdentity`).
 
-Connections: one per thread (``threading.local``), all in WAL mode with ``synchronous=FULL``, so reads
-in one thread run concurrently with a write in another (and with other processes). Writes use
-``BEGIN IMMEDIATE`` (SQLite's own cross-process writer lock, with a busy timeout) and are also
-serialised inside the process by a thread lock so threads queue instead of spinning on SQLITE_BUSY.
+Every query the store runs is a method here; the schema, the connections (one per thread, WAL) and the
+transactions are in :mod:`index.catalog_db`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sqlite3
-import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from deepfeat.index._fs import is_disk_full
-from deepfeat.index.errors import (
-    CorruptStoreError,
-    IncompatibleIndexError,
-    InvalidArgumentError,
-    InvalidVectorError,
-    ReadOnlyStoreError,
-    StoreError,
-    StoreFullError,
-)
+from deepfeat.index.catalog_db import IN_CHUNK, SCHEMA_VERSION, Database, chunks
+from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError
 
-__all__ = ["SCHEMA_VERSION", "Catalog", "CatalogRow", "ImageRecord", "InsertResult"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["SCHEMA_VERSION", "Catalog", "CatalogIdentity", "CatalogRow", "ImageRecord", "InsertResult"]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_IN_CHUNK = 900  # under SQLite's historical 999 host-parameter limit
+_META_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _VECTOR_DTYPE = np.dtype("<f4")
 
-# Each migration is a list of statements applied in one transaction together with the user_version bump.
-_MIGRATIONS: list[list[str]] = [
-    [
-        """CREATE TABLE images (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            id TEXT UNIQUE NOT NULL,
-            sha256 TEXT UNIQUE NOT NULL,
-            source TEXT,
-            width INTEGER,
-            height INTEGER,
-            nbytes INTEGER,
-            metadata TEXT NOT NULL DEFAULT '{}',
-            added_at REAL NOT NULL,
-            vector BLOB NOT NULL
-        )""",
-        """CREATE TABLE thumbnails (
-            seq INTEGER PRIMARY KEY REFERENCES images(seq) ON DELETE CASCADE,
-            data BLOB NOT NULL
-        )""",
-        """CREATE TABLE deletions (
-            rowid INTEGER PRIMARY KEY AUTOINCREMENT,
-            seq INTEGER NOT NULL,
-            deleted_at REAL NOT NULL
-        )""",
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    ],
-]
-SCHEMA_VERSION = len(_MIGRATIONS)
-
 _RECORD_COLUMNS = "id, sha256, source, width, height, nbytes, metadata, added_at"
+_WATERMARKS_SQL = "SELECT name, seq FROM sqlite_sequence WHERE name IN ('images', 'deletions')"
 
 
 @dataclass(frozen=True)
@@ -109,6 +66,16 @@ class CatalogRow:
     thumbnail: bytes | None = None
 
 
+@dataclass(frozen=True)
+class CatalogIdentity:
+    """The store's identity as the catalog's ``meta`` table keeps it: a copy of the manifest's, so a
+    lost manifest can be regenerated instead of leaving an unverifiable catalog."""
+
+    fingerprint: dict[str, Any]
+    dim: int | None
+    index_factory: str | None
+
+
 class InsertResult(NamedTuple):
     """Outcome of inserting one row: its public id, its internal seq, and whether it is new."""
 
@@ -117,56 +84,8 @@ class InsertResult(NamedTuple):
     created: bool
 
 
-class _ThreadConnection:
-    """Holds one thread's connection; lives exactly as long as that thread's ``threading.local``."""
-
-    __slots__ = ("conn", "__weakref__")
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-
-def _close_connection(conn: sqlite3.Connection) -> None:
-    try:
-        conn.close()
-    except sqlite3.Error:  # pragma: no cover - closing a connection in use by another thread
-        logger.warning("error closing a catalog connection", exc_info=True)
-
-
-def _is_corruption(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-        return True
-    text = str(exc)
-    return "malformed" in text or "not a database" in text
-
-
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    """Map sqlite errors to the StoreError tree (disk full, corruption); re-raise anything else."""
-    try:
-        yield
-    except StoreError:
-        raise
-    except sqlite3.Error as exc:
-        if is_disk_full(exc):
-            raise StoreFullError(f"no space left while {action}: {exc}") from exc
-        if _is_corruption(exc):
-            raise CorruptStoreError(f"catalog is corrupt ({action}): {exc}") from exc
-        raise StoreError(f"catalog error while {action}: {exc}") from exc
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise StoreFullError(f"no space left while {action}: {exc}") from exc
-        raise
-
-
-def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 class Catalog:
-    """SQLite wrapper; see the module docstring for the concurrency model."""
+    """The catalog's queries; see the module docstring, and :mod:`index.catalog_db` for concurrency."""
 
     def __init__(
         self, path: str | Path, *, dim: int, read_only: bool = False, busy_timeout_s: float = 30.0
@@ -184,166 +103,86 @@ class Catalog:
             IncompatibleIndexError: The schema is newer than this code.
             StoreError: Read-only and the file is missing or needs a migration.
         """
-        self._path = Path(path)
         self._dim = dim
-        self._read_only = read_only
-        self._busy_ms = int(busy_timeout_s * 1000)
-        self._local = threading.local()
-        # One finalizer per thread's connection: it closes the connection when the thread's holder dies
-        # (the thread ended: worker pools retire idle threads) or when close() calls it.
-        self._conns: list[weakref.finalize[Any, Any]] = []
-        self._conns_lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._closed = False
-        conn = self._conn()
-        with _translated("opening the catalog"):
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise IncompatibleIndexError(
-                    f"catalog schema version {version} is newer than the supported {SCHEMA_VERSION}; "
-                    "upgrade deepfeat",
-                    differences={"schema_version": (version, SCHEMA_VERSION)},
-                )
-            if version < SCHEMA_VERSION:
-                if read_only:
-                    raise StoreError(
-                        f"catalog {self._path} has schema version {version}, needs {SCHEMA_VERSION}; "
-                        "open it once read-write to migrate"
-                    )
-                self._migrate(conn)
+        self._db = Database(Path(path), read_only=read_only, busy_timeout_s=busy_timeout_s)
 
     # ------------------------------------------------------------------ connections
 
     @property
     def path(self) -> Path:
         """The database file."""
-        return self._path
+        return self._db.path
 
     @property
     def read_only(self) -> bool:
         """Whether writes are refused."""
-        return self._read_only
+        return self._db.read_only
 
-    def _connect(self) -> sqlite3.Connection:
-        uri = self._path.resolve().as_uri() + ("?mode=ro" if self._read_only else "?mode=rwc")
-        try:
-            conn = sqlite3.connect(
-                uri,
-                uri=True,
-                timeout=self._busy_ms / 1000,
-                isolation_level=None,  # explicit BEGIN/COMMIT only
-                check_same_thread=False,  # used by one thread, but close() may run in another
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open catalog {self._path}: {exc}") from exc
-        try:
-            with _translated("configuring the catalog connection"):
-                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-                conn.execute("PRAGMA foreign_keys = ON")
-                conn.execute("PRAGMA synchronous = FULL")
-                if not self._read_only:
-                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                    if str(mode).lower() != "wal":
-                        logger.warning("catalog %s: journal_mode is %s, not wal", self._path, mode)
-                # Touch the schema so a file that is not a database fails here, not on first use.
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except StoreError as exc:
-            conn.close()
-            if self._read_only and "readonly database" in str(exc):
-                # A WAL database can only be read where its -wal and -shm files exist (they do while a
-                # writer has it open) or where this process may create them.
-                raise StoreError(
-                    f"cannot read catalog {self._path} read-only: SQLite needs {self._path.name}-wal and "
-                    f"{self._path.name}-shm beside it, which exist while a writer has the store open; start "
-                    "the writer first, or let this user create files in the data dir"
-                ) from exc
-            raise
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise StoreError("catalog is closed")
-        holder: _ThreadConnection | None = getattr(self._local, "holder", None)
-        if holder is None:
-            conn = self._connect()
-            holder = _ThreadConnection(conn)
-            self._local.holder = holder
-            # The thread-local is the holder's only strong reference, so when the thread ends the holder
-            # goes and the finalizer closes its connection: a server whose thread pool churns would
-            # otherwise keep a connection (three open files and a page cache) per thread it ever had.
-            with self._conns_lock:
-                self._conns = [f for f in self._conns if f.alive]
-                self._conns.append(weakref.finalize(holder, _close_connection, conn))
-        return holder.conn
+    @property
+    def dim(self) -> int:
+        """Dimension of the stored vectors."""
+        return self._dim
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (for tests and diagnostics; do not start transactions on it)."""
-        return self._conn()
+        return self._db.conn()
 
     def close(self) -> None:
         """Close every thread's connection. Idempotent."""
-        self._closed = True
-        with self._conns_lock:
-            finalizers, self._conns = self._conns, []
-        for finalize in finalizers:
-            finalize()  # closes the connection now (once; a no-op if its thread already ended)
+        self._db.close()
 
-    @contextmanager
-    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any exception."""
-        if self._read_only:
-            raise ReadOnlyStoreError(f"cannot {action}: the catalog is open read-only")
-        conn = self._conn()
-        with self._write_lock, _translated(action):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        logger.warning("rollback failed while %s", action, exc_info=True)
-                raise
+    # ------------------------------------------------------------------ identity
 
-    @contextmanager
-    def _read(self, action: str) -> Iterator[sqlite3.Connection]:
-        """A consistent multi-statement read (one WAL snapshot)."""
-        conn = self._conn()
-        with _translated(action):
-            conn.execute("BEGIN")
-            try:
-                yield conn
-            finally:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
+    def identity(self) -> CatalogIdentity | None:
+        """The store identity recorded in the ``meta`` table.
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        with self._write("migrating the catalog schema"):
-            # Re-read inside the write lock: another process may have migrated meanwhile.
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            for target in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[target]:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {target + 1}")
-                logger.info("catalog %s migrated to schema version %d", self._path, target + 1)
+        Returns:
+            The identity, or None when no fingerprint is recorded yet (a new store).
 
-    # ------------------------------------------------------------------ meta
+        Raises:
+            CorruptStoreError: The recorded fingerprint is not a JSON object, or the dim not an integer.
+        """
+        with self._db.read("reading the store identity") as conn:
+            meta = {
+                str(key): str(value)
+                for key, value in conn.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('fingerprint', 'dim', 'index_factory')"
+                )
+            }
+        if not meta.get("fingerprint"):
+            return None
+        try:
+            fingerprint = json.loads(meta["fingerprint"])
+            dim = int(meta["dim"]) if meta.get("dim") else None
+        except ValueError as exc:
+            raise CorruptStoreError(
+                f"catalog {self.path}: the recorded identity is unreadable: {exc}"
+            ) from exc
+        if not isinstance(fingerprint, dict):
+            raise CorruptStoreError(f"catalog {self.path}: the recorded fingerprint is not a JSON object")
+        return CatalogIdentity(
+            fingerprint=fingerprint, dim=dim, index_factory=meta.get("index_factory") or None
+        )
 
-    def get_meta(self, key: str) -> str | None:
-        """A value from the ``meta`` table, or None."""
-        with _translated("reading meta"):
-            row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+    def set_identity(self, *, fingerprint: dict[str, Any], dim: int, index_factory: str) -> None:
+        """Record the store identity in the ``meta`` table, all three values in one transaction.
 
-    def set_meta(self, key: str, value: str) -> None:
-        """Set a ``meta`` value (own transaction)."""
-        with self._write("writing meta") as conn:
-            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        Args:
+            fingerprint: The embedder fingerprint (JSON-able).
+            dim: Vector dimension.
+            index_factory: The FAISS factory string.
+
+        Raises:
+            ReadOnlyStoreError: The catalog is read-only.
+            StoreFullError: No space left (nothing is written).
+        """
+        values = [
+            ("fingerprint", json.dumps(fingerprint, sort_keys=True)),
+            ("dim", str(int(dim))),
+            ("index_factory", str(index_factory)),
+        ]
+        with self._db.write("recording the store identity") as conn:
+            conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", values)
 
     # ------------------------------------------------------------------ writes
 
@@ -404,7 +243,7 @@ class Catalog:
         if not encoded:
             return []
         results: list[InsertResult] = []
-        with self._write("adding images") as conn:
+        with self._db.write("adding images") as conn:
             known = self._lookup_sha(conn, list(dict.fromkeys(params[0] for params in encoded)))
             now = time.time()
             for params, row in zip(encoded, rows, strict=True):
@@ -441,7 +280,7 @@ class Catalog:
             StoreFullError: No space for the tombstone (nothing is deleted).
             ReadOnlyStoreError: The catalog is read-only.
         """
-        with self._write("deleting an image") as conn:
+        with self._db.write("deleting an image") as conn:
             row = conn.execute("SELECT seq FROM images WHERE id = ?", (image_id,)).fetchone()
             if row is None:
                 return None
@@ -455,7 +294,7 @@ class Catalog:
     @staticmethod
     def _lookup_sha(conn: sqlite3.Connection, shas: Sequence[str]) -> dict[str, tuple[str, int]]:
         found: dict[str, tuple[str, int]] = {}
-        for chunk in _chunks(shas):
+        for chunk in chunks(shas):
             marks = ",".join("?" * len(chunk))
             for sha, image_id, seq in conn.execute(
                 f"SELECT sha256, id, seq FROM images WHERE sha256 IN ({marks})", tuple(chunk)
@@ -485,13 +324,10 @@ class Catalog:
 
     def get(self, image_id: str) -> ImageRecord | None:
         """One image's record by public id, or None."""
-        with _translated("reading an image"):
-            row = (
-                self._conn()
-                .execute(f"SELECT {_RECORD_COLUMNS} FROM images WHERE id = ?", (image_id,))
-                .fetchone()
-            )
-        return None if row is None else self._record(row)
+        rows = self._db.fetchall(
+            "reading an image", f"SELECT {_RECORD_COLUMNS} FROM images WHERE id = ?", (image_id,)
+        )
+        return self._record(rows[0]) if rows else None
 
     def get_many_by_seq(self, seqs: Iterable[int]) -> dict[int, ImageRecord]:
         """Records for FAISS hits.
@@ -504,8 +340,8 @@ class Catalog:
         """
         wanted = list(dict.fromkeys(int(s) for s in seqs))
         out: dict[int, ImageRecord] = {}
-        with self._read("reading images") as conn:
-            for chunk in _chunks(wanted):
+        with self._db.read("reading images") as conn:
+            for chunk in chunks(wanted):
                 marks = ",".join("?" * len(chunk))
                 for row in conn.execute(
                     f"SELECT seq, {_RECORD_COLUMNS} FROM images WHERE seq IN ({marks})", tuple(chunk)
@@ -523,52 +359,80 @@ class Catalog:
             ``{sha256: id}`` for those found.
         """
         wanted = list(dict.fromkeys(s for s in shas if isinstance(s, str)))
-        with self._read("looking up hashes") as conn:
+        with self._db.read("looking up hashes") as conn:
             return {sha: image_id for sha, (image_id, _) in self._lookup_sha(conn, wanted).items()}
+
+    def vectors_by_sha256(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of known contents.
+
+        Args:
+            shas: sha256 hex digests; unknown ones are simply absent from the result.
+
+        Returns:
+            ``{sha256: (dim,) float32 vector}``.
+        """
+        wanted = list(dict.fromkeys(s for s in shas if isinstance(s, str)))
+        with self._db.read("looking up hashes") as conn:
+            found = self._lookup_sha(conn, wanted)
+        sha_by_seq = {seq: sha for sha, (_, seq) in found.items()}
+        out: dict[str, np.ndarray] = {}
+        for seqs, vectors in self.vectors_for_seqs(list(sha_by_seq)):
+            for seq, vector in zip(seqs.tolist(), vectors, strict=True):
+                out[sha_by_seq[int(seq)]] = vector
+        return out
+
+    def metadata_value_counts(self, key: str) -> dict[str, int]:
+        """How many images carry each string value of a top-level metadata key.
+
+        Args:
+            key: A metadata key (1-64 letters, digits, ``_`` and ``-``).
+
+        Returns:
+            ``{value: count}``; images without the key, or with a non-string value, are not counted.
+
+        Raises:
+            InvalidArgumentError: A key with other characters.
+        """
+        if not isinstance(key, str) or not _META_KEY_RE.fullmatch(key):
+            raise InvalidArgumentError(f"metadata key must be 1-64 of [A-Za-z0-9_-], got {key!r}")
+        path = f'$."{key}"'
+        with self._db.read("counting metadata values") as conn:
+            rows = conn.execute(
+                "SELECT json_extract(metadata, ?) AS v, count(*) FROM images "
+                "WHERE json_type(metadata, ?) = 'text' GROUP BY v",
+                (path, path),
+            ).fetchall()
+        return {str(value): int(count) for value, count in rows}
 
     def all_sha256(self) -> set[str]:
         """Every stored content hash (64 bytes each: a million images is ~100 MB of Python strings)."""
-        with self._read("listing hashes") as conn:
+        with self._db.read("listing hashes") as conn:
             return {row[0] for row in conn.execute("SELECT sha256 FROM images")}
 
     def thumbnail(self, image_id: str) -> bytes | None:
         """The thumbnail bytes, or None when the image or its thumbnail does not exist."""
-        with _translated("reading a thumbnail"):
-            row = (
-                self._conn()
-                .execute(
-                    "SELECT t.data FROM thumbnails t JOIN images i ON i.seq = t.seq WHERE i.id = ?",
-                    (image_id,),
-                )
-                .fetchone()
-            )
-        return None if row is None else bytes(row[0])
+        rows = self._db.fetchall(
+            "reading a thumbnail",
+            "SELECT t.data FROM thumbnails t JOIN images i ON i.seq = t.seq WHERE i.id = ?",
+            (image_id,),
+        )
+        return bytes(rows[0][0]) if rows else None
 
     def count(self) -> int:
         """Number of images."""
-        with _translated("counting images"):
-            return int(self._conn().execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        return int(self._db.fetchall("counting images", "SELECT COUNT(*) FROM images")[0][0])
 
     def watermarks(self) -> tuple[int, int]:
         """``(max_seq, max_deletion_rowid)`` ever assigned, in one read (cheap change detection).
 
         These come from ``sqlite_sequence``, so they count rows since deleted too: they only grow.
         """
-        with _translated("reading watermarks"):
-            rows = dict(
-                self._conn().execute(
-                    "SELECT name, seq FROM sqlite_sequence WHERE name IN ('images', 'deletions')"
-                )
-            )
+        rows = dict(self._db.fetchall("reading watermarks", _WATERMARKS_SQL))
         return int(rows.get("images", 0)), int(rows.get("deletions", 0))
 
     def max_seq(self) -> int:
         """Highest seq ever assigned (0 when none)."""
         return self.watermarks()[0]
-
-    def max_deletion_rowid(self) -> int:
-        """Highest tombstone rowid (0 when none)."""
-        return self.watermarks()[1]
 
     def state(self) -> tuple[int, int, np.ndarray]:
         """Watermarks and every live seq, read in one consistent snapshot.
@@ -579,10 +443,8 @@ class Catalog:
         Returns:
             ``(max_seq, max_deletion_rowid, seqs)`` with seqs an int64 array.
         """
-        with self._read("reading catalog state") as conn:
-            rows = dict(
-                conn.execute("SELECT name, seq FROM sqlite_sequence WHERE name IN ('images', 'deletions')")
-            )
+        with self._db.read("reading catalog state") as conn:
+            rows = dict(conn.execute(_WATERMARKS_SQL))
             seqs = np.fromiter((r[0] for r in conn.execute("SELECT seq FROM images")), dtype=np.int64)
         return int(rows.get("images", 0)), int(rows.get("deletions", 0)), seqs
 
@@ -610,15 +472,11 @@ class Catalog:
         """
         last = int(after_seq)
         while True:
-            with _translated("reading vectors"):
-                rows = (
-                    self._conn()
-                    .execute(
-                        "SELECT seq, vector FROM images WHERE seq > ? ORDER BY seq LIMIT ?",
-                        (last, int(batch)),
-                    )
-                    .fetchall()
-                )
+            rows = self._db.fetchall(
+                "reading vectors",
+                "SELECT seq, vector FROM images WHERE seq > ? ORDER BY seq LIMIT ?",
+                (last, int(batch)),
+            )
             if not rows:
                 return
             seqs = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -628,24 +486,20 @@ class Catalog:
                 return
 
     def vectors_for_seqs(
-        self, seqs: Sequence[int], *, batch: int = _IN_CHUNK
+        self, seqs: Sequence[int], *, batch: int = IN_CHUNK
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream ``(seqs, vectors)`` for the given seqs (missing ones are skipped).
 
         Yields:
             ``(seqs (b,) int64, vectors (b, dim) float32)``.
         """
-        for chunk in _chunks(list(seqs), batch):
+        for chunk in chunks(list(seqs), batch):
             marks = ",".join("?" * len(chunk))
-            with _translated("reading vectors"):
-                rows = (
-                    self._conn()
-                    .execute(
-                        f"SELECT seq, vector FROM images WHERE seq IN ({marks}) ORDER BY seq",
-                        tuple(int(s) for s in chunk),
-                    )
-                    .fetchall()
-                )
+            rows = self._db.fetchall(
+                "reading vectors",
+                f"SELECT seq, vector FROM images WHERE seq IN ({marks}) ORDER BY seq",
+                tuple(int(s) for s in chunk),
+            )
             if rows:
                 yield (
                     np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
@@ -661,12 +515,11 @@ class Catalog:
         Returns:
             ``(seqs deleted, new watermark)``; the watermark is unchanged when there is nothing new.
         """
-        with _translated("reading deletions"):
-            rows = (
-                self._conn()
-                .execute("SELECT rowid, seq FROM deletions WHERE rowid > ? ORDER BY rowid", (int(rowid),))
-                .fetchall()
-            )
+        rows = self._db.fetchall(
+            "reading deletions",
+            "SELECT rowid, seq FROM deletions WHERE rowid > ? ORDER BY rowid",
+            (int(rowid),),
+        )
         if not rows:
             return [], int(rowid)
         return [int(r[1]) for r in rows], int(rows[-1][0])
@@ -679,27 +532,23 @@ class Catalog:
                 holds a vector of the wrong size.
         """
         try:
-            rows = self._conn().execute("PRAGMA quick_check").fetchall()
+            rows = self._db.conn().execute("PRAGMA quick_check").fetchall()
         except sqlite3.DatabaseError as exc:
-            raise CorruptStoreError(f"catalog {self._path} failed quick_check: {exc}") from exc
+            raise CorruptStoreError(f"catalog {self.path} failed quick_check: {exc}") from exc
         problems = [str(r[0]) for r in rows if str(r[0]).lower() != "ok"]
         if problems:
-            raise CorruptStoreError(f"catalog {self._path} failed quick_check: {'; '.join(problems[:5])}")
+            raise CorruptStoreError(f"catalog {self.path} failed quick_check: {'; '.join(problems[:5])}")
         # quick_check vouches for the file's structure, not for what the rows hold. A vector of the wrong
         # size would only surface on the next rebuild of the index, long after start-up said "ready".
         # length() of a BLOB reads no overflow pages, so this costs about what quick_check does.
         width = self._dim * _VECTOR_DTYPE.itemsize
-        with _translated("checking vector sizes"):
-            torn = (
-                self._conn()
-                .execute(
-                    "SELECT seq FROM images WHERE typeof(vector) != 'blob' OR length(vector) != ? LIMIT 5",
-                    (width,),
-                )
-                .fetchall()
-            )
+        torn = self._db.fetchall(
+            "checking vector sizes",
+            "SELECT seq FROM images WHERE typeof(vector) != 'blob' OR length(vector) != ? LIMIT 5",
+            (width,),
+        )
         if torn:
             seqs = ", ".join(str(r[0]) for r in torn)
             raise CorruptStoreError(
-                f"catalog {self._path} holds vectors that are not {self._dim} float32 values (rows {seqs})"
+                f"catalog {self.path} holds vectors that are not {self._dim} float32 values (rows {seqs})"
             )

@@ -109,6 +109,25 @@ class Whitening:
         atomic_write_bytes(path, data)
         return hashlib.sha256(data).hexdigest()
 
+    def save_recorded(self, data_dir: Path) -> dict[str, Any]:
+        """Write to a content-addressed ``whitening-<hex>.faiss`` in ``data_dir`` (atomically) and return
+        the manifest entry that names it (``file``, ``sha256``, ``d_in``, ``d_out``; see
+        :meth:`load_recorded`)."""
+        data = self.to_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        name = f"whitening-{sha[:16]}.faiss"
+        atomic_write_bytes(data_dir / name, data)
+        return {"file": name, "sha256": sha, "d_in": self.d_in, "d_out": self.d_out}
+
+    @staticmethod
+    def remove_unrecorded(data_dir: Path, entry: Mapping[str, Any] | None) -> None:
+        """Delete every whitening file in ``data_dir`` but the one ``entry`` names (all of them for
+        None); call once the manifest that names ``entry`` is written."""
+        keep = str(entry.get("file")) if entry else None
+        for old in data_dir.glob("whitening-*.faiss"):
+            if old.name != keep:
+                old.unlink(missing_ok=True)
+
     @classmethod
     def load(cls, path: Path, *, expected_sha256: str | None = None) -> Whitening:
         try:

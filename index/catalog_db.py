@@ -1,0 +1,269 @@
+"""The catalog's database: its schema and migrations, per-thread connections, transactions, errors.
+
+Connections: one per thread (``threading.local``), all in WAL mode with ``synchronous=FULL``, so reads
+in one thread run concurrently with a write in another (and with other processes). Writes use
+``BEGIN IMMEDIATE`` (SQLite's own cross-process writer lock, with a busy timeout) and are also
+serialised inside the process by a thread lock so threads queue instead of spinning on SQLITE_BUSY.
+SQLite errors surface as the ``StoreError`` tree (:func:`translated`).
+
+What the tables hold and every query on them: :mod:`index.catalog`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from deepfeat.index._fs import is_disk_full
+from deepfeat.index.errors import (
+    CorruptStoreError,
+    IncompatibleIndexError,
+    ReadOnlyStoreError,
+    StoreError,
+    StoreFullError,
+)
+
+__all__ = ["IN_CHUNK", "SCHEMA_VERSION", "Database", "chunks", "is_corruption", "translated"]
+
+logger = logging.getLogger(f"{__package__}.catalog")  # the catalog's logger, as before the split
+
+IN_CHUNK = 900  # under SQLite's historical 999 host-parameter limit
+
+# Each migration is a list of statements applied in one transaction together with the user_version bump.
+_MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE images (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT UNIQUE NOT NULL,
+            sha256 TEXT UNIQUE NOT NULL,
+            source TEXT,
+            width INTEGER,
+            height INTEGER,
+            nbytes INTEGER,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            added_at REAL NOT NULL,
+            vector BLOB NOT NULL
+        )""",
+        """CREATE TABLE thumbnails (
+            seq INTEGER PRIMARY KEY REFERENCES images(seq) ON DELETE CASCADE,
+            data BLOB NOT NULL
+        )""",
+        """CREATE TABLE deletions (
+            rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+            seq INTEGER NOT NULL,
+            deleted_at REAL NOT NULL
+        )""",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ],
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class _ThreadConnection:
+    """Holds one thread's connection; lives exactly as long as that thread's ``threading.local``."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
+def _close_connection(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:  # pragma: no cover - closing a connection in use by another thread
+        logger.warning("error closing a catalog connection", exc_info=True)
+
+
+def is_corruption(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the file is damaged or not a database."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return True
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+@contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Map sqlite errors to the StoreError tree (disk full, corruption); re-raise anything else."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except sqlite3.Error as exc:
+        if is_disk_full(exc):
+            raise StoreFullError(f"no space left while {action}: {exc}") from exc
+        if is_corruption(exc):
+            raise CorruptStoreError(f"catalog is corrupt ({action}): {exc}") from exc
+        raise StoreError(f"catalog error while {action}: {exc}") from exc
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise StoreFullError(f"no space left while {action}: {exc}") from exc
+        raise
+
+
+def chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    """``items`` in slices of ``size`` (for ``IN (?, ?, ...)`` lists under the parameter limit)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Database:
+    """One SQLite file: a connection per thread, read and write transactions, the schema version."""
+
+    def __init__(self, path: Path, *, read_only: bool, busy_timeout_s: float) -> None:
+        """Open the file (and when writable, create and migrate it).
+
+        Args:
+            path: The database file.
+            read_only: Open with ``mode=ro``: no migrations, every write raises ReadOnlyStoreError.
+            busy_timeout_s: How long a write waits for another process's write transaction.
+
+        Raises:
+            CorruptStoreError: The file is not a SQLite database.
+            IncompatibleIndexError: The schema is newer than this code.
+            StoreError: Read-only and the file is missing or needs a migration.
+        """
+        self.path = path
+        self.read_only = read_only
+        self._busy_ms = int(busy_timeout_s * 1000)
+        self._local = threading.local()
+        # One finalizer per thread's connection: it closes the connection when the thread's holder dies
+        # (the thread ended: worker pools retire idle threads) or when close() calls it.
+        self._conns: list[weakref.finalize[Any, Any]] = []
+        self._conns_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._closed = False
+        conn = self.conn()
+        with translated("opening the catalog"):
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise IncompatibleIndexError(
+                    f"catalog schema version {version} is newer than the supported {SCHEMA_VERSION}; "
+                    "upgrade deepfeat",
+                    differences={"schema_version": (version, SCHEMA_VERSION)},
+                )
+            if version < SCHEMA_VERSION:
+                if read_only:
+                    raise StoreError(
+                        f"catalog {self.path} has schema version {version}, needs {SCHEMA_VERSION}; "
+                        "open it once read-write to migrate"
+                    )
+                self._migrate(conn)
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = self.path.resolve().as_uri() + ("?mode=ro" if self.read_only else "?mode=rwc")
+        try:
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=self._busy_ms / 1000,
+                isolation_level=None,  # explicit BEGIN/COMMIT only
+                check_same_thread=False,  # used by one thread, but close() may run in another
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open catalog {self.path}: {exc}") from exc
+        try:
+            with translated("configuring the catalog connection"):
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA synchronous = FULL")
+                if not self.read_only:
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                    if str(mode).lower() != "wal":
+                        logger.warning("catalog %s: journal_mode is %s, not wal", self.path, mode)
+                # Touch the schema so a file that is not a database fails here, not on first use.
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except StoreError as exc:
+            conn.close()
+            if self.read_only and "readonly database" in str(exc):
+                # A WAL database can only be read where its -wal and -shm files exist (they do while a
+                # writer has it open) or where this process may create them.
+                raise StoreError(
+                    f"cannot read catalog {self.path} read-only: SQLite needs {self.path.name}-wal and "
+                    f"{self.path.name}-shm beside it, which exist while a writer has the store open; start "
+                    "the writer first, or let this user create files in the data dir"
+                ) from exc
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        if self._closed:
+            raise StoreError("catalog is closed")
+        holder: _ThreadConnection | None = getattr(self._local, "holder", None)
+        if holder is None:
+            conn = self._connect()
+            holder = _ThreadConnection(conn)
+            self._local.holder = holder
+            # The thread-local is the holder's only strong reference, so when the thread ends the holder
+            # goes and the finalizer closes its connection: a server whose thread pool churns would
+            # otherwise keep a connection (three open files and a page cache) per thread it ever had.
+            with self._conns_lock:
+                self._conns = [f for f in self._conns if f.alive]
+                self._conns.append(weakref.finalize(holder, _close_connection, conn))
+        return holder.conn
+
+    def close(self) -> None:
+        """Close every thread's connection. Idempotent."""
+        self._closed = True
+        with self._conns_lock:
+            finalizers, self._conns = self._conns, []
+        for finalize in finalizers:
+            finalize()  # closes the connection now (once; a no-op if its thread already ended)
+
+    @contextmanager
+    def write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any exception."""
+        if self.read_only:
+            raise ReadOnlyStoreError(f"cannot {action}: the catalog is open read-only")
+        conn = self.conn()
+        with self._write_lock, translated(action):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        logger.warning("rollback failed while %s", action, exc_info=True)
+                raise
+
+    @contextmanager
+    def read(self, action: str) -> Iterator[sqlite3.Connection]:
+        """A consistent multi-statement read (one WAL snapshot)."""
+        conn = self.conn()
+        with translated(action):
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+
+    def fetchall(self, action: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run one statement on this thread's connection (its own implicit transaction); all its rows."""
+        with translated(action):
+            return self.conn().execute(sql, params).fetchall()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        with self.write("migrating the catalog schema"):
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            for target in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[target]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target + 1}")
+                logger.info("catalog %s migrated to schema version %d", self.path, target + 1)
