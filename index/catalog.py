@@ -28,7 +28,7 @@ import numpy as np
 from deepfeat.index.catalog_db import IN_CHUNK, SCHEMA_VERSION, Database, chunks
 from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError
 
-__all__ = ["SCHEMA_VERSION", "Catalog", "CatalogIdentity", "CatalogRow", "ImageRecord", "InsertResult"]
+__all__ = ["SCHEMA_VERSION", "Catalog", "CatalogIdentity", "NewImage", "ImageRecord", "InsertResult"]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _META_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -53,15 +53,15 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
-class CatalogRow:
-    """One image to insert: its content hash, descriptive fields, vector and optional thumbnail."""
+class NewImage:
+    """An image to add: its content hash, descriptive fields and optional thumbnail. Its vector
+    travels beside it, one (n, dim) array for a batch, from the embedder through the store to here."""
 
     sha256: str
     source: str | None
     width: int | None
     height: int | None
     nbytes: int | None
-    vector: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
     thumbnail: bytes | None = None
 
@@ -186,13 +186,13 @@ class Catalog:
 
     # ------------------------------------------------------------------ writes
 
-    def _encode(self, index: int, row: CatalogRow) -> tuple[Any, ...]:
+    def _encode(self, index: int, row: NewImage, vector: np.ndarray) -> tuple[Any, ...]:
         """Validate one row before the transaction starts and build its INSERT parameters."""
         if not isinstance(row.sha256, str) or not _SHA256_RE.fullmatch(row.sha256):
             raise InvalidArgumentError(
                 f"row {index}: sha256 must be 64 lowercase hex characters, got {str(row.sha256)[:80]!r}"
             )
-        vector = np.asarray(row.vector)
+        vector = np.asarray(vector)
         if vector.shape != (self._dim,):
             raise InvalidVectorError(
                 f"row {index}: vector must have shape ({self._dim},), got {vector.shape}"
@@ -222,7 +222,7 @@ class Catalog:
         blob = np.ascontiguousarray(vector, dtype=_VECTOR_DTYPE).tobytes()
         return (row.sha256, row.source, row.width, row.height, row.nbytes, metadata, blob)
 
-    def insert_many(self, rows: Sequence[CatalogRow]) -> list[InsertResult]:
+    def insert_many(self, rows: Sequence[NewImage], vectors: np.ndarray) -> list[InsertResult]:
         """Insert images in ONE transaction, deduplicating on sha256.
 
         A sha256 already in the catalog, or repeated within ``rows``, is not inserted again: its result
@@ -230,6 +230,7 @@ class Catalog:
 
         Args:
             rows: The images to insert.
+            vectors: (len(rows), dim) raw vectors, row i for image i.
 
         Returns:
             One result per input row, in input order.
@@ -239,7 +240,9 @@ class Catalog:
             StoreFullError: The disk or database is full (the transaction is rolled back).
             ReadOnlyStoreError: The catalog is read-only.
         """
-        encoded = [self._encode(i, row) for i, row in enumerate(rows)]
+        if len(vectors) != len(rows):
+            raise InvalidVectorError(f"got {len(vectors)} vectors for {len(rows)} rows; they must match")
+        encoded = [self._encode(i, row, vectors[i]) for i, row in enumerate(rows)]
         if not encoded:
             return []
         results: list[InsertResult] = []

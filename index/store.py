@@ -38,7 +38,7 @@ import logging
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -47,7 +47,7 @@ import numpy as np
 
 from deepfeat.index import duplicates
 from deepfeat.index._fs import FileLock
-from deepfeat.index.catalog import Catalog, CatalogRow, ImageRecord
+from deepfeat.index.catalog import Catalog, ImageRecord, NewImage
 from deepfeat.index.errors import (
     InvalidArgumentError,
     InvalidIdError,
@@ -84,19 +84,6 @@ def _check_id(value: object) -> str:
         return value
     shown = repr(value) if not isinstance(value, str) or len(value) <= 48 else repr(value[:45] + "...")
     raise InvalidIdError(f"invalid image id {shown}: expected 32 lowercase hex characters")
-
-
-@dataclass(frozen=True)
-class NewImage:
-    """An image to add, minus its vector (vectors travel as one (n, dim) array beside the list)."""
-
-    sha256: str
-    source: str | None
-    width: int
-    height: int
-    nbytes: int
-    metadata: dict[str, Any] = field(default_factory=dict)
-    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -355,25 +342,12 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         for i, image in enumerate(images):
             if not isinstance(image, NewImage):
                 raise InvalidArgumentError(f"images[{i}] must be a NewImage, got {type(image).__name__}")
-        rows = [
-            CatalogRow(
-                sha256=img.sha256,
-                source=img.source,
-                width=img.width,
-                height=img.height,
-                nbytes=img.nbytes,
-                vector=x[i],
-                metadata=img.metadata,
-                thumbnail=img.thumbnail,
-            )
-            for i, img in enumerate(images)
-        ]
         if not self._vectors.is_trained:
             # Train before the commit: a training failure must not leave committed-but-unindexable rows.
             with self._sync_lock, self._index_lock:
                 if not self._vectors.is_trained:
                     self._vectors.train(x)
-        results = self._catalog.insert_many(rows)
+        results = self._catalog.insert_many(images, x)
         if any(r.created for r in results):
             self._sync(atomic=True)
         self._maybe_auto_snapshot()

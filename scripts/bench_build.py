@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,23 +44,25 @@ import faiss
 import numpy as np
 
 from deepfeat.index.build import parse_bytes
-from deepfeat.index.catalog import Catalog, CatalogRow
+from deepfeat.index.catalog import Catalog, NewImage
 from deepfeat.index.errors import StoreError
 from deepfeat.index.generations import load_generation
 from deepfeat.index.manifest import Manifest
 from deepfeat.index.store import CATALOG_FILE, MANIFEST_FILE, ImageStore
-from deepfeat.scripts.bench_search import Dataset, real_dataset, synthetic_dataset
+from deepfeat.scripts.bench_common import begin, command_line, echo, usage_error
+from deepfeat.scripts.bench_search import (
+    Dataset,
+    machine_report,
+    real_dataset,
+    recall_at_k,
+    synthetic_dataset,
+)
 
 __all__ = ["exact_top_k", "fill_store", "main", "run_build"]
 
 logger = logging.getLogger(__name__)
 
 _FINGERPRINT_KIND = "bench_build"
-
-
-def _echo(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
 
 
 def _proc_kib(pid: int, field: str) -> int:
@@ -116,12 +117,10 @@ def fill_store(data_dir: Path, data: Dataset, *, batch: int, seed: int) -> dict[
         for start in range(0, n, batch):
             stop = min(start + batch, n)
             rows = [
-                CatalogRow(
-                    sha256=f"{i:064x}", source=None, width=None, height=None, nbytes=None, vector=data.base[i]
-                )
+                NewImage(sha256=f"{i:064x}", source=None, width=None, height=None, nbytes=None)
                 for i in range(start, stop)
             ]
-            catalog.insert_many(rows)
+            catalog.insert_many(rows, data.base[start:stop])
             if (stop // batch) % 10 == 0 or stop == n:
                 logger.info(
                     "filled %d/%d rows (%.0f rows/s)", stop, n, stop / (time.perf_counter() - started)
@@ -204,15 +203,6 @@ def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int, *, chunk: int = 1
     return best_ids
 
 
-def _recall(found: np.ndarray, truth: np.ndarray) -> float:
-    k = truth.shape[1]
-    return float(
-        np.mean(
-            [len(set(f[f >= 0].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth, strict=True)]
-        )
-    )
-
-
 def measure_recall(
     data_dir: Path,
     data: Dataset,
@@ -255,7 +245,7 @@ def measure_recall(
             single.append(time.perf_counter() - t)
         row = {
             "nprobe": nprobe,
-            "recall": round(_recall(found, truth), 4),
+            "recall": round(recall_at_k(found, truth), 4),
             "qps_batched": round(len(data.queries) / statistics.median(batched), 1),
             "qps_single": round(1.0 / statistics.median(single), 1),
         }
@@ -264,7 +254,7 @@ def measure_recall(
             replica._base.index.set_search_params({"nprobe": nprobe})
             t = time.perf_counter()
             _, reranked = replica._search_index(data.queries, k)
-            row["recall_reranked"] = round(_recall(reranked, truth), 4)
+            row["recall_reranked"] = round(recall_at_k(reranked, truth), 4)
             row["qps_batched_reranked"] = round(len(data.queries) / (time.perf_counter() - t), 1)
         rows.append(row)
         logger.info("nprobe=%d: %s", nprobe, rows[-1])
@@ -317,32 +307,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (0, or 2 on bad arguments)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-        )
+    args = begin(parser, argv, log_to_stderr=True)
     try:
         budget_bytes = parse_bytes(args.max_memory)
         nprobes = [int(p) for p in args.nprobe.split(",") if p.strip()]
         if args.n < 1 or args.dim < 1 or args.queries < 1 or not nprobes or min(nprobes) < 1:
             raise ValueError("--n, --dim, --queries and every --nprobe must be >= 1")
     except (ValueError, StoreError) as exc:  # StoreError: a bad --max-memory
-        parser.print_usage(sys.stderr)
-        sys.stderr.write(f"bench_build: error: {exc}\n")
-        return 2
+        return usage_error(parser, exc)
     data_dir = args.data_dir or Path(
         f"/tmp/deepfeat-bench-build-{args.data}-{args.n}x{args.dim}-s{args.seed}"
     )
     report: dict[str, Any] = {
-        "command": "bench_build " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "faiss": faiss.__version__,
-            "numpy": np.__version__,
-            "loadavg_start": list(os.getloadavg()),
-        },
+        "command": command_line("bench_build", argv),
+        "machine": machine_report(),
         "data_dir": str(data_dir),
         "budget_bytes": budget_bytes,
     }
@@ -371,10 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
     )
     report["machine"]["loadavg_end"] = list(os.getloadavg())
-    _echo(format_report(report))
+    echo(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-        _echo(f"wrote {args.json}")
+        echo(f"wrote {args.json}")
     return 0
 
 

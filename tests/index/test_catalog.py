@@ -9,26 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepfeat.index.catalog import Catalog, CatalogRow
+from deepfeat.index.catalog import Catalog, NewImage
 from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, ReadOnlyStoreError, StoreFullError
 from tests.index._helpers import DIM, sha_of, unit_vectors
 
 
-def rows(n: int, *, start: int = 0, thumbnail: bytes | None = None) -> list[CatalogRow]:
-    vecs = unit_vectors(n, seed=start)
-    return [
-        CatalogRow(
-            sha256=sha_of(i),
-            source=None,
-            width=1,
-            height=2,
-            nbytes=3,
-            vector=vecs[j],
-            metadata={"i": i},
-            thumbnail=thumbnail,
+def rows(n: int, *, start: int = 0, thumbnail: bytes | None = None) -> tuple[list[NewImage], np.ndarray]:
+    """n images and their vectors, as ``Catalog.insert_many`` takes them."""
+    images = [
+        NewImage(
+            sha256=sha_of(i), source=None, width=1, height=2, nbytes=3, metadata={"i": i}, thumbnail=thumbnail
         )
-        for j, i in enumerate(range(start, start + n))
+        for i in range(start, start + n)
     ]
+    return images, unit_vectors(n, seed=start)
 
 
 @pytest.fixture
@@ -47,12 +41,12 @@ def test_schema_and_pragmas(catalog: Catalog) -> None:
 
 
 def test_insert_dedup_within_batch_and_against_db(catalog: Catalog) -> None:
-    batch = rows(3)
+    batch, vecs = rows(3)
     batch.append(batch[1])  # same content twice in one batch
-    results = catalog.insert_many(batch)
+    results = catalog.insert_many(batch, np.vstack([vecs, vecs[1:2]]))
     assert [r.created for r in results] == [True, True, True, False]
     assert results[3].id == results[1].id and results[3].seq == results[1].seq
-    again = catalog.insert_many(rows(2, start=2))  # sha 2 exists, sha 3 is new
+    again = catalog.insert_many(*rows(2, start=2))  # sha 2 exists, sha 3 is new
     assert [r.created for r in again] == [False, True]
     assert again[0].id == results[2].id
     assert catalog.count() == 4
@@ -60,21 +54,21 @@ def test_insert_dedup_within_batch_and_against_db(catalog: Catalog) -> None:
 
 
 def test_vectors_stored_raw_and_streamed(catalog: Catalog) -> None:
-    batch = rows(25)
-    results = catalog.insert_many(batch)
+    batch, vecs = rows(25)
+    results = catalog.insert_many(batch, vecs)
     chunks = list(catalog.iter_vectors(batch=7))
     assert [len(s) for s, _ in chunks] == [7, 7, 7, 4]
     seqs = np.concatenate([s for s, _ in chunks])
-    vecs = np.concatenate([v for _, v in chunks])
+    got_vecs = np.concatenate([v for _, v in chunks])
     assert seqs.tolist() == [r.seq for r in results]
-    np.testing.assert_array_equal(vecs, np.stack([r.vector for r in batch]))
+    np.testing.assert_array_equal(got_vecs, vecs)
     assert [len(s) for s, _ in catalog.iter_vectors(after_seq=results[20].seq)] == [4]
     got = list(catalog.vectors_for_seqs([results[3].seq, 10_000]))
     assert got[0][0].tolist() == [results[3].seq]
 
 
 def test_delete_tombstones_and_cascade(catalog: Catalog) -> None:
-    results = catalog.insert_many(rows(3, thumbnail=b"jpeg"))
+    results = catalog.insert_many(*rows(3, thumbnail=b"jpeg"))
     assert catalog.thumbnail(results[0].id) == b"jpeg"
     assert catalog.delete(results[0].id) == results[0].seq
     assert catalog.delete(results[0].id) is None
@@ -93,24 +87,24 @@ def test_delete_tombstones_and_cascade(catalog: Catalog) -> None:
 
 
 def test_malformed_rows_write_nothing(catalog: Catalog) -> None:
-    bad = rows(2)
-    bad[1] = CatalogRow(sha256="nothex", source=None, width=1, height=1, nbytes=1, vector=bad[1].vector)
+    bad, vecs = rows(2)
+    bad[1] = NewImage(sha256="nothex", source=None, width=1, height=1, nbytes=1)
     with pytest.raises(InvalidArgumentError, match="row 1"):
-        catalog.insert_many(bad)
+        catalog.insert_many(bad, vecs)
     assert catalog.count() == 0
 
 
 def test_disk_full_rolls_back(catalog: Catalog) -> None:
-    catalog.insert_many(rows(2))
+    catalog.insert_many(*rows(2))
     conn = catalog.connection()
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {pages}")
     with pytest.raises(StoreFullError):
-        catalog.insert_many(rows(50, start=10, thumbnail=b"x" * 50_000))
+        catalog.insert_many(*rows(50, start=10, thumbnail=b"x" * 50_000))
     conn.execute("PRAGMA max_page_count = 1073741823")
     assert catalog.count() == 2
     assert catalog.max_seq() == 2  # the rolled-back rows did not consume seqs
-    assert catalog.insert_many(rows(1, start=10))[0].seq == 3
+    assert catalog.insert_many(*rows(1, start=10))[0].seq == 3
 
 
 def test_read_only(tmp_path: Path) -> None:
@@ -120,7 +114,7 @@ def test_read_only(tmp_path: Path) -> None:
     try:
         assert ro.count() == 0
         with pytest.raises(ReadOnlyStoreError):
-            ro.insert_many(rows(1))
+            ro.insert_many(*rows(1))
     finally:
         ro.close()
 
@@ -135,7 +129,7 @@ def test_not_a_database(tmp_path: Path) -> None:
 def test_quick_check_detects_damage(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite3"
     cat = Catalog(path, dim=DIM)
-    cat.insert_many(rows(200, thumbnail=b"t" * 3000))
+    cat.insert_many(*rows(200, thumbnail=b"t" * 3000))
     cat.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
     cat.close()
     data = bytearray(path.read_bytes())
