@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepfeat.scripts.bench_common import deepfeat_command, echo, real_photos, table
+from deepfeat.scripts.bench_machine import describe, machine
+
 __all__ = ["main", "make_photo_set", "matmul_ceiling", "model_throughput", "naive_index"]
 
 # Camera/phone resolutions the benchmark photos are resampled to (several megapixels, mixed).
@@ -41,26 +44,16 @@ CAMERA_SIZES = [
 ]
 
 
-def _seed_photos() -> list[Any]:
-    """Real photos shipped inside wheels: scikit-image's data set and matplotlib's sample photo."""
-    import matplotlib
-    import skimage.data
-    from PIL import Image
-
-    names = [
-        "astronaut",
-        "chelsea",
-        "coffee",
-        "rocket",
-        "hubble_deep_field",
-        "immunohistochemistry",
-        "retina",
-    ]
-    images = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in names]
-    images.append(Image.fromarray(skimage.data.stereo_motorcycle()[0]).convert("RGB"))
-    with Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")) as img:
-        images.append(img.convert("RGB"))
-    return images
+_SEED_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+)
+"""scikit-image's photos the benchmark photos are made from (:func:`real_photos` adds two more)."""
 
 
 def make_photo_set(
@@ -90,7 +83,7 @@ def make_photo_set(
 def _write_photos(todo: list[tuple[int, Path]], seed: int, sizes: list[tuple[int, int]]) -> None:
     from PIL import Image, ImageEnhance, ImageOps
 
-    seeds = _seed_photos()
+    seeds = [photo for _, photo in real_photos(_SEED_PHOTOS)]
     for i, path in todo:
         rng = random.Random(seed * 1_000_003 + i)
         img = seeds[i % len(seeds)]
@@ -263,10 +256,6 @@ def _peak_rss_kib(cmd: list[str]) -> int:
     return int(usage.ru_maxrss)
 
 
-def _deepfeat(*args: str) -> list[str]:
-    return [sys.executable, "-m", "deepfeat.scripts.cli", *args]
-
-
 MATCHED = ["--layer", "1", "--resize-mode", "crop", "--scales", "1"]
 """The baseline's own work (penultimate vector of one 224 px centre crop), so the ratio compares pipelines."""
 
@@ -293,12 +282,20 @@ def run_end_to_end(
             list_file.write_text("\n".join(map(str, files)))
             naive_s.append(
                 _timed_process(
-                    [sys.executable, "-m", "deepfeat.scripts.bench_extract", "naive", str(list_file), model, device]
+                    [
+                        sys.executable,
+                        "-m",
+                        "deepfeat.scripts.bench_extract",
+                        "naive",
+                        str(list_file),
+                        model,
+                        device,
+                    ]
                 )[0]
             )
             for n, (label, extra) in enumerate(configs):
                 seconds, printed = _timed_process(
-                    _deepfeat(
+                    deepfeat_command(
                         "index", str(photos), "--data-dir", str(Path(tmp) / f"data-{n}"), "--model", model,
                         "--weights", "none", "--device", device, "--no-progress", *extra,
                     )
@@ -356,7 +353,7 @@ def rss_scaling(root: Path, model: str, counts: list[int], *, device: str) -> li
         make_photo_set(folder, count, seed=7, sizes=[(480, 360), (360, 480), (640, 426)])
         with tempfile.TemporaryDirectory() as tmp:
             kib = _peak_rss_kib(
-                _deepfeat(
+                deepfeat_command(
                     "index", str(folder), "--data-dir", str(Path(tmp) / "data"), "--model", model,
                     "--weights", "none", "--device", device, "--no-progress", *MATCHED,
                 )
@@ -365,17 +362,7 @@ def rss_scaling(root: Path, model: str, counts: list[int], *, device: str) -> li
     return rows
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
-    lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
-    lines += ["  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys) for r in rows]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench_extract", description=__doc__.splitlines()[0] if __doc__ else None
     )
@@ -403,95 +390,111 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the retrieval defaults (full image, 3 scales: several times the baseline's work)",
     )
     parser.add_argument("--json", type=Path, help="write all results here")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "naive":
-        files = [Path(line) for line in args.list_file.read_text().splitlines() if line]
-        naive_index(files, args.model, args.device)
-        return 0
 
+def _device_report(device: str) -> dict[str, Any]:
+    """The device, its torch threads and what ``--precision auto`` resolves to on it."""
     import torch
 
-    from deepfeat.models.embedder import _resolve_precision, resolve_device
+    from deepfeat.models.embedder import _resolve_precision
 
-    device = str(resolve_device(args.device))
-    cuda = device.startswith("cuda")
-    models = [m for m in args.models.split(",") if m]
     report: dict[str, Any] = {
+        "machine": machine(),
         "device": device,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
-    if cuda:
+    if device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name(0)
     auto = _resolve_precision("auto", torch.device(device))
     report["auto_precision"] = "fp32" if auto is None else str(auto).replace("torch.", "")
+    return report
 
-    if not args.skip_model_only:
-        ceiling = matmul_ceiling(device=device)
-        report["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
-        sys.stdout.write(
-            "matmul ceiling: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceiling.items()) + "\n\n"
-        )
-        # fp32 convolutions use TF32 tensor cores on CUDA by default: hold them to that ceiling.
-        ceiling_of = {"fp32": "tf32" if cuda else "fp32", "bf16": "bf16", "fp16": "fp16"}
-        variants: list[tuple[str, bool, bool]] = (
-            [(p, True, False) for p in ("fp32", "bf16", "fp16")] + [("fp32", False, False)]
-            if cuda
-            else [(p, cl, False) for p in ("fp32", "bf16") for cl in (False, True)]
-        )
-        if args.compile:
-            variants.append(("bf16", True, True))
-        model_rows = []
-        for model in models:
-            flops = model_flops(model)
-            for precision, channels_last, compiled in variants:
-                ips = model_throughput(
-                    model, precision=precision, channels_last=channels_last, device=device,
-                    compile=compiled, batch=256 if cuda else 32,
-                )  # fmt: skip
-                achieved = flops * ips / 1e9
-                model_rows.append(
-                    {
-                        "model": model,
-                        "precision": precision,
-                        "channels_last": channels_last,
-                        "compiled": compiled,
-                        "img_s": round(ips, 1),
-                        "gflops_per_img": round(flops / 1e9, 2),
-                        "achieved_gflops": round(achieved, 1),
-                        "of_ceiling": f"{achieved / ceiling[ceiling_of[precision]]:.0%}",
-                    }
-                )
-                sys.stdout.write(f"  {model_rows[-1]}\n")
-                sys.stdout.flush()
-        report["model_only"] = model_rows
-        batch = 256 if cuda else 32
-        sys.stdout.write(
-            f"model only (batch {batch}, forward pass, median of 5):\n" + _table(model_rows) + "\n\n"
-        )
 
-    if not args.skip_end_to_end:
-        files = make_photo_set(args.photo_dir, args.photos)
-        megapixels = statistics.median(_megapixels(f) for f in files[:50])
-        configs = end_to_end_configs(device, with_defaults=args.with_defaults, compile=args.compile)
-        e2e = []
-        for model in models:
-            e2e += run_end_to_end(
-                args.photo_dir, files, model, configs=configs, device=device, repeats=args.repeats
+def _model_only(models: list[str], device: str, *, compile: bool) -> dict[str, Any]:
+    """Forward-pass throughput per model and precision against this machine's matmul ceiling."""
+    cuda = device.startswith("cuda")
+    ceiling = matmul_ceiling(device=device)
+    echo("matmul ceiling: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceiling.items()))
+    echo()
+    # fp32 convolutions use TF32 tensor cores on CUDA by default: hold them to that ceiling.
+    ceiling_of = {"fp32": "tf32" if cuda else "fp32", "bf16": "bf16", "fp16": "fp16"}
+    variants: list[tuple[str, bool, bool]] = (
+        [(p, True, False) for p in ("fp32", "bf16", "fp16")] + [("fp32", False, False)]
+        if cuda
+        else [(p, cl, False) for p in ("fp32", "bf16") for cl in (False, True)]
+    )
+    if compile:
+        variants.append(("bf16", True, True))
+    batch = 256 if cuda else 32
+    rows = []
+    for model in models:
+        flops = model_flops(model)
+        for precision, channels_last, compiled in variants:
+            ips = model_throughput(
+                model, precision=precision, channels_last=channels_last, device=device,
+                compile=compiled, batch=batch,
+            )  # fmt: skip
+            achieved = flops * ips / 1e9
+            rows.append(
+                {
+                    "model": model,
+                    "precision": precision,
+                    "channels_last": channels_last,
+                    "compiled": compiled,
+                    "img_s": round(ips, 1),
+                    "gflops_per_img": round(flops / 1e9, 2),
+                    "achieved_gflops": round(achieved, 1),
+                    "of_ceiling": f"{achieved / ceiling[ceiling_of[precision]]:.0%}",
+                }
             )
-        report["end_to_end"] = e2e
-        report["photos_median_megapixels"] = round(megapixels, 1)
-        sys.stdout.write(
-            f"end to end ({len(files)} JPEGs, median {megapixels:.1f} MP; process start, decode, model, store):\n"
-            + _table(e2e)
-            + "\n\n"
+            echo(f"  {rows[-1]}")
+    echo(f"model only (batch {batch}, forward pass, median of 5):\n" + table(rows))
+    echo()
+    return {"matmul_gflops": {k: round(v, 1) for k, v in ceiling.items()}, "model_only": rows}
+
+
+def _end_to_end(args: argparse.Namespace, models: list[str], device: str) -> dict[str, Any]:
+    """The naive baseline and deepfeat's configurations as fresh processes on the benchmark photos."""
+    files = make_photo_set(args.photo_dir, args.photos)
+    megapixels = statistics.median(_megapixels(f) for f in files[:50])
+    configs = end_to_end_configs(device, with_defaults=args.with_defaults, compile=args.compile)
+    rows = []
+    for model in models:
+        rows += run_end_to_end(
+            args.photo_dir, files, model, configs=configs, device=device, repeats=args.repeats
         )
+    echo(
+        f"end to end ({len(files)} JPEGs, median {megapixels:.1f} MP; process start, decode, model, store):\n"
+        + table(rows)
+    )
+    echo()
+    return {"end_to_end": rows, "photos_median_megapixels": round(megapixels, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "naive":  # the baseline's own process: nothing but its work is timed
+        files = [Path(line) for line in args.list_file.read_text().splitlines() if line]
+        naive_index(files, args.model, args.device)
+        return 0
+    echo(describe())
+
+    from deepfeat.models.embedder import resolve_device
+
+    device = str(resolve_device(args.device))
+    models = [m for m in args.models.split(",") if m]
+    report = _device_report(device)
+    if not args.skip_model_only:
+        report.update(_model_only(models, device, compile=args.compile))
+    if not args.skip_end_to_end:
+        report.update(_end_to_end(args, models, device))
     if args.rss:
         counts = [int(c) for c in args.rss.split(",") if c]
         rss = rss_scaling(args.photo_dir.parent, models[0], counts, device=device)
         report["peak_rss"] = rss
-        sys.stdout.write(f"peak RSS of `deepfeat index` ({models[0]}):\n" + _table(rss) + "\n")
+        echo(f"peak RSS of `deepfeat index` ({models[0]}):\n" + table(rss))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

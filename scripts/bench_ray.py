@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepfeat.scripts.bench_common import begin, deepfeat_command, echo, table
 from deepfeat.scripts.bench_extract import MATCHED, make_photo_set
+from deepfeat.scripts.bench_machine import machine
 
 __all__ = ["main", "run_once"]
 
@@ -38,13 +40,9 @@ _REPORTED = re.compile(r"of (\d+) files in ([\d.]+)s")
 _STARTUP = re.compile(r"first batch after ([\d.]+)s")
 
 
-def _deepfeat(*args: str) -> list[str]:
-    return [sys.executable, "-m", "deepfeat.scripts.cli", *args]
-
-
 def run_once(photos: Path, data_dir: Path, *, engine: str, extra: list[str]) -> dict[str, float]:
     """One fresh ``deepfeat index`` process: wall seconds, and the seconds the indexer reports."""
-    cmd = _deepfeat(
+    cmd = deepfeat_command(
         "index", str(photos), "--data-dir", str(data_dir), "--engine", engine, "--no-progress", *extra
     )
     started = time.perf_counter()
@@ -60,14 +58,6 @@ def run_once(photos: Path, data_dir: Path, *, engine: str, extra: list[str]) -> 
     if startup is not None:  # the ray engine: seconds until its actors returned the first batch
         row["startup_s"] = float(startup.group(1))
     return row
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    keys = list(rows[0])
-    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
-    lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
-    lines += ["  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys) for r in rows]
-    return "\n".join(lines)
 
 
 def _summarise(engine: str, n: int, results: list[dict[str, float]]) -> dict[str, Any]:
@@ -86,7 +76,7 @@ def _summarise(engine: str, n: int, results: list[dict[str, float]]) -> dict[str
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench_ray", description=__doc__.splitlines()[0] if __doc__ else None
     )
@@ -109,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ray-args", default="", help="extra flags for the ray side, e.g. '--actors 1'")
     parser.add_argument("--json", type=Path, help="write all results here")
-    args = parser.parse_args(argv)
+    return parser
 
-    sizes = sorted({int(size) for size in args.sizes.split(",") if size.strip()})
-    all_files = make_photo_set(args.photo_dir, sizes[-1])
+
+def _run_all(
+    args: argparse.Namespace, sizes: list[int], all_files: list[Path], tmp: Path
+) -> tuple[dict[str, list[dict[str, float]]], list[dict[str, Any]]]:
+    """Every size, repeat and engine (alternating which goes first); the raw runs and their medians."""
     common = [
         "--model",
         args.model,
@@ -122,26 +115,28 @@ def main(argv: list[str] | None = None) -> int:
     ]
     runs: dict[str, list[dict[str, float]]] = {}
     rows: list[dict[str, Any]] = []
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
-            # A folder of exactly these files (the photo dir may hold more from other runs).
-            folder = Path(tmp) / f"photos-{n}"
-            folder.mkdir()
-            for path in all_files[:n]:
-                (folder / path.name).symlink_to(path.resolve())
-            for repeat in range(args.repeats):
-                order = ["local", "ray"] if repeat % 2 == 0 else ["ray", "local"]
-                for engine in order:
-                    extra = common + (args.ray_args.split() if engine == "ray" else [])
-                    result = run_once(
-                        folder, Path(tmp) / f"{engine}-{n}-{repeat}", engine=engine, extra=extra
-                    )
-                    if result["files"] != n:
-                        raise RuntimeError(f"{engine} saw {result['files']:.0f} files, expected {n}")
-                    runs.setdefault(f"{engine}-{n}", []).append(result)
-                    sys.stderr.write(f"{n} photos, repeat {repeat + 1}/{args.repeats}, {engine}: {result}\n")
-            rows += [_summarise(engine, n, runs[f"{engine}-{n}"]) for engine in ("local", "ray")]
+    for n in sizes:
+        # A folder of exactly these files (the photo dir may hold more from other runs).
+        folder = tmp / f"photos-{n}"
+        folder.mkdir()
+        for path in all_files[:n]:
+            (folder / path.name).symlink_to(path.resolve())
+        for repeat in range(args.repeats):
+            order = ["local", "ray"] if repeat % 2 == 0 else ["ray", "local"]
+            for engine in order:
+                extra = common + (args.ray_args.split() if engine == "ray" else [])
+                result = run_once(folder, tmp / f"{engine}-{n}-{repeat}", engine=engine, extra=extra)
+                if result["files"] != n:
+                    raise RuntimeError(f"{engine} saw {result['files']:.0f} files, expected {n}")
+                runs.setdefault(f"{engine}-{n}", []).append(result)
+                sys.stderr.write(f"{n} photos, repeat {repeat + 1}/{args.repeats}, {engine}: {result}\n")
+        rows += [_summarise(engine, n, runs[f"{engine}-{n}"]) for engine in ("local", "ray")]
+    return runs, rows
+
+
+def _compare(rows: list[dict[str, Any]], sizes: list[int]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Ray's time over the local engine's per size, and each engine's marginal images/s between the
+    smallest and the largest size (whole-command times, so the fixed costs cancel)."""
     by = {(row["engine"], row["images"]): row for row in rows}
     overhead = [
         {
@@ -157,7 +152,39 @@ def main(argv: list[str] | None = None) -> int:
         for engine in ("local", "ray"):
             extra_s = by[engine, hi]["wall_s"] - by[engine, lo]["wall_s"]
             marginal[engine] = round((hi - lo) / extra_s, 2) if extra_s > 0 else float("nan")
+    return overhead, marginal
+
+
+def _format(report: dict[str, Any], sizes: list[int]) -> str:
+    lines = [
+        f"{report['model']} ({report['config']}), batch {report['batch_size']}, {report['cpu_count']} CPUs, "
+        f"load average {report['loadavg_before'][0]} before / {report['loadavg_after'][0]} after "
+        "(wall: the whole command; indexer: its reported seconds; first_batch: ray actors up and one batch back):",
+        table(report["results"]),
+        "ray / local time: "
+        + ", ".join(
+            f"{o['images']} photos {o['wall_ratio']}x whole command, {o['indexer_ratio']}x indexer"
+            for o in report["overhead"]
+        ),
+    ]
+    if report["marginal_img_s"]:
+        lines.append(
+            f"marginal images/s from {sizes[0]} to {sizes[-1]} photos (fixed costs cancel): "
+            + ", ".join(f"{engine} {rate}" for engine, rate in report["marginal_img_s"].items())
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = begin(_parser(), argv)
+    sizes = sorted({int(size) for size in args.sizes.split(",") if size.strip()})
+    all_files = make_photo_set(args.photo_dir, sizes[-1])
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs, rows = _run_all(args, sizes, all_files, Path(tmp))
+    overhead, marginal = _compare(rows, sizes)
     report = {
+        "machine": machine(),
         "cpu_count": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -170,23 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "marginal_img_s": marginal,
         "runs": runs,
     }
-    lines = [
-        f"{args.model} ({report['config']}), batch {args.batch_size}, {os.cpu_count()} CPUs, load average "
-        f"{report['loadavg_before'][0]} before / {report['loadavg_after'][0]} after "
-        "(wall: the whole command; indexer: its reported seconds; first_batch: ray actors up and one batch back):",
-        _table(rows),
-        "ray / local time: "
-        + ", ".join(
-            f"{o['images']} photos {o['wall_ratio']}x whole command, {o['indexer_ratio']}x indexer"
-            for o in overhead
-        ),
-    ]
-    if marginal:
-        lines.append(
-            f"marginal images/s from {sizes[0]} to {sizes[-1]} photos (fixed costs cancel): "
-            + ", ".join(f"{engine} {rate}" for engine, rate in marginal.items())
-        )
-    sys.stdout.write("\n".join(lines) + "\n")
+    echo(_format(report, sizes))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

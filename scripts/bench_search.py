@@ -64,14 +64,18 @@ import numpy as np
 
 from deepfeat.index.choose import choose_factory, default_search_params, ivf_nlist
 from deepfeat.index.vectors import VectorIndex
+from deepfeat.scripts.bench_common import begin, command_line, echo, real_photos, usage_error
+from deepfeat.scripts.bench_machine import machine
 
 __all__ = [
     "DEFAULT_FACTORIES",
     "Dataset",
     "FactorySpec",
+    "machine_report",
     "main",
     "parse_factories",
     "real_dataset",
+    "recall_at_k",
     "run_benchmark",
     "synthetic_dataset",
 ]
@@ -86,11 +90,28 @@ TARGET_RECALL = 0.95
 TARGET_SPEEDUP = 50.0
 _ADD_CHUNK = 100_000
 _REAL_MODEL = "efficientnet_lite0"
-
-
-def _echo(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+_REAL_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "logo",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "clock",
+    "brick",
+    "grass",
+    "gravel",
+    "text",
+    "cell",
+)
+"""scikit-image's photos of the ``real`` data set (:func:`real_photos` adds two more)."""
 
 
 def _rss_bytes() -> int:
@@ -178,42 +199,6 @@ def synthetic_dataset(
     return Dataset("synthetic", np.ascontiguousarray(out[:n]), np.ascontiguousarray(out[n:]), info)
 
 
-def _real_photos() -> list[tuple[str, Any]]:
-    """Real photos shipped inside wheels (scikit-image's data set, matplotlib's sample photo), as RGB."""
-    import matplotlib
-    import skimage.data
-    from PIL import Image
-
-    names = [
-        "astronaut",
-        "chelsea",
-        "coffee",
-        "rocket",
-        "hubble_deep_field",
-        "immunohistochemistry",
-        "retina",
-        "colorwheel",
-        "logo",
-        "camera",
-        "coins",
-        "moon",
-        "page",
-        "clock",
-        "brick",
-        "grass",
-        "gravel",
-        "text",
-        "cell",
-    ]
-    photos = [(name, Image.fromarray(getattr(skimage.data, name)()).convert("RGB")) for name in names]
-    photos.append(("motorcycle", Image.fromarray(skimage.data.stereo_motorcycle()[0]).convert("RGB")))
-    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    if path.exists():
-        with Image.open(path) as img:
-            photos.append(("grace_hopper", img.convert("RGB")))
-    return photos
-
-
 def _augment(image: Any, rng: np.random.Generator) -> Any:
     """A random crop (15-100% of the area, aspect 3:4 to 4:3) and a coin-flip horizontal flip."""
     from PIL import Image
@@ -240,7 +225,7 @@ def real_seeds(
     from deepfeat.models.embedder import Embedder  # scripts may import models; index/ never does
 
     rng = np.random.default_rng(seed)
-    photos = _real_photos()
+    photos = real_photos(_REAL_PHOTOS)
     images: list[Any] = []
     labels: list[int] = []
     for i, (_, photo) in enumerate(photos):
@@ -301,7 +286,46 @@ def real_dataset(
     )
     rng = np.random.default_rng(seed + 1)
     full_dim = seed_vecs.shape[1]
-    photo_means = np.stack([seed_vecs[photo_of == p].mean(axis=0) for p in range(len(names))])
+    noise, keep = _crop_noise(seed_vecs, photo_of, len(names), rank=rank, iso_noise=iso_noise, rng=rng)
+    total = n + n_queries
+    n_scenes = max(1, total // max(1, group))
+    scenes = _scenes(seed_vecs, n_scenes, noise=noise, scale=scene_noise, rng=rng)
+    out_dim = dim if dim is not None and dim < full_dim else full_dim
+    out = _copies(scenes, total, out_dim, noise=noise, scale=copy_noise, rng=rng)
+    info = {
+        "kind": "real",
+        "model": _REAL_MODEL,
+        "photos": names,
+        "seeds": int(len(seed_vecs)),
+        "scenes": n_scenes,
+        "scene_noise": scene_noise,
+        "copy_noise": copy_noise,
+        "iso_noise": iso_noise,
+        "rank": keep,
+        "embedding_dim": full_dim,
+        "pca": f"faiss.PCAMatrix {full_dim} -> {out_dim}, trained on 50k" if out_dim < full_dim else None,
+        "seed": seed,
+    }
+    return Dataset("real", np.ascontiguousarray(out[:n]), np.ascontiguousarray(out[n:]), info)
+
+
+_Noise = Callable[[int, float], np.ndarray]
+"""``noise(size, scale)``: (size, D) float32 offsets, ``scale`` times a typical crop/flip's."""
+
+
+def _crop_noise(
+    seed_vecs: np.ndarray,
+    photo_of: np.ndarray,
+    n_photos: int,
+    *,
+    rank: int,
+    iso_noise: float,
+    rng: np.random.Generator,
+) -> tuple[_Noise, int]:
+    """Gaussian noise shaped like the seeds' deviations from their photo's mean embedding (top ``rank``
+    principal directions) plus ``iso_noise`` of isotropic noise; and the rank kept."""
+    full_dim = seed_vecs.shape[1]
+    photo_means = np.stack([seed_vecs[photo_of == p].mean(axis=0) for p in range(n_photos)])
     deviations = seed_vecs - photo_means[photo_of]  # (s, D): how crops/flips move an embedding
     typical = float(np.sqrt((deviations**2).sum(axis=1).mean()))
     _, sing, vt = np.linalg.svd(deviations, full_matrices=False)
@@ -315,21 +339,39 @@ def real_dataset(
         )
         return scale * (shaped + iso)
 
-    total = n + n_queries
-    n_scenes = max(1, total // max(1, group))
-    scenes = np.empty((n_scenes, full_dim), dtype=np.float32)
+    return noise, keep
+
+
+def _scenes(
+    seed_vecs: np.ndarray, n_scenes: int, *, noise: _Noise, scale: float, rng: np.random.Generator
+) -> np.ndarray:
+    """(n_scenes, D) unit vectors, each a random seed moved by ``noise`` of ``scale``."""
+    scenes = np.empty((n_scenes, seed_vecs.shape[1]), dtype=np.float32)
     for start in range(0, n_scenes, 50_000):
         stop = min(start + 50_000, n_scenes)
         picks = rng.integers(0, len(seed_vecs), stop - start)
-        scenes[start:stop] = _normalize(seed_vecs[picks] + noise(stop - start, scene_noise))
+        scenes[start:stop] = _normalize(seed_vecs[picks] + noise(stop - start, scale))
+    return scenes
+
+
+def _copies(
+    scenes: np.ndarray,
+    total: int,
+    out_dim: int,
+    *,
+    noise: _Noise,
+    scale: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """(total, out_dim) unit vectors, each a random scene moved by ``noise`` of ``scale``; below the
+    scenes' dimension reduced by a ``faiss.PCAMatrix`` trained on (up to) 50k of them."""
+    n_scenes, full_dim = scenes.shape
 
     def chunk_of(size: int) -> np.ndarray:
-        return _normalize(scenes[rng.integers(0, n_scenes, size)] + noise(size, copy_noise))
+        return _normalize(scenes[rng.integers(0, n_scenes, size)] + noise(size, scale))
 
-    reduce = dim is not None and dim < full_dim
-    out_dim = dim if reduce and dim is not None else full_dim
     pca = None
-    if reduce:
+    if out_dim < full_dim:
         pca = faiss.PCAMatrix(full_dim, out_dim)
         pca.train(chunk_of(min(total, 50_000)))
     out = np.empty((total, out_dim), dtype=np.float32)
@@ -337,21 +379,7 @@ def real_dataset(
         stop = min(start + 50_000, total)
         x = chunk_of(stop - start)
         out[start:stop] = _normalize(pca.apply(x)) if pca is not None else x
-    info = {
-        "kind": "real",
-        "model": _REAL_MODEL,
-        "photos": names,
-        "seeds": int(len(seed_vecs)),
-        "scenes": n_scenes,
-        "scene_noise": scene_noise,
-        "copy_noise": copy_noise,
-        "iso_noise": iso_noise,
-        "rank": keep,
-        "embedding_dim": full_dim,
-        "pca": f"faiss.PCAMatrix {full_dim} -> {out_dim}, trained on 50k" if reduce else None,
-        "seed": seed,
-    }
-    return Dataset("real", np.ascontiguousarray(out[:n]), np.ascontiguousarray(out[n:]), info)
+    return out
 
 
 # ============================================================================ factories
@@ -450,7 +478,8 @@ def _time_batched(
     return times, result
 
 
-def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the exact top-k (``truth``, (nq, k)) among the ids found ((nq, k'), -1 for none)."""
     k = truth.shape[1]
     hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
     return hits / (k * len(truth))
@@ -522,7 +551,7 @@ def _measure(
         "single_calls": len(latencies),
         "batch_qps": nq / statistics.median(batch_times),
         "batch_s": [round(t, 4) for t in batch_times],
-        "recall": _recall(ids, truth) if truth is not None else 1.0,
+        "recall": recall_at_k(ids, truth) if truth is not None else 1.0,
     }, ids
 
 
@@ -559,7 +588,6 @@ def run_benchmark(
     """
     n, dim = data.base.shape
     build_threads = build_threads or os.cpu_count() or 1
-    rows: list[dict[str, Any]] = []
     logger.info("%s n=%d dim=%d: building Flat (exact baseline)", data.name, n, dim)
     flat, flat_build = _build("Flat", data, train_size=train_size, build_threads=build_threads)
     timing: dict[str, Any] = {
@@ -570,7 +598,47 @@ def run_benchmark(
         "single_budget_s": single_budget_s,
     }
     first, truth = _measure(flat, data, None, **timing)
-    rows.append({"factory": "Flat", "baseline": "start", **flat_build, **first})
+    rows = [{"factory": "Flat", "baseline": "start", **flat_build, **first}]
+    rows += _measure_specs(
+        data, specs, truth, timing=timing, train_size=train_size, build_threads=build_threads
+    )
+    # Exact search again at the end: on a shared machine the load changes during a run, so the ratios
+    # are taken against the faster of the two exact measurements (the conservative choice).
+    last, _ = _measure(flat, data, truth, **timing)
+    rows.append({"factory": "Flat", "baseline": "end", **flat_build, **last})
+    del flat
+    baseline = {
+        "single_qps": max(first["single_qps"], last["single_qps"]),
+        "batch_qps": max(first["batch_qps"], last["batch_qps"]),
+    }
+    _add_speedups(rows, baseline)
+    return {
+        "data": data.name,
+        "data_info": data.info,
+        "n": int(n),
+        "dim": int(dim),
+        "queries": int(len(data.queries)),
+        "k": k,
+        "threads": threads,
+        "build_threads": build_threads,
+        "auto_factory": choose_factory(int(n), int(dim)),
+        "baseline": baseline,
+        "rows": rows,
+    }
+
+
+def _measure_specs(
+    data: Dataset,
+    specs: Sequence[FactorySpec],
+    truth: np.ndarray,
+    *,
+    timing: dict[str, Any],
+    train_size: int | None,
+    build_threads: int,
+) -> list[dict[str, Any]]:
+    """One build per spec (``Flat`` skipped: it is the baseline), one row per search setting."""
+    n, dim = data.base.shape
+    rows: list[dict[str, Any]] = []
     for spec in specs:
         if spec.factory == "Flat":
             continue
@@ -584,32 +652,17 @@ def run_benchmark(
             logger.info("  %s %s recall=%.3f", spec.factory, row["search_params"], row["recall"])
         del index
         gc.collect()
-    # Exact search again at the end: on a shared machine the load changes during a run, so the ratios
-    # are taken against the faster of the two exact measurements (the conservative choice).
-    last, _ = _measure(flat, data, truth, **timing)
-    rows.append({"factory": "Flat", "baseline": "end", **flat_build, **last})
-    del flat
-    best_single = max(first["single_qps"], last["single_qps"])
-    best_batch = max(first["batch_qps"], last["batch_qps"])
+    return rows
+
+
+def _add_speedups(rows: list[dict[str, Any]], baseline: dict[str, float]) -> None:
+    """Each row's speeds as a ratio to exact Flat's, and whether it meets the targets."""
     for row in rows:
-        row["speedup_single"] = row["single_qps"] / best_single
-        row["speedup_batch"] = row["batch_qps"] / best_batch
+        row["speedup_single"] = row["single_qps"] / baseline["single_qps"]
+        row["speedup_batch"] = row["batch_qps"] / baseline["batch_qps"]
         ok = row["recall"] >= TARGET_RECALL
         row["meets_target_single"] = bool(ok and row["speedup_single"] >= TARGET_SPEEDUP)
         row["meets_target_batch"] = bool(ok and row["speedup_batch"] >= TARGET_SPEEDUP)
-    return {
-        "data": data.name,
-        "data_info": data.info,
-        "n": int(n),
-        "dim": int(dim),
-        "queries": int(len(data.queries)),
-        "k": k,
-        "threads": threads,
-        "build_threads": build_threads,
-        "auto_factory": choose_factory(int(n), int(dim)),
-        "baseline": {"single_qps": best_single, "batch_qps": best_batch},
-        "rows": rows,
-    }
 
 
 # ============================================================================ report
@@ -707,39 +760,48 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
+def _checked(args: argparse.Namespace) -> tuple[list[int], int | None, dict[int, list[FactorySpec]]]:
+    """(sizes, dimension or None for the embedding's, factory specs per size).
+
+    Raises:
+        ValueError: A bad size, count, dimension or factory string.
+    """
+    sizes = [_positive("size", int(s.replace("_", ""))) for s in args.sizes.split(",") if s.strip()]
+    _positive("--queries", args.queries)
+    _positive("--k", args.k)
+    _positive("--threads", args.threads)
+    dim = args.dim if args.dim > 0 else None
+    if args.data == "synthetic" and dim is None:
+        raise ValueError("--dim must be >= 1 for synthetic data")
+    return sizes, dim, {n: parse_factories(args.factories, n, dim or 1280) for n in sizes}
+
+
+def machine_report() -> dict[str, Any]:
+    """:func:`bench_machine.machine` and what else decides FAISS's speed: its version and SIMD build,
+    numpy's, the platform and the load average now (``loadavg_start``)."""
+    return {
+        **machine(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "faiss": faiss.__version__,
+        "faiss_simd": faiss.get_compile_options(),
+        "numpy": np.__version__,
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (0, or 2 on bad arguments)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-        )
+    args = begin(parser, argv, log_to_stderr=True)
     try:
-        sizes = [_positive("size", int(s.replace("_", ""))) for s in args.sizes.split(",") if s.strip()]
-        _positive("--queries", args.queries)
-        _positive("--k", args.k)
-        _positive("--threads", args.threads)
-        dim = args.dim if args.dim > 0 else None
-        if args.data == "synthetic" and dim is None:
-            raise ValueError("--dim must be >= 1 for synthetic data")
-        specs_by_size = {n: parse_factories(args.factories, n, dim or 1280) for n in sizes}
+        sizes, dim, specs_by_size = _checked(args)
     except ValueError as exc:
-        parser.print_usage(sys.stderr)
-        sys.stderr.write(f"bench_search: error: {exc}\n")
-        return 2
-
+        return usage_error(parser, exc)
     report: dict[str, Any] = {
-        "command": "bench_search " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "faiss": faiss.__version__,
-            "faiss_simd": faiss.get_compile_options(),
-            "numpy": np.__version__,
-            "loadavg_start": list(os.getloadavg()),
-        },
+        "command": command_line("bench_search", argv),
+        "machine": machine_report(),
         "target": {"recall": TARGET_RECALL, "speedup": TARGET_SPEEDUP},
         "results": [],
     }
@@ -772,8 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["total_s"] = round(time.perf_counter() - t0, 2)
         result["loadavg_end"] = list(os.getloadavg())
         report["results"].append(result)
-        _echo(format_table(result))
-        _echo()
+        echo(format_table(result))
+        echo()
         del data
         gc.collect()
         if args.json:
@@ -781,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-        _echo(f"wrote {args.json}")
+        echo(f"wrote {args.json}")
     return 0
 
 

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepfeat.scripts.bench_common import begin, echo
+from deepfeat.scripts.bench_machine import machine
+
 __all__ = ["main", "drive"]
 
 
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60, help="time limit per client count (default 60)")
     parser.add_argument("--precision", default=None, help="DEEPFEAT_PRECISION for the server")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
+    args = begin(parser, argv)
     clients = [int(c) for c in args.clients.split(",") if c]
     env = {"DEEPFEAT_PRECISION": args.precision} if args.precision else {}
     rows: list[dict[str, Any]] = []
@@ -187,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             batching=batching, clients=clients, requests=args.requests, seconds=args.seconds, extra_env=env
         )
     header = f"{'batching':<9} {'clients':>7} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  errors"
-    sys.stdout.write(header + "\n")
+    echo(header)
     for row in rows:
-        sys.stdout.write(
+        echo(
             f"{row['batching']!s:<9} {row['clients']:>7} {row['ok']:>5} {row['req_s']:>8} {row['p50_ms']:>8} "
-            f"{row['p99_ms']:>8}  {row['errors'] or ''}\n"
+            f"{row['p99_ms']:>8}  {row['errors'] or ''}"
         )
     ratios = {}
     for n in clients:
@@ -201,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_ratio": round(on["req_s"] / off["req_s"], 2) if off["req_s"] else None,
             "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2) if off["p99_ms"] else None,
         }
-        sys.stdout.write(
-            f"{n} clients: batching gives {ratios[n]['throughput_ratio']}x throughput, p99 x{ratios[n]['p99_ratio']}\n"
+        echo(
+            f"{n} clients: batching gives {ratios[n]['throughput_ratio']}x throughput, p99 x{ratios[n]['p99_ratio']}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine(), "rows": rows, "ratios": ratios}, indent=2))
     return 0
 
 
