@@ -6,6 +6,7 @@ own worker thread, in parallel; only the forward pass is serialised and batched.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,23 +54,16 @@ class Inference:
         self._embedder_batcher: MicroBatcher[torch.Tensor, np.ndarray] | None = None
         self._logits_batcher: MicroBatcher[torch.Tensor, torch.Tensor] | None = None
         if batching:
-            wait = max_wait_ms / 1000
-            self._embedder_batcher = MicroBatcher(
-                self._embed_batch,
+            # Both batchers gather concurrent requests the same way; they differ in what they run.
+            batcher = functools.partial(
+                MicroBatcher,
                 max_batch=max_batch,
-                max_wait_s=wait,
+                max_wait_s=max_wait_ms / 1000,
                 max_queue=max_queue,
-                name="embed-batcher",
                 on_batch=self._observe,
             )
-            self._logits_batcher = MicroBatcher(
-                self._logits_batch,
-                max_batch=max_batch,
-                max_wait_s=wait,
-                max_queue=max_queue,
-                name="classify-batcher",
-                on_batch=self._observe,
-            )
+            self._embedder_batcher = batcher(self._embed_batch, name="embed-batcher")
+            self._logits_batcher = batcher(self._logits_batch, name="classify-batcher")
 
     # -- batch functions (run in the batcher thread) --------------------------------------------
 

@@ -10,6 +10,7 @@ from deepfeat.models.config import EmbedderConfig
 
 __all__ = [
     "ErrorResponse",
+    "error_responses",
     "ModelInfo",
     "SearchHit",
     "SearchResponse",
@@ -34,6 +35,11 @@ class ErrorResponse(BaseModel):
     code: str = Field(description="Stable machine-readable error code")
 
 
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=``: each of these error statuses, documented with :class:`ErrorResponse`."""
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
 class ModelInfo(BaseModel):
     name: str
     weights: str
@@ -43,7 +49,9 @@ class ModelInfo(BaseModel):
     dim: int
     device: str
     precision: str = Field(description="The precision in use (what `auto` resolved to): fp32, bf16 or fp16")
-    config: EmbedderConfig = Field(description="Every option that defines the vectors, as the store records them")
+    config: EmbedderConfig = Field(
+        description="Every option that defines the vectors, as the store records them"
+    )
 
 
 class SearchHit(BaseModel):

@@ -1,19 +1,15 @@
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
 
 from deepfeat.app.deps import State, require_read
-from deepfeat.app.schemas import ClassifierInfo, ClassifiersResponse, ErrorResponse, RefusedClassifier
+from deepfeat.app.schemas import ClassifierInfo, ClassifiersResponse, RefusedClassifier, error_responses
 from deepfeat.classifiers import DEFAULT_CLASSIFIER, KNN_NEIGHBOURS, LABEL_KEY, describe_reserved
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_read)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 503)}
 
-
-@router.get("/classifiers", response_model=ClassifiersResponse, responses=_ERRORS)
+@router.get("/classifiers", response_model=ClassifiersResponse, responses=error_responses(401, 503))
 def list_classifiers(state: State) -> ClassifiersResponse:
     """The classifiers POST /v1/classify?classifier=NAME accepts: imagenet, knn and trained heads."""
     labels = state.classifiers.label_counts(state.store)

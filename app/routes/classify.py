@@ -1,23 +1,23 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from deepfeat.app.deps import State, read_upload, require_read
 from deepfeat.app.routes.common import model_info, thumbnail_url
-from deepfeat.app.schemas import ClassifyResponse, ErrorResponse, NeighbourOut, PredictionOut
+from deepfeat.app.schemas import ClassifyResponse, NeighbourOut, PredictionOut, error_responses
 from deepfeat.classifiers import DEFAULT_CLASSIFIER, knn_classify
 from deepfeat.models.embedder import Prediction
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_read)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)
-}
 
-
-@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=error_responses(400, 401, 404, 409, 413, 415, 422, 503),
+)
 def classify(
     state: State,
     file: Annotated[UploadFile, File(description="The image to classify")],

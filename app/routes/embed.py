@@ -1,21 +1,17 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from deepfeat.app.deps import State, read_upload, require_read
 from deepfeat.app.routes.common import model_info
-from deepfeat.app.schemas import EmbedResponse, ErrorResponse
+from deepfeat.app.schemas import EmbedResponse, error_responses
 
 router = APIRouter(prefix="/v1", tags=["embed"], dependencies=[Depends(require_read)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
-}
 
-
-@router.post("/embed", response_model=EmbedResponse, responses=_ERRORS)
+@router.post("/embed", response_model=EmbedResponse, responses=error_responses(400, 401, 413, 415, 422, 503))
 def embed(
     state: State,
     file: Annotated[UploadFile, File(description="The image")],

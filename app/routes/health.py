@@ -5,7 +5,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from deepfeat.app.deps import AppState, State, require_read
 from deepfeat.app.routes.common import model_info
-from deepfeat.app.schemas import ErrorResponse, GenerationOut, HealthResponse, ReadyResponse, StatsResponse
+from deepfeat.app.schemas import GenerationOut, HealthResponse, ReadyResponse, StatsResponse, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -34,7 +34,7 @@ def ready(request: Request, response: Response) -> ReadyResponse:
 @router.get(
     "/v1/stats",
     response_model=StatsResponse,
-    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses=error_responses(401, 503),
     dependencies=[Depends(require_read)],
 )
 def stats(state: State) -> StatsResponse:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
 from deepfeat.app.deps import State, read_upload, require_read, require_write
 from deepfeat.app.errors import APIError
 from deepfeat.app.routes.common import image_info
-from deepfeat.app.schemas import AddImageResponse, DeleteResponse, ErrorResponse, ImageInfo
+from deepfeat.app.schemas import AddImageResponse, DeleteResponse, ImageInfo, error_responses
 from deepfeat.index.store import NewImage
 from deepfeat.models.images import make_thumbnail
 
@@ -17,10 +17,6 @@ router = APIRouter(prefix="/v1/images", tags=["images"])
 MAX_METADATA_BYTES = 16 * 1024
 MAX_SOURCE_CHARS = 4096
 ImageId = Annotated[str, Path(description="The image id returned when it was added", max_length=256)]
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorResponse} for code in codes}
 
 
 def _parse_metadata(raw: str | None) -> dict[str, Any]:
@@ -43,7 +39,7 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
     status_code=201,
     responses={
         200: {"model": AddImageResponse, "description": "Already indexed"},
-        **_errors(400, 401, 403, 413, 415, 422, 503, 507),
+        **error_responses(400, 401, 403, 413, 415, 422, 503, 507),
     },
     dependencies=[Depends(require_write)],
 )
@@ -86,7 +82,7 @@ def add_image(
 @router.get(
     "/{image_id}",
     response_model=ImageInfo,
-    responses=_errors(401, 404, 422, 503),
+    responses=error_responses(401, 404, 422, 503),
     dependencies=[Depends(require_read)],
 )
 def get_image(state: State, image_id: ImageId) -> ImageInfo:
@@ -97,7 +93,7 @@ def get_image(state: State, image_id: ImageId) -> ImageInfo:
 @router.get(
     "/{image_id}/thumbnail",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, **_errors(401, 404, 422, 503)},
+    responses={200: {"content": {"image/jpeg": {}}}, **error_responses(401, 404, 422, 503)},
     dependencies=[Depends(require_read)],
 )
 def get_thumbnail(state: State, image_id: ImageId) -> Response:
@@ -109,7 +105,7 @@ def get_thumbnail(state: State, image_id: ImageId) -> Response:
 @router.delete(
     "/{image_id}",
     response_model=DeleteResponse,
-    responses=_errors(401, 403, 404, 422, 503, 507),
+    responses=error_responses(401, 403, 404, 422, 503, 507),
     dependencies=[Depends(require_write)],
 )
 def delete_image(state: State, image_id: ImageId) -> DeleteResponse:

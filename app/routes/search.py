@@ -1,22 +1,20 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from deepfeat.app.deps import State, read_upload, require_read
 from deepfeat.app.routes.common import model_info, thumbnail_url
-from deepfeat.app.schemas import ErrorResponse, SearchHit, SearchResponse
+from deepfeat.app.schemas import SearchHit, SearchResponse, error_responses
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
-}
 
-
-@router.post("/search", response_model=SearchResponse, responses=_ERRORS)
+@router.post(
+    "/search", response_model=SearchResponse, responses=error_responses(400, 401, 413, 415, 422, 503)
+)
 def search(
     state: State,
     file: Annotated[UploadFile, File(description="The query image")],
