@@ -16,7 +16,27 @@ from typing import Any
 
 from deepfeat.scripts.bench_machine import describe
 
-__all__ = ["begin", "command_line", "deepfeat_command", "echo", "real_photos", "table", "usage_error"]
+__all__ = [
+    "COLOUR_PHOTOS",
+    "begin",
+    "command_line",
+    "deepfeat_command",
+    "echo",
+    "real_photos",
+    "table",
+    "usage_error",
+]
+
+COLOUR_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+)
+"""scikit-image's colour photographs, for :func:`real_photos`."""
 
 
 def echo(text: str = "") -> None:

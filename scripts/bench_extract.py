@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deepfeat.scripts.bench_common import deepfeat_command, echo, real_photos, table
+from deepfeat.scripts.bench_common import COLOUR_PHOTOS, deepfeat_command, echo, real_photos, table
 from deepfeat.scripts.bench_machine import describe, machine
 
 __all__ = ["main", "make_photo_set", "matmul_ceiling", "model_throughput", "naive_index"]
@@ -42,18 +42,6 @@ CAMERA_SIZES = [
     (2048, 1536),
     (1280, 960),
 ]
-
-
-_SEED_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-)
-"""scikit-image's photos the benchmark photos are made from (:func:`real_photos` adds two more)."""
 
 
 def make_photo_set(
@@ -83,7 +71,7 @@ def make_photo_set(
 def _write_photos(todo: list[tuple[int, Path]], seed: int, sizes: list[tuple[int, int]]) -> None:
     from PIL import Image, ImageEnhance, ImageOps
 
-    seeds = [photo for _, photo in real_photos(_SEED_PHOTOS)]
+    seeds = [photo for _, photo in real_photos(COLOUR_PHOTOS)]
     for i, path in todo:
         rng = random.Random(seed * 1_000_003 + i)
         img = seeds[i % len(seeds)]

@@ -64,7 +64,7 @@ import numpy as np
 
 from deepfeat.index.choose import choose_factory, default_search_params, ivf_nlist
 from deepfeat.index.vectors import VectorIndex
-from deepfeat.scripts.bench_common import begin, command_line, echo, real_photos, usage_error
+from deepfeat.scripts.bench_common import COLOUR_PHOTOS, begin, command_line, echo, real_photos, usage_error
 from deepfeat.scripts.bench_machine import machine
 
 __all__ = [
@@ -91,13 +91,7 @@ TARGET_SPEEDUP = 50.0
 _ADD_CHUNK = 100_000
 _REAL_MODEL = "efficientnet_lite0"
 _REAL_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
+    *COLOUR_PHOTOS,
     "colorwheel",
     "logo",
     "camera",
