@@ -12,6 +12,7 @@ stable error code and reason.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -19,9 +20,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from PIL import Image
@@ -41,7 +43,15 @@ from deepfeat.models.images import (
 )
 from deepfeat.scripts.cli_common import add_setting_arguments
 
-__all__ = ["IndexSummary", "index_paths", "iter_image_files", "prepare_file", "main", "DEFAULT_EXTENSIONS"]
+__all__ = [
+    "IndexSummary",
+    "echo_summary",
+    "index_paths",
+    "iter_image_files",
+    "prepare_file",
+    "main",
+    "DEFAULT_EXTENSIONS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +93,17 @@ class _Item:
 
 
 class _FileDataset(Dataset[_Item]):
-    def __init__(
-        self,
-        files: Sequence[Path],
-        *,
-        transform: Callable[[Image.Image], torch.Tensor],
-        limits: ImageLimits,
-        decode_size: tuple[int, int],
-        known_sha256: frozenset[str],
-        gpu_decode: bool = False,
-    ) -> None:
+    """The files, each prepared by ``prepare`` (:func:`prepare_file` with the run's options bound)."""
+
+    def __init__(self, files: Sequence[Path], prepare: Callable[[Path], _Item]) -> None:
         self.files = files
-        self.transform = transform
-        self.limits = limits
-        self.decode_size = decode_size
-        self.known = known_sha256
-        self.gpu_decode = gpu_decode
+        self.prepare = prepare
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> _Item:
-        return prepare_file(
-            self.files[i],
-            transform=self.transform,
-            limits=self.limits,
-            decode_size=self.decode_size,
-            known_sha256=self.known,
-            gpu_decode=self.gpu_decode,
-        )
+        return self.prepare(self.files[i])
 
 
 def prepare_file(
@@ -283,81 +275,127 @@ def index_paths(
         gpu_decode = embedder.device.type == "cuda"
     files = list(iter_image_files(paths, extensions=extensions))
     summary = IndexSummary(files=len(files))
-    dataset = _FileDataset(
+    loader = _loader(
         files,
-        transform=embedder.transform,
-        limits=limits,
-        decode_size=embedder.decode_size,
+        embedder=embedder,
         known_sha256=frozenset(store.known_sha256()),
+        limits=limits,
+        batch_size=batch_size,
+        workers=workers,
         gpu_decode=gpu_decode,
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        prefetch_factor=2 if workers > 0 else None,
-        pin_memory=False,
-    )
     report = report_path.open("w", encoding="utf-8") if report_path is not None else None
-    threads = torch.get_num_threads()
-    if embedder.device.type == "cpu" and workers > 0:
-        # Leave the decode workers their cores: oneDNN's threads spin while they wait, so a model
-        # thread sharing a core with a decoder slows both (measured: 1.5x faster end to end on 2 cores
-        # with one worker and one model thread than with two model threads).
-        torch.set_num_threads(max(1, _cpu_count() - workers))
     bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     try:
-        for items in loader:
-            if gpu_decode:
-                _decode_on_gpu(items, embedder=embedder, limits=limits)
-            ok = [item for item in items if item.status == "ok"]
-            for item in items:
-                if item.status == "present":
-                    summary.already_present += 1
-                elif item.status == "failed":
-                    summary.failed += 1
-                    failure = {"path": item.path, "code": item.code, "reason": item.reason}
-                    summary.failures.append(failure)
-                    log.warning("skipped %s: %s (%s)", item.path, item.reason, item.code)
-                    if report is not None:
-                        report.write(json.dumps(failure) + "\n")
-                        report.flush()
-            if ok:
-                # Tensors may differ in size (full-image mode): the embedder batches equal shapes.
-                vectors = embedder.embed_tensors([item.tensor for item in ok if item.tensor is not None])
-                summary.embedded += len(ok)
-                results = store.add(
-                    vectors,
-                    [
-                        NewImage(
-                            sha256=item.sha256,
-                            source=item.path,
-                            width=item.width,
-                            height=item.height,
-                            nbytes=item.nbytes,
-                            thumbnail=item.thumbnail,
-                        )
-                        for item in ok
-                    ],
+        with _model_threads(embedder, workers=workers):
+            for items in loader:
+                if gpu_decode:
+                    _decode_on_gpu(items, embedder=embedder, limits=limits)
+                _tally_skipped(items, summary, report)
+                ok = [item for item in items if item.status == "ok"]
+                if ok:
+                    _embed_and_add(ok, embedder=embedder, store=store, summary=summary)
+                bar.update(len(items))
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(
+                    indexed=summary.indexed,
+                    failed=summary.failed,
+                    emb_per_s=f"{summary.embedded / elapsed:.1f}",
                 )
-                created = sum(result.created for result in results)
-                summary.indexed += created
-                # The same content twice in one run: the second copy maps to the first id.
-                summary.already_present += len(results) - created
-            bar.update(len(items))
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(
-                indexed=summary.indexed, failed=summary.failed, emb_per_s=f"{summary.embedded / elapsed:.1f}"
-            )
     finally:
-        torch.set_num_threads(threads)
         bar.close()
         if report is not None:
             report.close()
     summary.seconds = time.perf_counter() - started
     summary.report = str(report_path) if report_path is not None else None
     return summary
+
+
+def _loader(
+    files: Sequence[Path],
+    *,
+    embedder: Embedder,
+    known_sha256: frozenset[str],
+    limits: ImageLimits,
+    batch_size: int,
+    workers: int,
+    gpu_decode: bool,
+) -> DataLoader[_Item]:
+    """Batches of prepared files (lists of :class:`_Item`), read and decoded in ``workers`` processes."""
+    prepare = functools.partial(
+        prepare_file,
+        transform=embedder.transform,
+        limits=limits,
+        decode_size=embedder.decode_size,
+        known_sha256=known_sha256,
+        gpu_decode=gpu_decode,
+    )
+    return DataLoader(
+        _FileDataset(files, prepare),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=2 if workers > 0 else None,
+        pin_memory=False,
+    )
+
+
+@contextmanager
+def _model_threads(embedder: Embedder, *, workers: int) -> Iterator[None]:
+    """On CPU with decode workers, fewer torch threads for the run; restored after it."""
+    threads = torch.get_num_threads()
+    if embedder.device.type == "cpu" and workers > 0:
+        # Leave the decode workers their cores: oneDNN's threads spin while they wait, so a model
+        # thread sharing a core with a decoder slows both (measured: 1.5x faster end to end on 2 cores
+        # with one worker and one model thread than with two model threads).
+        torch.set_num_threads(max(1, _cpu_count() - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tally_skipped(items: Sequence[_Item], summary: IndexSummary, report: IO[str] | None) -> None:
+    """Count the files already in the store; count, log and report the failed ones (written and
+    flushed as they come, so a killed run's report still lists what it saw)."""
+    for item in items:
+        if item.status == "present":
+            summary.already_present += 1
+        elif item.status == "failed":
+            summary.failed += 1
+            failure = {"path": item.path, "code": item.code, "reason": item.reason}
+            summary.failures.append(failure)
+            log.warning("skipped %s: %s (%s)", item.path, item.reason, item.code)
+            if report is not None:
+                report.write(json.dumps(failure) + "\n")
+                report.flush()
+
+
+def _embed_and_add(
+    ok: Sequence[_Item], *, embedder: Embedder, store: ImageStore, summary: IndexSummary
+) -> None:
+    """Embed one batch of decoded files and commit it to the store."""
+    # Tensors may differ in size (full-image mode): the embedder batches equal shapes.
+    vectors = embedder.embed_tensors([item.tensor for item in ok if item.tensor is not None])
+    summary.embedded += len(ok)
+    results = store.add(
+        vectors,
+        [
+            NewImage(
+                sha256=item.sha256,
+                source=item.path,
+                width=item.width,
+                height=item.height,
+                nbytes=item.nbytes,
+                thumbnail=item.thumbnail,
+            )
+            for item in ok
+        ],
+    )
+    created = sum(result.created for result in results)
+    summary.indexed += created
+    # The same content twice in one run: the second copy maps to the first id.
+    summary.already_present += len(results) - created
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -426,7 +464,7 @@ def input_paths(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Run the indexer from parsed CLI arguments; returns the process exit code."""
     from deepfeat.runtime import build_embedder, image_limits, open_store
-    from deepfeat.scripts.cli_common import echo, settings_from_args
+    from deepfeat.scripts.cli_common import settings_from_args
 
     if not args.paths and getattr(args, "from_list", None) is None:
         sys.stderr.write("error [no_inputs]: give image files/folders, or --from-list FILE\n")
@@ -458,14 +496,22 @@ def run(args: argparse.Namespace) -> int:
             gpu_decode=getattr(args, "gpu_decode", None),
         )
         total = store.count
+    echo_summary(summary, total=total, report_path=report_path)
+    return 0
+
+
+def echo_summary(summary: IndexSummary, *, total: int, report_path: Path, detail: str = "") -> None:
+    """The closing lines of ``deepfeat index``, either engine (``bench ray`` reads its figures from the
+    first); ``detail`` goes after the embedding rate."""
+    from deepfeat.scripts.cli_common import echo
+
     echo(
         f"indexed {summary.indexed}, already present {summary.already_present}, failed {summary.failed} "
-        f"of {summary.files} files in {summary.seconds:.1f}s ({summary.images_per_s:.1f} images/s embedded); "
-        f"store now holds {total} images"
+        f"of {summary.files} files in {summary.seconds:.1f}s ({summary.images_per_s:.1f} images/s embedded"
+        f"{detail}); store now holds {total} images"
     )
     if summary.failed:
         echo(f"failures listed in {report_path}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,7 +47,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,6 +59,7 @@ from deepfeat.models.images import ImageLimits
 from deepfeat.scripts.index_images import (
     DEFAULT_EXTENSIONS,
     IndexSummary,
+    echo_summary,
     extensions_from,
     iter_image_files,
     prepare_file,
@@ -450,9 +451,17 @@ def _probe(address: str, *, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or exc})") from None
 
 
-def _plan_resources(
-    ray: Any, *, device: str, actors: int | None, actor_cpus: int
-) -> tuple[str, int, dict[str, Any], int]:
+class _Plan(NamedTuple):
+    device: str
+    """The actors' device: cpu or cuda."""
+    actors: int
+    resources: dict[str, Any]
+    """Ray resources per actor."""
+    decode_cpus: int
+    """CPUs per decode task."""
+
+
+def _plan_resources(ray: Any, *, device: str, actors: int | None, actor_cpus: int) -> _Plan:
     """(actor device, number of actors, Ray resources per actor, CPUs per decode task).
 
     CPU actors: as many as the CPUs allow, each with ``actor_cpus`` torch threads; the decode tasks ask
@@ -483,11 +492,11 @@ def _plan_resources(
             )
         if n > gpus:
             log.warning("%d actors but %d GPUs: the others wait for GPUs (an autoscaler's)", n, gpus)
-        return "cuda", n, {"num_gpus": 1, "num_cpus": actor_cpus}, 1
+        return _Plan("cuda", n, {"num_gpus": 1, "num_cpus": actor_cpus}, 1)
     n = actors or max(1, cpus // actor_cpus)
     if n * actor_cpus > cpus:
         log.warning("%d actors x %d CPUs but %d CPUs: the others wait for CPUs", n, actor_cpus, cpus)
-    return "cpu", n, {"num_cpus": actor_cpus}, actor_cpus
+    return _Plan("cpu", n, {"num_cpus": actor_cpus}, actor_cpus)
 
 
 def index_paths_ray(
@@ -535,111 +544,40 @@ def index_paths_ray(
         InvalidOptionError: bad actor/shard options, or CUDA asked for on a cluster without GPUs.
         JobRunningError: another process runs the same job now.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import ray
-    from tqdm import tqdm
 
     if shard_size < 1:
         raise InvalidOptionError(f"--shard-size must be >= 1, got {shard_size}")
     if batch_size < 1:
         raise InvalidOptionError(f"--batch-size must be >= 1, got {batch_size}")
     started = time.perf_counter()
-    actor_device, n_actors, actor_resources, decode_cpus = _plan_resources(
-        ray, device=device, actors=actors, actor_cpus=actor_cpus
-    )
+    plan = _plan_resources(ray, device=device, actors=actors, actor_cpus=actor_cpus)
     files = list(iter_image_files(paths, extensions=extensions))
     key = job_key(files, fingerprint=embedder.fingerprint, limits=limits)
     summary = RayIndexSummary(files=len(files), job=key)
     job_dir = store.data_dir / JOBS_DIR / key
     job_dir.mkdir(parents=True, exist_ok=True)
     with _job_lock(job_dir):
-        for stale in job_dir.glob("*.tmp-*"):  # a killed run's half-written shard
-            stale.unlink(missing_ok=True)
-        done = shard_paths(job_dir)
-        todo = [(i, str(path)) for i, path in enumerate(files) if str(path) not in done]
+        todo = _left_to_do(job_dir, files)
         summary.reused = len(files) - len(todo)
         log.info(
             "ray job %s: %d files, %d already in shards, %d actors on %s",
             key,
             len(files),
             summary.reused,
-            n_actors,
-            actor_device,
+            plan.actors,
+            plan.device,
         )
         if todo:
-            schema = _shard_schema(embedder.dim, embedder.fingerprint)
-            known_ref = ray.put(SortedDigests.build(store.known_sha256()).array)
-            block_rows = max(batch_size, math.ceil(len(todo) / _MAX_BLOCKS))
-            blocks = [
-                pa.table(
-                    {
-                        "index": pa.array([i for i, _ in todo[s : s + block_rows]], pa.int64()),
-                        "path": pa.array([p for _, p in todo[s : s + block_rows]], pa.string()),
-                    }
-                )
-                for s in range(0, len(todo), block_rows)
-            ]
-            ds: Any = ray.data.from_arrow(blocks)  # Ray Data's stubs do not type map_batches with kwargs
-            ds = ds.map_batches(
-                decode_batch,
-                batch_size=None,  # one block = one task
-                fn_kwargs={
-                    "transform": embedder.transform,
-                    "limits": limits,
-                    "decode_size": embedder.decode_size,
-                    "known_ref": known_ref,
-                },
-                num_cpus=decode_cpus,
-                udf_modifying_row_count=False,
-            )
-            ds = ds.map_batches(
-                EmbedderActor,
-                batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=n_actors),
-                fn_constructor_kwargs={
-                    "options": embedder_options,
-                    "device": actor_device,
-                    "precision": precision,
-                    "fingerprint": embedder.fingerprint,
-                    "threads": actor_cpus,
-                    "compile": compile,
-                },
-                udf_modifying_row_count=False,
-                **actor_resources,
-            )
-            # Rows come back in listing order, so shards are contiguous runs of the listing and the
-            # commit adds in the local indexer's order (the first of two identical files wins).
-            ds.context.execution_options.preserve_order = True
-            ds.context.enable_progress_bars = False
-            bar = tqdm(
-                total=len(files),
-                initial=summary.reused,
-                unit="img",
-                disable=not progress,
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-            pending: list[Any] = []
-            pending_rows = 0
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                    table = batch.select([*_COLUMNS, "vector"]).cast(schema)
-                    if not summary.startup_s:
-                        summary.startup_s = time.perf_counter() - started
-                    summary.embedded += int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
-                    pending.append(table)
-                    pending_rows += table.num_rows
-                    bar.update(table.num_rows)
-                    while pending_rows >= shard_size:
-                        merged = pa.concat_tables(pending)
-                        _write_shard(job_dir, merged.slice(0, shard_size))
-                        rest = merged.slice(shard_size)
-                        pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-                if pending_rows:
-                    _write_shard(job_dir, pa.concat_tables(pending))
-            finally:
-                bar.close()
+            ds = _pipeline(
+                ray, todo, embedder=embedder, embedder_options=embedder_options, limits=limits,
+                known=store.known_sha256(), plan=plan, precision=precision, compile=compile,
+                batch_size=batch_size, actor_cpus=actor_cpus,
+            )  # fmt: skip
+            _write_shards(
+                ds, job_dir, embedder=embedder, summary=summary, shard_size=shard_size,
+                started=started, progress=progress,
+            )  # fmt: skip
         commit_shards(job_dir, store, summary=summary, report_path=report_path)
         if not keep_shards:
             # Under the lock: a second run of the same job cannot start between commit and removal.
@@ -652,10 +590,132 @@ def index_paths_ray(
     return summary
 
 
+def _left_to_do(job_dir: Path, files: Sequence[Path]) -> list[tuple[int, str]]:
+    """(listing index, path) of the files the job's shards do not hold yet; a killed run's
+    half-written shard is removed first."""
+    for stale in job_dir.glob("*.tmp-*"):
+        stale.unlink(missing_ok=True)
+    done = shard_paths(job_dir)
+    return [(i, str(path)) for i, path in enumerate(files) if str(path) not in done]
+
+
+def _pipeline(
+    ray: Any,
+    todo: Sequence[tuple[int, str]],
+    *,
+    embedder: Embedder,
+    embedder_options: dict[str, Any],
+    limits: ImageLimits,
+    known: set[str],
+    plan: _Plan,
+    precision: str,
+    compile: bool,
+    batch_size: int,
+    actor_cpus: int,
+) -> Any:
+    """The Ray Data pipeline: listing blocks -> decode tasks -> the embedder actor pool, in order.
+
+    ``known``: the store's content hashes (files with one of them are skipped, not decoded); the
+    other arguments as :func:`index_paths_ray`'s.
+    """
+    import pyarrow as pa
+
+    known_ref = ray.put(SortedDigests.build(known).array)
+    block_rows = max(batch_size, math.ceil(len(todo) / _MAX_BLOCKS))
+    blocks = [
+        pa.table(
+            {
+                "index": pa.array([i for i, _ in todo[s : s + block_rows]], pa.int64()),
+                "path": pa.array([p for _, p in todo[s : s + block_rows]], pa.string()),
+            }
+        )
+        for s in range(0, len(todo), block_rows)
+    ]
+    ds: Any = ray.data.from_arrow(blocks)  # Ray Data's stubs do not type map_batches with kwargs
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=None,  # one block = one task
+        fn_kwargs={
+            "transform": embedder.transform,
+            "limits": limits,
+            "decode_size": embedder.decode_size,
+            "known_ref": known_ref,
+        },
+        num_cpus=plan.decode_cpus,
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        EmbedderActor,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        fn_constructor_kwargs={
+            "options": embedder_options,
+            "device": plan.device,
+            "precision": precision,
+            "fingerprint": embedder.fingerprint,
+            "threads": actor_cpus,
+            "compile": compile,
+        },
+        udf_modifying_row_count=False,
+        **plan.resources,
+    )
+    # Rows come back in listing order, so shards are contiguous runs of the listing and the
+    # commit adds in the local indexer's order (the first of two identical files wins).
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def _write_shards(
+    ds: Any,
+    job_dir: Path,
+    *,
+    embedder: Embedder,
+    summary: RayIndexSummary,
+    shard_size: int,
+    started: float,
+    progress: bool,
+) -> None:
+    """Run the pipeline and write what comes back as shards of ``shard_size`` rows (the last smaller)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from tqdm import tqdm
+
+    schema = _shard_schema(embedder.dim, embedder.fingerprint)
+    bar = tqdm(
+        total=summary.files,
+        initial=summary.reused,
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    pending: list[Any] = []
+    pending_rows = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            table = batch.select([*_COLUMNS, "vector"]).cast(schema)
+            if not summary.startup_s:
+                summary.startup_s = time.perf_counter() - started
+            summary.embedded += int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
+            pending.append(table)
+            pending_rows += table.num_rows
+            bar.update(table.num_rows)
+            while pending_rows >= shard_size:
+                merged = pa.concat_tables(pending)
+                _write_shard(job_dir, merged.slice(0, shard_size))
+                rest = merged.slice(shard_size)
+                pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        if pending_rows:
+            _write_shard(job_dir, pa.concat_tables(pending))
+    finally:
+        bar.close()
+
+
 def run(args: argparse.Namespace, paths: Sequence[str]) -> int:
     """``deepfeat index --engine ray``: returns the process exit code."""
     from deepfeat.runtime import embedder_config, image_limits, open_store
-    from deepfeat.scripts.cli_common import echo, settings_from_args
+    from deepfeat.scripts.cli_common import settings_from_args
 
     try:
         ray = import_ray()
@@ -698,12 +758,6 @@ def run(args: argparse.Namespace, paths: Sequence[str]) -> int:
             if started:
                 ray.shutdown()
         total = store.count
-    echo(
-        f"indexed {summary.indexed}, already present {summary.already_present}, failed {summary.failed} "
-        f"of {summary.files} files in {summary.seconds:.1f}s ({summary.images_per_s:.1f} images/s embedded, "
-        f"{summary.reused} from an earlier run's shards; first batch after {summary.startup_s:.1f}s); "
-        f"store now holds {total} images"
-    )
-    if summary.failed:
-        echo(f"failures listed in {report_path}")
+    detail = f", {summary.reused} from an earlier run's shards; first batch after {summary.startup_s:.1f}s"
+    echo_summary(summary, total=total, report_path=report_path, detail=detail)
     return 0
