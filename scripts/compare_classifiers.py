@@ -27,6 +27,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,6 @@ from deepfeat.models.heads import (
     LinearConfig,
     TrainingDataError,
     evaluate,
-    fine_tune,
-    finetuned_probabilities,
     knn_vote,
     stratified_split,
     train_linear,
@@ -49,9 +48,11 @@ from deepfeat.models.heads import (
 from deepfeat.runtime import build_embedder, image_limits
 from deepfeat.scripts.cli_common import add_common_arguments, echo, settings_from_args
 from deepfeat.scripts.train_classifier import (
+    Dataset,
     check_class_sizes,
     dataset_features,
     dataset_images,
+    finetune_on_split,
     render_confusion_png,
     scan_class_folders,
 )
@@ -181,84 +182,140 @@ def compare(
     finetune = finetune or FineTuneConfig()
     dataset = scan_class_folders(folder, min_per_class=2)
     embedder = embedder or build_embedder(settings)
-    limits = image_limits(settings)
-    # Decode first so every method sees exactly the same usable files.
-    dataset, pictures = dataset_images(dataset, limits=limits, draft=embedder.decode_size, skip_bad=True)
-    check_class_sizes(dataset, 2)
-    classes = dataset.classes
-    y = np.asarray(dataset.labels, dtype=np.int64)
-    features = None
-    if "linear" in methods or "knn" in methods:
-        dataset, features, _stats = dataset_features(
-            dataset, embedder, data_dir=Path(settings.data_dir), limits=limits, progress=progress
-        )
-    groups = imagenet_groups(imagenet_map, classes) if "imagenet" in methods else None
-    imagenet_all: tuple[np.ndarray, np.ndarray] | None = None
-    if groups is not None:
-        imagenet_all = _imagenet_scores(embedder, pictures, groups, classes)
-    crop_features = None
-    if "linear-crop" in methods:
-        # Layer k=1 (penultimate) of the 224 px centre crop: what FineTunedNet's head sees.
-        crop = embedder.variant(layer=1, pooling="none", resize_mode="crop", scales=(1.0,))
-        _, crop_features, _ = dataset_features(
-            dataset, crop, data_dir=Path(settings.data_dir), limits=limits, progress=progress
-        )
+    inputs = _prepare(
+        dataset, embedder, settings, methods=methods, imagenet_map=imagenet_map, progress=progress
+    )
+    classes, y = inputs.dataset.classes, inputs.y
     device = resolve_device(settings.device)
 
-    results: dict[str, dict[str, Any]] = {m: {"runs": []} for m in methods if m != "imagenet" or groups}
+    results: dict[str, dict[str, Any]] = {
+        m: {"runs": []} for m in methods if m != "imagenet" or inputs.groups
+    }
     for r in range(repeats):
         split_seed = seed + r
         train_idx, test_idx = stratified_split(y, test_fraction, seed=split_seed)
         for method in results:
             started = time.perf_counter()
-            extra: dict[str, Any] = {}
-            if method == "linear" and features is not None:
-                head, log_ = train_linear(
-                    features[train_idx], y[train_idx], classes, LinearConfig(seed=split_seed)
-                )
-                probs = head.probabilities(features[test_idx])
-                extra = {"l2_strength": log_.best_step}
-            elif method == "linear-crop" and crop_features is not None:
-                head, log_ = train_linear(
-                    crop_features[train_idx], y[train_idx], classes, LinearConfig(seed=split_seed)
-                )
-                probs = head.probabilities(crop_features[test_idx])
-                extra = {"l2_strength": log_.best_step}
-            elif method == "knn" and features is not None:
-                probs = _knn_probabilities(
-                    features[train_idx], y[train_idx], features[test_idx], classes, neighbours
-                )
-                extra = {"neighbours": neighbours}
-            elif method == "finetune":
-                config = FineTuneConfig(**{**finetune.__dict__, "seed": split_seed})
-
-                def bar(epoch: int, n: int, r: int = r) -> Any:
-                    return tqdm(total=n, desc=f"fine-tune split {r + 1} epoch {epoch}", disable=not progress)
-
-                net, log_ = fine_tune(
-                    embedder.spec,
-                    embedder.backbone,
-                    [pictures[i] for i in train_idx],
-                    y[train_idx],
-                    classes,
-                    config=config,
-                    device=device,
-                    progress=bar,
-                )
-                probs = finetuned_probabilities(
-                    net, [pictures[i] for i in test_idx], embedder.classify_transform, device=device
-                )
-                extra = {"best_epoch": log_.best_step, "unfrozen": log_.extra["unfrozen"]}
-                del net
-            elif method == "imagenet" and imagenet_all is not None:  # nothing to train
-                probs = imagenet_all[0][test_idx]
-                extra = {"top1_in_mapping": round(float(imagenet_all[1][test_idx].mean()), 4)}
-            else:  # pragma: no cover - every method's inputs are prepared above
-                raise TrainingDataError(f"method {method!r} has no inputs")
+            probs, extra = _run_method(
+                method, inputs, train_idx, test_idx, split=r, seed=split_seed, embedder=embedder,
+                neighbours=neighbours, finetune=finetune, device=device, progress=progress,
+            )  # fmt: skip
             metrics = evaluate(y[test_idx], probs, classes)
             metrics.update(extra, seconds=round(time.perf_counter() - started, 2), seed=split_seed)
             results[method]["runs"].append(metrics)
             log.info("split %d %s: accuracy %.4f", r + 1, method, metrics["accuracy"])
+    _summarise_runs(results)
+    return {
+        "data": str(Path(folder).resolve()),
+        "classes": classes,
+        "counts": inputs.dataset.counts(),
+        "test_fraction": test_fraction,
+        "repeats": repeats,
+        "seed": seed,
+        "test_images_per_split": int(len(stratified_split(y, test_fraction, seed=seed)[1])),
+        "embedder": embedder.fingerprint,
+        "imagenet_map": inputs.groups,
+        "finetune": finetune.__dict__,
+        "methods": results,
+    }
+
+
+@dataclass
+class _Inputs:
+    """What every method runs on: the usable files (decoded once, so every method sees the same ones),
+    their labels, and what each requested method needs prepared for all of them."""
+
+    dataset: Dataset
+    pictures: list[Image.Image]
+    y: np.ndarray
+    features: np.ndarray | None = None
+    """The store's embedder's features (linear, knn)."""
+    crop_features: np.ndarray | None = None
+    """Penultimate layer of the 224 px centre crop (linear-crop)."""
+    groups: dict[str, list[int]] | None = None
+    """ImageNet indices per class (imagenet; None when no mapping applies)."""
+    imagenet: tuple[np.ndarray, np.ndarray] | None = None
+    """:func:`_imagenet_scores` of every image."""
+
+
+def _prepare(
+    dataset: Dataset,
+    embedder: Embedder,
+    settings: Any,
+    *,
+    methods: Sequence[str],
+    imagenet_map: str,
+    progress: bool,
+) -> _Inputs:
+    limits = image_limits(settings)
+    # Decode first so every method sees exactly the same usable files.
+    dataset, pictures = dataset_images(dataset, limits=limits, draft=embedder.decode_size, skip_bad=True)
+    check_class_sizes(dataset, 2)
+    inputs = _Inputs(dataset, pictures, np.asarray(dataset.labels, dtype=np.int64))
+    data_dir = Path(settings.data_dir)
+    if "linear" in methods or "knn" in methods:
+        inputs.dataset, inputs.features, _stats = dataset_features(
+            dataset, embedder, data_dir=data_dir, limits=limits, progress=progress
+        )
+    if "imagenet" in methods:
+        inputs.groups = imagenet_groups(imagenet_map, dataset.classes)
+    if inputs.groups is not None:
+        inputs.imagenet = _imagenet_scores(embedder, pictures, inputs.groups, dataset.classes)
+    if "linear-crop" in methods:
+        # Layer k=1 (penultimate) of the 224 px centre crop: what FineTunedNet's head sees.
+        crop = embedder.variant(layer=1, pooling="none", resize_mode="crop", scales=(1.0,))
+        _, inputs.crop_features, _ = dataset_features(
+            inputs.dataset, crop, data_dir=data_dir, limits=limits, progress=progress
+        )
+    return inputs
+
+
+def _run_method(
+    method: str,
+    inputs: _Inputs,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    *,
+    split: int,
+    seed: int,
+    embedder: Embedder,
+    neighbours: int,
+    finetune: FineTuneConfig,
+    device: Any,
+    progress: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train ``method`` on one split (``split``-th, seeded ``seed``); its held-out probabilities and the
+    figures it adds to the metrics."""
+    classes, y = inputs.dataset.classes, inputs.y
+    features = {"linear": inputs.features, "linear-crop": inputs.crop_features}.get(method)
+    if features is not None:
+        head, log_ = train_linear(features[train_idx], y[train_idx], classes, LinearConfig(seed=seed))
+        return head.probabilities(features[test_idx]), {"l2_strength": log_.best_step}
+    if method == "knn" and inputs.features is not None:
+        probs = _knn_probabilities(
+            inputs.features[train_idx], y[train_idx], inputs.features[test_idx], classes, neighbours
+        )
+        return probs, {"neighbours": neighbours}
+    if method == "finetune":
+
+        def bar(epoch: int, n: int) -> Any:
+            return tqdm(total=n, desc=f"fine-tune split {split + 1} epoch {epoch}", disable=not progress)
+
+        _net, log_, scored = finetune_on_split(
+            embedder, inputs.pictures, y, classes, train_idx, test_idx,
+            config=FineTuneConfig(**{**finetune.__dict__, "seed": seed}), device=device, progress=bar,
+        )  # fmt: skip
+        if scored is None:
+            raise TrainingDataError("no held-out images to score: --test-fraction must be above 0")
+        return scored, {"best_epoch": log_.best_step, "unfrozen": log_.extra["unfrozen"]}
+    if method == "imagenet" and inputs.imagenet is not None:  # nothing to train
+        scores, mapped = inputs.imagenet
+        return scores[test_idx], {"top1_in_mapping": round(float(mapped[test_idx].mean()), 4)}
+    raise TrainingDataError(f"method {method!r} has no inputs")  # pragma: no cover - _prepare made them
+
+
+def _summarise_runs(results: dict[str, dict[str, Any]]) -> None:
+    """Mean and spread of each method's metrics over the repeats; its confusion matrices summed."""
     for entry in results.values():
         runs = entry["runs"]
         for key in ("accuracy", "balanced_accuracy", "top2_accuracy"):
@@ -268,19 +325,6 @@ def compare(
                 entry[f"{key}_std"] = round(float(np.std(values)), 4)
         entry["seconds_mean"] = round(float(np.mean([run["seconds"] for run in runs])), 2)
         entry["confusion"] = np.sum([run["confusion"] for run in runs], axis=0).tolist()
-    return {
-        "data": str(Path(folder).resolve()),
-        "classes": classes,
-        "counts": dataset.counts(),
-        "test_fraction": test_fraction,
-        "repeats": repeats,
-        "seed": seed,
-        "test_images_per_split": int(len(stratified_split(y, test_fraction, seed=seed)[1])),
-        "embedder": embedder.fingerprint,
-        "imagenet_map": groups,
-        "finetune": finetune.__dict__,
-        "methods": results,
-    }
 
 
 _DESCRIPTIONS = {

