@@ -66,10 +66,12 @@ the retrieval defaults (last conv block, GeM, full image, 3 scales) have their o
 
 @pytest.fixture(scope="session")
 def lite0():
-    """The default model with its real bundled ImageNet weights, loaded once per test session."""
+    """The default model with its real bundled ImageNet weights, loaded once per test session, in fp32
+    (tests compare its vectors with other paths at cosine 0.999; ``auto`` would be bf16 on a CPU with
+    native bf16)."""
     from deepfeat.models.embedder import Embedder
 
-    return Embedder("efficientnet_lite0", device="cpu", **FAST_EMBEDDER)
+    return Embedder("efficientnet_lite0", device="cpu", precision="fp32", **FAST_EMBEDDER)
 
 
 @pytest.fixture(scope="session")
