@@ -1,22 +1,16 @@
-"""``deepfeat serve`` as a real subprocess (for SIGKILL, RSS and open-file measurements), and an in-process
-uvicorn runner for an app object the test has adjusted."""
+"""``deepfeat serve`` as a real subprocess (for SIGKILL, RSS and open-file measurements). The in-process
+runners (:func:`~tests.app.live.run_app`, :func:`~tests.app.live.live_server`) are in ``tests.app.live``."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import httpx
-import uvicorn
-
-from tests.app.live import free_port
+from tests.app.live import free_port, wait_ready
 
 DEEPFEAT = str(Path(sys.executable).with_name("deepfeat"))
 
@@ -26,21 +20,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPFEAT_")}
     env.update({"OMP_NUM_THREADS": "2", **extra})
     return env
-
-
-def wait_ready(base: str, *, alive: Any = None, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if alive is not None:
-            alive()
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server on {base} did not become ready in {timeout:.0f} s")
-        time.sleep(0.1)
 
 
 @contextmanager
@@ -71,22 +50,6 @@ def served(
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
-
-
-@contextmanager
-def run_app(app: Any, **config: Any) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a thread on a loopback port; yields the base URL once ready."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, timeout=60)
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def proc_status(pid: int) -> tuple[int, int]:

@@ -33,7 +33,8 @@ from deepfeat.app.main import create_app
 from deepfeat.app.middleware import BodyLimitMiddleware
 from deepfeat.settings import Settings
 from tests.app import hostile as h
-from tests.app.serve_proc import proc_status, run_app, served
+from tests.app.live import run_app
+from tests.app.serve_proc import proc_status, served
 
 pytestmark = pytest.mark.slow
 

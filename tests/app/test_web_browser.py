@@ -11,20 +11,16 @@ import io
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
-from deepfeat.app.main import create_app
 from deepfeat.settings import Settings
+from tests.app.live import live_server
 
 pytestmark = pytest.mark.browser
 
@@ -79,12 +75,6 @@ def _photos() -> dict[str, bytes]:
     return photos
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def photo_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("browser-photos")
@@ -101,30 +91,7 @@ def server(
 ) -> Iterator[dict[str, Any]]:
     """The real app under uvicorn in a thread, with the photos indexed through the API."""
     settings = Settings(data_dir=tmp_path_factory.mktemp("browser") / "data", workers=0, api_key=API_KEY)
-    port = _free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=srv.run, name="deepfeat-uvicorn", daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 45
-        last = "no answer"
-        while True:
-            if not thread.is_alive():
-                pytest.fail(f"the server exited before it was ready ({last})", pytrace=False)
-            try:
-                resp = httpx.get(f"{base}/ready", timeout=2)
-                if resp.status_code == 200:
-                    break
-                last = f"{resp.status_code} {resp.text}"
-            except httpx.TransportError as exc:
-                last = repr(exc)
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready in 45 s: {last}", pytrace=False)
-            time.sleep(0.1)
-
+    with live_server(settings, ready_timeout=45) as base:
         ids = {}
         with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}, timeout=30) as client:
             for name, path in photo_files.items():
@@ -136,9 +103,6 @@ def server(
                 assert resp.status_code == 201, resp.text
                 ids[name] = resp.json()["id"]
         yield {"base": base, "ids": ids}
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")

@@ -179,11 +179,8 @@ def test_bank_vectors_are_the_embedders(
     bank) gives what an Embedder built with the configuration's options returns from ``embed``."""
     from deepfeat.models.embedder import Embedder
 
-    images = []
-    for name in ("chelsea", "rocket", "astronaut"):  # landscape, portrait, square
-        small = photos[name].copy()
-        small.thumbnail((300, 300))
-        images.append(small)
+    landscape_portrait_square = ("chelsea", "rocket", "astronaut")
+    images = [_small(photos[name], 300) for name in landscape_portrait_square]
     # other rows of the same passes: the bank must pool each of them apart from cfg's
     siblings = [
         ev.Config(cfg.model, layer, pooling, "none", cfg.scales, cfg.resize_mode, cfg.max_side)
@@ -248,14 +245,28 @@ SMALL_GRID = [
 ]
 
 
+def _small(photo: Image.Image, side: int) -> Image.Image:
+    """A copy at most ``side`` px on its longer side."""
+    small = photo.copy()
+    small.thumbnail((side, side))
+    return small
+
+
+def _originals(folder: Path, photos: dict[str, Image.Image], side: int) -> Path:
+    """Each photo, at most ``side`` px, as ``folder/<name>.png``."""
+    folder.mkdir()
+    for name, img in photos.items():
+        _small(img, side).save(folder / f"{name}.png")
+    return folder
+
+
 def test_category_run_on_real_photos(
     tmp_path: Path, photos: dict[str, Image.Image], bank: ev.FeatureBank, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = tmp_path / "classes"
     for name in ("chelsea", "coffee", "rocket", "astronaut"):
         (root / name).mkdir(parents=True)
-        small = photos[name].copy()
-        small.thumbnail((320, 320))
+        small = _small(photos[name], 320)
         for j in range(3):
             _augment(small, seed=j).save(root / name / f"{j}.jpg", quality=90)
     out_json, out_png = tmp_path / "cat.json", tmp_path / "cat.png"
@@ -284,12 +295,7 @@ def test_category_run_on_real_photos(
 def test_copy_run_finds_the_original_of_mild_copies(
     tmp_path: Path, photos: dict[str, Image.Image], bank: ev.FeatureBank, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    originals = tmp_path / "originals"
-    originals.mkdir()
-    for name, img in photos.items():
-        small = img.copy()
-        small.thumbnail((400, 400))
-        small.save(originals / f"{name}.png")
+    originals = _originals(tmp_path / "originals", photos, 400)
     out_json = tmp_path / "copy.json"
     rc = ev.main(
         [
@@ -318,12 +324,7 @@ def test_copy_run_finds_the_original_of_mild_copies(
 def test_whitening_rows_run_and_report_their_dimension(
     tmp_path: Path, photos: dict[str, Image.Image], bank: ev.FeatureBank
 ) -> None:
-    originals = tmp_path / "o"
-    originals.mkdir()
-    for name, img in photos.items():
-        small = img.copy()
-        small.thumbnail((256, 256))
-        small.save(originals / f"{name}.png")
+    originals = _originals(tmp_path / "o", photos, 256)
     configs = [
         ev.Config("efficientnet_lite0", "head", "gem", "none"),
         ev.Config("efficientnet_lite0", "head", "gem", "auto"),

@@ -17,7 +17,7 @@ from deepfeat.index.store import ImageStore
 from deepfeat.models.embedder import Embedder
 from deepfeat.models.errors import ImageError
 from deepfeat.models.images import ImageLimits, load_image
-from deepfeat.scripts.index_images import index_paths, iter_image_files
+from deepfeat.scripts.index_images import IndexSummary, index_paths, iter_image_files
 from tests.conftest import jpeg_bytes
 
 
@@ -64,6 +64,29 @@ def _open(tmp_path: Path, embedder: Embedder) -> ImageStore:
     return ImageStore.open(tmp_path / "data", fingerprint=embedder.fingerprint, dim=embedder.dim)
 
 
+def _index(
+    folder: Path,
+    store: ImageStore,
+    embedder: Embedder,
+    *,
+    workers: int,
+    report: Path | None,
+    gpu_decode: bool | None = None,
+) -> IndexSummary:
+    """``folder`` into ``store`` in batches of 4, with the service's default limits, no progress bar."""
+    return index_paths(
+        [folder],
+        embedder=embedder,
+        store=store,
+        limits=ImageLimits(),
+        batch_size=4,
+        workers=workers,
+        report_path=report,
+        progress=False,
+        gpu_decode=gpu_decode,
+    )
+
+
 def test_walk_is_recursive_sorted_and_filtered(messy_dir: Path) -> None:
     files = list(iter_image_files([messy_dir], extensions=frozenset({".jpg", ".png"})))
     names = [f.name for f in files]
@@ -83,18 +106,8 @@ def test_index_skips_bad_files_reports_them_and_resumes(
     tmp_path: Path, messy_dir: Path, lite0: Embedder, photos: dict[str, Image.Image]
 ) -> None:
     report = tmp_path / "report.jsonl"
-    limits = ImageLimits()
     with _open(tmp_path, lite0) as store:
-        summary = index_paths(
-            [messy_dir],
-            embedder=lite0,
-            store=store,
-            limits=limits,
-            batch_size=4,
-            workers=2,
-            report_path=report,
-            progress=False,
-        )
+        summary = _index(messy_dir, store, lite0, workers=2, report=report)
         assert summary.files == len(photos) + 4
         assert summary.indexed == len(photos)
         assert summary.already_present == 1  # the copy of chelsea maps to the first id
@@ -118,16 +131,7 @@ def test_index_skips_bad_files_reports_them_and_resumes(
 
     # Re-run: nothing is decoded or embedded again.
     with _open(tmp_path, lite0) as store:
-        again = index_paths(
-            [messy_dir],
-            embedder=lite0,
-            store=store,
-            limits=limits,
-            batch_size=4,
-            workers=0,
-            report_path=None,
-            progress=False,
-        )
+        again = _index(messy_dir, store, lite0, workers=0, report=None)
         assert (again.indexed, again.embedded, again.failed) == (0, 0, 3)
         assert again.already_present == len(photos) + 1
         after = [
@@ -148,21 +152,11 @@ def test_a_store_refuses_another_layer(tmp_path: Path, photo_dir: Path, lite0: E
 
 
 def _index_into(
-    data_dir: Path, folder: Path, embedder: Embedder, *, gpu_decode: bool
+    data_dir: Path, folder: Path, embedder: Embedder, *, gpu_decode: bool | None
 ) -> tuple[ImageStore, dict[str, str]]:
     store = ImageStore.open(data_dir, fingerprint=embedder.fingerprint, dim=embedder.dim)
     report = data_dir / "report.jsonl"
-    index_paths(
-        [folder],
-        embedder=embedder,
-        store=store,
-        limits=ImageLimits(),
-        batch_size=4,
-        workers=1,
-        report_path=report,
-        progress=False,
-        gpu_decode=gpu_decode,
-    )
+    _index(folder, store, embedder, workers=1, report=report, gpu_decode=gpu_decode)
     failures = {Path(f["path"]).name: f["code"] for f in map(json.loads, report.read_text().splitlines())}
     return store, failures
 
@@ -173,7 +167,7 @@ def test_device_decode_path_gives_the_same_index_as_the_worker_path(
     """``gpu_decode``: workers only probe JPEGs and the model's device decodes them (nvJPEG on CUDA;
     torchvision's libjpeg here, so this path runs without a GPU). Same files, same failures, same
     vectors and sizes as the worker decode, and a file only a decoder finds broken still fails as corrupt."""
-    from tests.models.test_images import without_jpeg_segment
+    from tests.models.image_helpers import without_jpeg_segment
 
     (messy_dir / "no-tables.jpg").write_bytes(
         without_jpeg_segment(next(messy_dir.rglob("coffee.jpg")).read_bytes(), 0xDB)
@@ -202,7 +196,7 @@ def test_device_decode_path_gives_the_same_index_as_the_worker_path(
 
 def test_a_file_the_device_decoder_refuses_fails_with_the_cpu_loaders_code(lite0: Embedder) -> None:
     from deepfeat.scripts.index_images import _decode_on_gpu, _Item
-    from tests.models.test_images import NOT_A_SCAN
+    from tests.models.image_helpers import NOT_A_SCAN
 
     good = jpeg_bytes(Image.new("RGB", (64, 48), (200, 30, 30)))
     items = [_Item("bad.jpg", "ok", data=NOT_A_SCAN), _Item("good.jpg", "ok", data=good)]

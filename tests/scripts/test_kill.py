@@ -168,20 +168,25 @@ def _ranking(data_dir: Path, embedder: Embedder) -> dict[str, list[tuple[str, fl
 # ====================================================================================== the indexer
 
 
+def _index_command(src: Path, data_dir: Path) -> list[str]:
+    """``deepfeat index`` decoding in its own process, two images a batch: many commits to kill between."""
+    return [
+        DEEPFEAT, "index", str(src), "--data-dir", str(data_dir), "--workers", "0", "--batch-size", "2",
+        "--no-progress",
+    ]  # fmt: skip
+
+
+def _index(src: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """A whole run, to its end."""
+    return subprocess.run(
+        _index_command(src, data_dir), capture_output=True, text=True, env=clean_env(), timeout=180
+    )
+
+
 def _indexer(src: Path, data_dir: Path) -> subprocess.Popen[str]:
+    """A run to kill."""
     return subprocess.Popen(
-        [
-            DEEPFEAT,
-            "index",
-            str(src),
-            "--data-dir",
-            str(data_dir),
-            "--workers",
-            "0",
-            "--batch-size",
-            "2",
-            "--no-progress",
-        ],
+        _index_command(src, data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -206,24 +211,7 @@ def test_indexer_killed_at_random_moments_loses_nothing(
     assert len(wanted) == 12
 
     clean = tmp_path / "clean"
-    done = subprocess.run(
-        [
-            DEEPFEAT,
-            "index",
-            str(source_dir),
-            "--data-dir",
-            str(clean),
-            "--workers",
-            "0",
-            "--batch-size",
-            "2",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=180,
-    )
+    done = _index(source_dir, clean)
     assert done.returncode == 0, done.stderr
     assert check_store(clean, cli_embedder, wanted) == wanted
     reference = _ranking(clean, cli_embedder)
@@ -269,24 +257,7 @@ def test_indexer_killed_at_random_moments_loses_nothing(
     print("indexer kills:", *moments, sep="\n  ")  # shown with -s or on failure
 
     # A full run on the last (crashed) store completes and ends where a clean run ends.
-    done = subprocess.run(
-        [
-            DEEPFEAT,
-            "index",
-            str(source_dir),
-            "--data-dir",
-            str(data_dir),
-            "--workers",
-            "0",
-            "--batch-size",
-            "2",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=180,
-    )
+    done = _index(source_dir, data_dir)
     assert done.returncode == 0, done.stderr
     assert "store now holds 12 images" in done.stdout, done.stdout
     assert check_store(data_dir, cli_embedder, wanted) == wanted
