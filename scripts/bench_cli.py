@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from deepfeat.scripts.bench_machine import describe, machine
@@ -23,11 +24,14 @@ from deepfeat.scripts.bench_machine import describe, machine
 __all__ = ["main", "measure"]
 
 HEAVY = ("torch", "torchvision", "faiss", "fastapi", "ray", "timm")
+_SCRIPT = Path(sys.executable).with_name("deepfeat")
+_DEEPFEAT = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "deepfeat.scripts.cli"]
+"""The installed console script, as a user runs it (``python -m`` where it is not installed)."""
 COMMANDS = {
     "python -c pass (baseline)": [sys.executable, "-c", "pass"],
-    "deepfeat --help": [sys.executable, "-m", "deepfeat.scripts.cli", "--help"],
-    "deepfeat index --help": [sys.executable, "-m", "deepfeat.scripts.cli", "index", "--help"],
-    "deepfeat models": [sys.executable, "-m", "deepfeat.scripts.cli", "models"],
+    "deepfeat --help": [*_DEEPFEAT, "--help"],
+    "deepfeat index --help": [*_DEEPFEAT, "index", "--help"],
+    "deepfeat models": [*_DEEPFEAT, "models"],
 }
 
 _PROBE = (
@@ -49,10 +53,10 @@ def measure(argv: list[str], repeats: int) -> list[float]:
 
 def imported(argv: list[str]) -> list[str]:
     """The heavy libraries a command imports (run once more in-process with a probe)."""
-    if argv[1:3] != ["-m", "deepfeat.scripts.cli"]:
+    if argv[: len(_DEEPFEAT)] != _DEEPFEAT:
         return []
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, *argv[3:]], capture_output=True, text=True, check=False
+        [sys.executable, "-c", _PROBE, *argv[len(_DEEPFEAT) :]], capture_output=True, text=True, check=False
     )
     for line in done.stderr.splitlines():
         if line.startswith("HEAVY="):
