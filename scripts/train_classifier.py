@@ -8,31 +8,30 @@ from the store itself for files it already indexed, so re-training and the index
 Both hold out a stratified test split, report accuracy, top-k, per-class precision/recall and a
 confusion-matrix PNG on it, and save the head atomically to ``DATA_DIR/classifiers/NAME/`` (with
 ``report.json`` and ``confusion.png`` beside the weights), where a running server picks it up.
+
+This module trains and is the command; its parts live beside it: :mod:`scripts.train_dataset` reads and
+decodes the folder, :mod:`scripts.train_features` gets the linear probe's features (store, cache, or
+embedded), :mod:`scripts.train_report` writes the held-out metrics, the confusion PNG and the summary.
+Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import logging
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-from deepfeat.index.store import ImageStore
 from deepfeat.models.embedder import Embedder
-from deepfeat.models.errors import ImageError
 from deepfeat.models.heads import (
     FINETUNE_COMPATIBLE_KEYS,
     METHODS,
@@ -44,23 +43,26 @@ from deepfeat.models.heads import (
     TrainingDataError,
     TrainingLog,
     check_head_name,
-    evaluate,
     fine_tune,
     finetune_bytes,
     finetune_state,
     finetuned_probabilities,
-    fingerprint_differences,
     linear_bytes,
     save_head,
     stratified_split,
     train_linear,
 )
-from deepfeat.models.images import ImageLimits, load_image
 from deepfeat.runtime import build_embedder, image_limits
 from deepfeat.scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
-from deepfeat.scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
+from deepfeat.scripts.train_dataset import Dataset, check_class_sizes, dataset_images, scan_class_folders
+from deepfeat.scripts.train_features import CACHE_FILE, FeatureCache, dataset_features
+from deepfeat.scripts.train_features import FeatureStats as FeatureStats
+from deepfeat.scripts.train_features import fingerprint_key as fingerprint_key
+from deepfeat.scripts.train_report import confusion_png, held_out_metrics, render_confusion_png, summary_lines
 from deepfeat.settings import Settings
 
+# Every name public here before the parts moved out stays importable from here (the two ``X as X``
+# imports above re-export names that were public but never in ``__all__``).
 __all__ = [
     "CACHE_FILE",
     "CLASSIFIERS_DIR",
@@ -81,379 +83,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CLASSIFIERS_DIR = "classifiers"
-CACHE_FILE = "features-cache.sqlite3"
-_MAX_LISTED = 10
-
-
-# ================================================================================================ data
-
-
-@dataclass
-class Dataset:
-    """Labelled files: ``files[i]`` (content ``sha256[i]``) belongs to ``classes[labels[i]]``."""
-
-    root: Path
-    classes: list[str]
-    files: list[Path] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    sha256: list[str] = field(default_factory=list)
-    data: list[bytes] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    duplicates: int = 0
-
-    def counts(self) -> dict[str, int]:
-        return {name: self.labels.count(c) for c, name in enumerate(self.classes)}
-
-    def subset(self, keep: Sequence[int]) -> Dataset:
-        return Dataset(
-            root=self.root,
-            classes=self.classes,
-            files=[self.files[i] for i in keep],
-            labels=[self.labels[i] for i in keep],
-            sha256=[self.sha256[i] for i in keep],
-            data=[self.data[i] for i in keep],
-            skipped=self.skipped,
-            duplicates=self.duplicates,
-        )
-
-
-def scan_class_folders(
-    root: str | Path, *, extensions: frozenset[str] = DEFAULT_EXTENSIONS, min_per_class: int = 1
-) -> Dataset:
-    """Read a training folder: one (non-hidden) sub-folder per class, image files anywhere below it.
-    Files directly in ``root`` (a README, a manifest) are ignored. Identical contents are kept once.
-
-    Raises:
-        TrainingDataError: Not a folder, fewer than 2 classes, a class folder without image files,
-            a class with fewer than ``min_per_class`` images, or unreadable files (each named).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise TrainingDataError(f"training folder {root} does not exist or is not a directory")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(class_dirs) < 2:
-        found = f"only {class_dirs[0].name!r}" if class_dirs else "none"
-        raise TrainingDataError(
-            f"{root} must hold one sub-folder per class and a classifier needs at least 2 classes; found {found}"
-        )
-    dataset = Dataset(root=root, classes=[p.name for p in class_dirs])
-    empty: list[str] = []
-    unreadable: list[str] = []
-    seen: dict[str, int] = {}
-    for label, class_dir in enumerate(class_dirs):
-        files = list(iter_image_files([class_dir], extensions=extensions))
-        if not files:
-            empty.append(str(class_dir))
-        for path in files:
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                unreadable.append(f"{path}: {exc.strerror or exc}")
-                continue
-            sha = hashlib.sha256(data).hexdigest()
-            if sha in seen:
-                dataset.duplicates += 1
-                if seen[sha] != label:
-                    log.warning(
-                        "%s has the same content as a file of class %r; kept in that class only",
-                        path,
-                        dataset.classes[seen[sha]],
-                    )
-                continue
-            seen[sha] = label
-            dataset.files.append(path)
-            dataset.labels.append(label)
-            dataset.sha256.append(sha)
-            dataset.data.append(data)
-    if empty:
-        raise TrainingDataError(
-            f"class folder(s) without image files ({', '.join(sorted(extensions))}): {', '.join(empty)}"
-        )
-    if unreadable:
-        raise TrainingDataError(f"{len(unreadable)} file(s) cannot be read: " + _listing(unreadable))
-    check_class_sizes(dataset, min_per_class)
-    return dataset
-
-
-def check_class_sizes(dataset: Dataset, min_per_class: int) -> None:
-    small = {name: n for name, n in dataset.counts().items() if n < min_per_class}
-    if small:
-        raise TrainingDataError(
-            f"every class needs at least {min_per_class} usable images (training + held-out split); "
-            f"too few in: {', '.join(f'{k} ({v})' for k, v in small.items())}"
-        )
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = "; ".join(items[:_MAX_LISTED])
-    return shown + (f"; ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
-
-
-def _bad_files_error(failures: list[dict[str, str]]) -> TrainingDataError:
-    return TrainingDataError(
-        f"{len(failures)} file(s) are not usable images (fix or remove them, or pass --skip-bad): "
-        + _listing([f"{f['path']}: {f['code']}: {f['reason']}" for f in failures])
-    )
-
-
-# ================================================================================================ features
-
-
-def fingerprint_key(fingerprint: dict[str, Any]) -> str:
-    """A short stable hash of an embedder fingerprint (the cache's namespace)."""
-    text = json.dumps(fingerprint, sort_keys=True, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-class FeatureCache:
-    """SQLite cache of embeddings keyed by (embedder fingerprint hash, content sha256).
-
-    A cache, not a store: losing it costs only recomputation, so it runs with ``synchronous=NORMAL``.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, timeout=30)
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS features (fp TEXT NOT NULL, sha256 TEXT NOT NULL, "
-            "vector BLOB NOT NULL, PRIMARY KEY (fp, sha256)) WITHOUT ROWID"
-        )
-        self._conn.commit()
-
-    def get_many(self, fingerprint: dict[str, Any], shas: Sequence[str], dim: int) -> dict[str, np.ndarray]:
-        key = fingerprint_key(fingerprint)
-        out: dict[str, np.ndarray] = {}
-        wanted = list(dict.fromkeys(shas))
-        for start in range(0, len(wanted), 900):
-            chunk = wanted[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for sha, blob in self._conn.execute(
-                f"SELECT sha256, vector FROM features WHERE fp = ? AND sha256 IN ({marks})", (key, *chunk)
-            ):
-                vector = np.frombuffer(blob, dtype="<f4")
-                if vector.shape == (dim,):
-                    out[str(sha)] = vector.astype(np.float32)
-        return out
-
-    def put_many(self, fingerprint: dict[str, Any], vectors: dict[str, np.ndarray]) -> None:
-        key = fingerprint_key(fingerprint)
-        with self._conn:
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO features (fp, sha256, vector) VALUES (?, ?, ?)",
-                [(key, sha, np.asarray(v, dtype="<f4").tobytes()) for sha, v in vectors.items()],
-            )
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-@contextmanager
-def _store_for(data_dir: Path, embedder: Embedder) -> Iterator[ImageStore | None]:
-    """The store in ``data_dir`` when it holds vectors of this very embedder, else None."""
-    try:
-        manifest = ImageStore.read_manifest(data_dir)
-    except Exception as exc:  # a damaged store must not stop training: it is only a shortcut here
-        log.warning("not reusing the store's vectors: %s", exc)
-        yield None
-        return
-    if manifest is None or fingerprint_differences(manifest.fingerprint, embedder.fingerprint):
-        yield None
-        return
-    store = ImageStore.open(data_dir, fingerprint=embedder.fingerprint, dim=embedder.dim, read_only=True)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-@dataclass
-class FeatureStats:
-    from_store: int = 0
-    from_cache: int = 0
-    embedded: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-
-
-def _decode_all(
-    dataset: Dataset, indices: Sequence[int], limits: ImageLimits, draft: tuple[int, int]
-) -> tuple[dict[int, Image.Image], list[dict[str, str]]]:
-    images: dict[int, Image.Image] = {}
-    failures: list[dict[str, str]] = []
-    for i in indices:
-        try:
-            images[i] = load_image(dataset.data[i], limits=limits, draft_size=draft).image
-        except ImageError as exc:
-            failures.append({"path": str(dataset.files[i]), "code": exc.code, "reason": str(exc)})
-    return images, failures
-
-
-def dataset_features(
-    dataset: Dataset,
-    embedder: Embedder,
-    *,
-    data_dir: Path,
-    limits: ImageLimits,
-    batch_size: int = 32,
-    skip_bad: bool = False,
-    progress: bool = False,
-) -> tuple[Dataset, np.ndarray, FeatureStats]:
-    """Embeddings of every file: from the store, then the cache, else decoded and embedded (and cached).
-
-    Returns:
-        The dataset without unusable files (only with ``skip_bad``), its (n, d) features, and counts.
-
-    Raises:
-        TrainingDataError: Unusable files and not ``skip_bad``.
-    """
-    started = time.perf_counter()
-    stats = FeatureStats()
-    found: dict[str, np.ndarray] = {}
-    with _store_for(data_dir, embedder) as store:
-        if store is not None:
-            found = store.vectors_by_sha256(dataset.sha256)
-            stats.from_store = len(found)
-    cache = FeatureCache(data_dir / CACHE_FILE)
-    try:
-        missing = [s for s in dataset.sha256 if s not in found]
-        cached = cache.get_many(embedder.fingerprint, missing, embedder.dim)
-        stats.from_cache = len(cached)
-        found.update(cached)
-        todo = [i for i, sha in enumerate(dataset.sha256) if sha not in found]
-        failures: list[dict[str, str]] = []
-        bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            images, bad = _decode_all(dataset, chunk, limits, embedder.decode_size)
-            failures.extend(bad)
-            ok = [i for i in chunk if i in images]
-            if ok:
-                vectors = embedder.embed([images[i] for i in ok])
-                fresh = {dataset.sha256[i]: vectors[j] for j, i in enumerate(ok)}
-                cache.put_many(embedder.fingerprint, fresh)
-                found.update(fresh)
-                stats.embedded += len(ok)
-            bar.update(len(chunk))
-        bar.close()
-    finally:
-        cache.close()
-    stats.failed = len(failures)
-    if failures and not skip_bad:
-        raise _bad_files_error(failures)
-    keep = [i for i, sha in enumerate(dataset.sha256) if sha in found]
-    kept = dataset.subset(keep)
-    kept.skipped = dataset.skipped + failures
-    features = np.stack([found[s] for s in kept.sha256]) if keep else np.zeros((0, embedder.dim), np.float32)
-    stats.seconds = round(time.perf_counter() - started, 3)
-    return kept, features, stats
-
-
-def dataset_images(
-    dataset: Dataset, *, limits: ImageLimits, draft: tuple[int, int], skip_bad: bool = False
-) -> tuple[Dataset, list[Image.Image]]:
-    """Decoded RGB images of every file (for fine-tuning and the ImageNet head).
-
-    Raises:
-        TrainingDataError: Unusable files and not ``skip_bad``.
-    """
-    images, failures = _decode_all(dataset, range(len(dataset.files)), limits, draft)
-    if failures and not skip_bad:
-        raise _bad_files_error(failures)
-    keep = sorted(images)
-    kept = dataset.subset(keep)
-    kept.skipped = dataset.skipped + failures
-    return kept, [images[i] for i in keep]
-
-
-# ================================================================================================ report
-
-
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def render_confusion_png(
-    confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path, *, title: str = ""
-) -> Path:
-    """Write :func:`confusion_png` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(confusion_png(confusion, classes, title=title))
-    return path
-
-
-def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str], *, title: str = "") -> bytes:
-    """A confusion matrix as PNG bytes: rows = true class, columns = predicted, counts in the cells,
-    shaded by the share of the row (blue on the diagonal, red off it)."""
-    cm = np.asarray(confusion, dtype=np.int64)
-    n = len(classes)
-    cell = 64
-    font, small = _font(15), _font(13)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = int(max(measure.textlength(str(c), font=font) for c in classes)) + 16
-    top = label_w + 40
-    left = label_w + 28
-    width, height = left + n * cell + 16, top + n * cell + 40
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((8, 6), title, fill="black", font=font)
-    row_sums = cm.sum(axis=1, keepdims=True).clip(min=1)
-    share = cm / row_sums
-    for i in range(n):
-        for j in range(n):
-            x0, y0 = left + j * cell, top + i * cell
-            value = float(share[i, j])
-            shade = (
-                (int(255 - 205 * value), int(255 - 160 * value), 255)
-                if i == j
-                else (255, int(255 - 180 * value), int(255 - 180 * value))
-            )
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=shade, outline=(200, 200, 200))
-            text = str(int(cm[i, j]))
-            tw = measure.textlength(text, font=font)
-            draw.text(
-                (x0 + (cell - tw) / 2, y0 + cell / 2 - 9),
-                text,
-                fill="white" if value > 0.6 else "black",
-                font=font,
-            )
-        draw.text((8, top + i * cell + cell / 2 - 9), str(classes[i]), fill="black", font=font)
-    for j, name in enumerate(classes):
-        # Column labels, rotated so long class names fit over narrow columns.
-        tw = int(measure.textlength(str(name), font=font)) + 4
-        label = Image.new("RGB", (tw, 20), "white")
-        ImageDraw.Draw(label).text((2, 1), str(name), fill="black", font=font)
-        rotated = label.rotate(90, expand=True)
-        img.paste(rotated, (left + j * cell + cell // 2 - 10, top - 8 - rotated.height))
-    draw.text((left, top + n * cell + 8), "predicted (columns) vs true (rows)", fill=(90, 90, 90), font=small)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _summary_lines(metrics: dict[str, Any]) -> list[str]:
-    topk = next((k for k in metrics if k.startswith("top") and k.endswith("_accuracy")), None)
-    lines = [
-        f"held-out accuracy {metrics['accuracy']:.2%} on {metrics['n']} images "
-        f"(balanced {metrics['balanced_accuracy']:.2%}"
-        + (f", {topk.removesuffix('_accuracy')} {metrics[topk]:.2%}" if topk else "")
-        + f", chance {metrics['chance']:.2%})",
-        f"  {'class':<20} {'precision':>9} {'recall':>7} {'f1':>6} {'n':>4}",
-    ]
-    for name, row in metrics["per_class"].items():
-        lines.append(
-            f"  {name:<20} {row['precision']:>9.2%} {row['recall']:>7.2%} {row['f1']:>6.2f} {row['support']:>4}"
-        )
-    return lines
-
-
-# ================================================================================================ training
 
 
 @dataclass(frozen=True)
@@ -526,7 +155,7 @@ def train(
         fitted = _fit_finetune(embedder, pictures, y, dataset.classes, train_idx, test_idx, options, settings)
     report["training"] = fitted.training.to_dict()
     report["skipped"] = dataset.skipped
-    metrics = _held_out_metrics(dataset, y, test_idx, fitted.probabilities, report)
+    metrics = held_out_metrics(dataset, y, test_idx, fitted.probabilities, report)
     report["seconds"] = round(time.perf_counter() - started, 2)
     if metrics:
         fitted.files["confusion.png"] = confusion_png(
@@ -665,37 +294,6 @@ def finetune_on_split(
     return net, training, probabilities
 
 
-def _held_out_metrics(
-    dataset: Dataset,
-    y: np.ndarray,
-    test_idx: np.ndarray,
-    probabilities: np.ndarray | None,
-    report: dict[str, Any],
-) -> dict[str, Any]:
-    """Metrics on the held-out split ({} without one), recorded in ``report["test"]`` with the files
-    predicted wrong."""
-    if probabilities is None:
-        return {}
-    metrics = evaluate(y[test_idx], probabilities, dataset.classes)
-    report["test"] = {**metrics, "errors": _misclassified(dataset, y, test_idx, probabilities)}
-    return metrics
-
-
-def _misclassified(
-    dataset: Dataset, y: np.ndarray, test_idx: np.ndarray, probabilities: np.ndarray
-) -> list[dict[str, str]]:
-    """The held-out files predicted wrong: file (relative to the training folder), true, predicted."""
-    return [
-        {
-            "file": str(dataset.files[i].relative_to(dataset.root)),
-            "true": dataset.classes[y[i]],
-            "predicted": dataset.classes[int(np.argmax(probabilities[j]))],
-        }
-        for j, i in enumerate(test_idx)
-        if int(np.argmax(probabilities[j])) != y[i]
-    ]
-
-
 def _head_manifest(
     report: dict[str, Any],
     fitted: _Fitted,
@@ -724,9 +322,6 @@ def _head_manifest(
             "config": training.extra.get("config"),
         },
     )
-
-
-# ================================================================================================ CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -793,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
     if report.get("skipped"):
         echo(f"skipped {len(report['skipped'])} unusable file(s) (listed in report.json)")
     if "test" in report:
-        for line in _summary_lines(report["test"]):
+        for line in summary_lines(report["test"]):
             echo(line)
         echo(f"confusion matrix: {Path(report['path']) / 'confusion.png'}")
     echo(f"saved {report['path']}  (serve it: POST /v1/classify?classifier={report['name']})")
