@@ -37,7 +37,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -176,36 +177,19 @@ def plan_build(
             training sample, or the requested ``sample``.
     """
     nlist, code_size, min_train = _trainable(factory, index_dim, n_vectors=n_vectors, sample=sample)
-    width = max(dim, index_dim)
-    fixed = estimate_memory_bytes(factory, 0, index_dim)
-    work = budget_bytes - baseline_bytes - fixed - RESERVE_BYTES
-    train_bpv = TRAIN_COPIES * 4 * width
-    add_bpv = ADD_COPIES * 4 * width + ROW_OVERHEAD
-    shard_bpv = 2 * (code_size + 8)
-    need = baseline_bytes + fixed + RESERVE_BYTES + min_train * train_bpv
-    if work < min_train * train_bpv:
-        raise MemoryBudgetError(
-            f"a budget of {_mib(budget_bytes)} cannot build {factory!r} at dim {index_dim}: the process "
-            f"already uses {_mib(baseline_bytes)}, the trained quantizer and codebooks need {_mib(fixed)}, "
-            f"a reserve of {_mib(RESERVE_BYTES)}, and training needs at least {min_train} vectors "
-            f"({_mib(min_train * train_bpv)}); give at least {_mib(need)} or use fewer IVF lists"
-        )
-    train_cap = work // train_bpv
+    budget = _Budget.split(
+        factory,
+        dim=dim,
+        index_dim=index_dim,
+        code_size=code_size,
+        budget_bytes=budget_bytes,
+        baseline_bytes=baseline_bytes,
+    )
     default_sample = max(100_000, 40 * nlist)
-    if sample is not None and sample > train_cap:
-        raise MemoryBudgetError(
-            f"--sample {sample} needs {_mib(sample * train_bpv)} to train on; a budget of "
-            f"{_mib(budget_bytes)} leaves {_mib(work)}: at most {train_cap} vectors"
-        )
-    train = min(sample or default_sample, train_cap, n_vectors)
-    add_batch = int(min(MAX_ADD_BATCH, max(MIN_ADD_BATCH, (work // 4) // add_bpv), n_vectors))
-    shard = (work - add_batch * add_bpv) // shard_bpv
-    if shard < min(MIN_SHARD, n_vectors):
-        raise MemoryBudgetError(
-            f"a budget of {_mib(budget_bytes)} leaves no room to hold a shard of {min(MIN_SHARD, n_vectors)} "
-            f"codes after an add batch of {add_batch}; give at least "
-            f"{_mib(need + add_batch * add_bpv + MIN_SHARD * shard_bpv)}"
-        )
+    train = _train_vectors(
+        budget, min_train=min_train, default=default_sample, n_vectors=n_vectors, sample=sample
+    )
+    add_batch, shard = _add_batch_and_shard(budget, min_train=min_train, n_vectors=n_vectors)
     if train < default_sample and train < n_vectors:
         logger.warning(
             "the memory budget limits training to %d vectors (%.0f a list; FAISS suggests 39+)",
@@ -221,11 +205,94 @@ def plan_build(
         code_size=code_size,
         budget_bytes=budget_bytes,
         baseline_bytes=baseline_bytes,
-        fixed_bytes=fixed,
+        fixed_bytes=budget.fixed,
         train_vectors=int(train),
         add_batch=add_batch,
-        shard_vectors=int(min(shard, n_vectors)),
+        shard_vectors=shard,
     )
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """A memory budget split as the module docstring says: what the process, the trained structures
+    (``fixed``) and the reserve take off it, the ``work`` bytes left, and what a vector costs in each
+    phase (bytes per vector: training sample, add batch, shard)."""
+
+    factory: str
+    index_dim: int
+    budget: int
+    baseline: int
+    fixed: int
+    work: int
+    train_bpv: int
+    add_bpv: int
+    shard_bpv: int
+
+    @classmethod
+    def split(
+        cls, factory: str, *, dim: int, index_dim: int, code_size: int, budget_bytes: int, baseline_bytes: int
+    ) -> _Budget:
+        width = max(dim, index_dim)
+        fixed = estimate_memory_bytes(factory, 0, index_dim)
+        return cls(
+            factory=factory,
+            index_dim=index_dim,
+            budget=budget_bytes,
+            baseline=baseline_bytes,
+            fixed=fixed,
+            work=budget_bytes - baseline_bytes - fixed - RESERVE_BYTES,
+            train_bpv=TRAIN_COPIES * 4 * width,
+            add_bpv=ADD_COPIES * 4 * width + ROW_OVERHEAD,
+            shard_bpv=2 * (code_size + 8),
+        )
+
+    def need(self, min_train: int) -> int:
+        """The smallest budget that trains on ``min_train`` vectors (before the add batch and shard)."""
+        return self.baseline + self.fixed + RESERVE_BYTES + min_train * self.train_bpv
+
+
+def _train_vectors(
+    budget: _Budget, *, min_train: int, default: int, n_vectors: int, sample: int | None
+) -> int:
+    """The training sample: ``sample`` (else ``default``), at most what the budget holds and the
+    collection has.
+
+    Raises:
+        MemoryBudgetError: The budget cannot hold ``min_train`` vectors, or the requested ``sample``.
+    """
+    if budget.work < min_train * budget.train_bpv:
+        raise MemoryBudgetError(
+            f"a budget of {_mib(budget.budget)} cannot build {budget.factory!r} at dim {budget.index_dim}: "
+            f"the process already uses {_mib(budget.baseline)}, the trained quantizer and codebooks need "
+            f"{_mib(budget.fixed)}, a reserve of {_mib(RESERVE_BYTES)}, and training needs at least "
+            f"{min_train} vectors ({_mib(min_train * budget.train_bpv)}); give at least "
+            f"{_mib(budget.need(min_train))} or use fewer IVF lists"
+        )
+    train_cap = budget.work // budget.train_bpv
+    if sample is not None and sample > train_cap:
+        raise MemoryBudgetError(
+            f"--sample {sample} needs {_mib(sample * budget.train_bpv)} to train on; a budget of "
+            f"{_mib(budget.budget)} leaves {_mib(budget.work)}: at most {train_cap} vectors"
+        )
+    return min(sample or default, train_cap, n_vectors)
+
+
+def _add_batch_and_shard(budget: _Budget, *, min_train: int, n_vectors: int) -> tuple[int, int]:
+    """``(add_batch, shard_vectors)``: the add batch takes up to a quarter of the working memory, the
+    shard the rest.
+
+    Raises:
+        MemoryBudgetError: No room left for a shard of ``min(MIN_SHARD, n_vectors)`` codes.
+    """
+    add_batch = int(min(MAX_ADD_BATCH, max(MIN_ADD_BATCH, (budget.work // 4) // budget.add_bpv), n_vectors))
+    shard = (budget.work - add_batch * budget.add_bpv) // budget.shard_bpv
+    if shard < min(MIN_SHARD, n_vectors):
+        raise MemoryBudgetError(
+            f"a budget of {_mib(budget.budget)} leaves no room to hold a shard of {min(MIN_SHARD, n_vectors)} "
+            f"codes after an add batch of {add_batch}; give at least "
+            f"{_mib(budget.need(min_train) + add_batch * budget.add_bpv + MIN_SHARD * budget.shard_bpv)}"
+        )
+    return add_batch, int(min(shard, n_vectors))
 
 
 def _trainable(factory: str, index_dim: int, *, n_vectors: int, sample: int | None) -> tuple[int, int, int]:
@@ -397,51 +464,33 @@ def build_generation(
     """
     started = time.monotonic()
     data_dir = Path(data_dir)
-    manifest = Manifest.load(data_dir / MANIFEST_FILE)
-    if manifest is None:
-        raise StoreError(f"no store in {data_dir}: run `deepfeat index PATH --data-dir {data_dir}` first")
-    whitening_entry = manifest.extra.get("whitening")
-    whitening = Whitening.load_recorded(data_dir, whitening_entry)
-    index_dim = whitening.d_out if whitening is not None else manifest.dim
-    catalog = Catalog(data_dir / CATALOG_FILE, dim=manifest.dim, read_only=True)
+    source = _read_source(data_dir)
+    catalog = Catalog(data_dir / CATALOG_FILE, dim=source.manifest.dim, read_only=True)
     try:
-        max_seq, del_rowid = catalog.watermarks()
-        n_live = catalog.count()
-        _template(factory, index_dim, search_params)  # refuse a bad factory or parameter before planning
-        plan = plan_build(
+        watermarks = catalog.watermarks()  # read first: the generation holds the rows up to these
+        plan = _plan_for(
+            source,
             factory=factory,
-            dim=manifest.dim,
-            index_dim=index_dim,
-            n_vectors=n_live,
-            budget_bytes=max_memory_bytes,
-            baseline_bytes=process_rss_bytes(),
+            n_vectors=catalog.count(),
+            max_memory_bytes=max_memory_bytes,
             sample=sample,
+            search_params=search_params,
         )
-        logger.info("build plan: %s", plan.to_dict())
-        number, partial = _reserve(data_dir / GENERATIONS_DIR, manifest)
-        try:
+        number, partial = _reserve(data_dir / GENERATIONS_DIR, source.manifest)
+        with _removed_on_failure(partial):
             info = _build_into(
                 partial,
                 number=number,
                 catalog=catalog,
                 plan=plan,
-                whitening=whitening,
+                source=source,
                 search_params=search_params,
-                max_seq=max_seq,
+                watermarks=watermarks,
                 seed=seed,
                 progress=progress,
+                started=started,
             )
-            info = replace(
-                info,
-                deletions_rowid=del_rowid,
-                whitening=whitening_entry,
-                build={**info.build, "plan": plan.to_dict(), "seconds": round(time.monotonic() - started, 3)},
-            )
-            published = _publish(data_dir, partial, info, expected=manifest)
-        except BaseException:
-            # A failure seen here cleans up; a crash leaves the directory to the next publish.
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+            published = _publish(data_dir, partial, info, expected=source.manifest)
     finally:
         catalog.close()
     shutil.rmtree(partial, ignore_errors=True)
@@ -455,19 +504,84 @@ def build_generation(
     return published
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What a build reads from the store before it starts: the manifest, the whitening it records (the
+    manifest entry and the loaded projection) and the dimension of the vectors in the index."""
+
+    manifest: Manifest
+    whitening_entry: dict[str, Any] | None
+    whitening: Whitening | None
+    index_dim: int
+
+
+def _read_source(data_dir: Path) -> _Source:
+    """The store's manifest and whitening.
+
+    Raises:
+        StoreError: No store in ``data_dir``.
+    """
+    manifest = Manifest.load(data_dir / MANIFEST_FILE)
+    if manifest is None:
+        raise StoreError(f"no store in {data_dir}: run `deepfeat index PATH --data-dir {data_dir}` first")
+    entry = manifest.extra.get("whitening")
+    whitening = Whitening.load_recorded(data_dir, entry)
+    index_dim = whitening.d_out if whitening is not None else manifest.dim
+    return _Source(manifest=manifest, whitening_entry=entry, whitening=whitening, index_dim=index_dim)
+
+
+def _plan_for(
+    source: _Source,
+    *,
+    factory: str,
+    n_vectors: int,
+    max_memory_bytes: int,
+    sample: int | None,
+    search_params: Mapping[str, float] | None,
+) -> BuildPlan:
+    """:func:`plan_build` for this store, once ``factory`` and ``search_params`` are known to be usable."""
+    _template(factory, source.index_dim, search_params)  # refuse a bad factory or parameter before planning
+    plan = plan_build(
+        factory=factory,
+        dim=source.manifest.dim,
+        index_dim=source.index_dim,
+        n_vectors=n_vectors,
+        budget_bytes=max_memory_bytes,
+        baseline_bytes=process_rss_bytes(),
+        sample=sample,
+    )
+    logger.info("build plan: %s", plan.to_dict())
+    return plan
+
+
+@contextmanager
+def _removed_on_failure(partial: Path) -> Iterator[None]:
+    """Remove the build directory when the block fails: a failure seen here cleans up; a crash leaves
+    the directory to the next publish."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def _build_into(
     partial: Path,
     *,
     number: int,
     catalog: Catalog,
     plan: BuildPlan,
-    whitening: Whitening | None,
+    source: _Source,
     search_params: Mapping[str, float] | None,
-    max_seq: int,
+    watermarks: tuple[int, int],
     seed: int,
     progress: Progress | None,
+    started: float,
 ) -> GenerationInfo:
-    """Train, add shard by shard, merge into ``partial``; returns the entry minus the publish fields."""
+    """Train, add shard by shard, merge into ``partial``; returns the entry minus the publish fields
+    (``previous``), built at the catalog's ``watermarks`` (``max_seq``, ``deletions_rowid``), its
+    ``build`` timed from ``started`` (``time.monotonic()``)."""
+    max_seq, deletions_rowid = watermarks
     report = progress or (lambda stage, done, total: None)
     template = _template(plan.factory, plan.index_dim, search_params)
     t = time.monotonic()
@@ -476,7 +590,7 @@ def _build_into(
         template,
         catalog,
         plan=plan,
-        whitening=whitening,
+        whitening=source.whitening,
         max_seq=max_seq,
         seed=seed,
         progress=progress,
@@ -506,14 +620,17 @@ def _build_into(
         factory=plan.factory,
         dim=plan.index_dim,
         max_seq=max_seq,
-        deletions_rowid=0,
+        deletions_rowid=deletions_rowid,
         count=ntotal,
+        whitening=source.whitening_entry,
         built_at=time.time(),
         build={
             "trained_on": filled.trained_on,
             "shards": len(shards),
             "search_params": template.search_params,
             **timings,
+            "plan": plan.to_dict(),
+            "seconds": round(time.monotonic() - started, 3),
         },
     )
 
