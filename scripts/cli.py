@@ -12,6 +12,7 @@ by name and help), so ``deepfeat --help`` loads none of them. ``deepfeat bench c
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -27,6 +28,9 @@ from deepfeat.scripts.cli_common import add_common_arguments, echo, echo_json, s
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("deepfeat")
+
+_StoreCommand = Callable[[argparse.Namespace, Any, Any], int]
+"""``command(args, embedder, store)`` with the store open (see :func:`_on_existing_store`)."""
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -228,7 +232,28 @@ def _open_existing(args: argparse.Namespace, *, read_only: bool) -> tuple[Any, A
     return embedder, open_store(settings, embedder, read_only=read_only)
 
 
-def _cmd_whiten(args: argparse.Namespace) -> int:
+def _on_existing_store(*, read_only: bool) -> Callable[[_StoreCommand], Callable[[argparse.Namespace], int]]:
+    """Make ``command(args, embedder, store)`` a command on the existing store of ``--data-dir``: it runs
+    with that store open (and the embedder it was made with) and the store is closed after it; without a
+    store there, the exit status is 2, after a message."""
+
+    def wrap(command: _StoreCommand) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(command)
+        def run(args: argparse.Namespace) -> int:
+            opened = _open_existing(args, read_only=read_only)
+            if opened is None:
+                return 2
+            embedder, store = opened
+            with store:
+                return command(args, embedder, store)
+
+        return run
+
+    return wrap
+
+
+@_on_existing_store(read_only=False)
+def _cmd_whiten(args: argparse.Namespace, embedder: Any, store: Any) -> int:
     """Learn PCA-whitening from the store (or a folder) and re-project the stored vectors."""
     from deepfeat.index.whitening import Whitening
     from deepfeat.models.errors import ImageError
@@ -236,50 +261,41 @@ def _cmd_whiten(args: argparse.Namespace) -> int:
     from deepfeat.runtime import image_limits
     from deepfeat.scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
 
-    opened = _open_existing(args, read_only=False)
-    if opened is None:
-        return 2
-    embedder, store = opened
-    with store:
-        if args.remove:
-            store.set_whitening(None)
-            echo("whitening removed; vectors re-projected from the raw ones in the catalog")
-            return 0
-        if args.from_folder:
-            limits = image_limits(settings_from_args(args))
-            vectors = []
-            files = list(iter_image_files([args.from_folder], extensions=DEFAULT_EXTENSIONS))
-            for start in range(0, len(files), 32):
-                images = []
-                for path in files[start : start + 32]:
-                    try:
-                        images.append(load_image(path, limits=limits, draft_size=embedder.decode_size).image)
-                    except ImageError as exc:
-                        log.warning("skipped %s: %s", path, exc)
-                if images:
-                    vectors.append(embedder.embed(images))
-            if not vectors:
-                echo(f"error [no_images]: no readable images in {args.from_folder}")
-                return 2
-            import numpy as np
+    if args.remove:
+        store.set_whitening(None)
+        echo("whitening removed; vectors re-projected from the raw ones in the catalog")
+        return 0
+    if args.from_folder:
+        limits = image_limits(settings_from_args(args))
+        vectors = []
+        files = list(iter_image_files([args.from_folder], extensions=DEFAULT_EXTENSIONS))
+        for start in range(0, len(files), 32):
+            images = []
+            for path in files[start : start + 32]:
+                try:
+                    images.append(load_image(path, limits=limits, draft_size=embedder.decode_size).image)
+                except ImageError as exc:
+                    log.warning("skipped %s: %s", path, exc)
+            if images:
+                vectors.append(embedder.embed(images))
+        if not vectors:
+            echo(f"error [no_images]: no readable images in {args.from_folder}")
+            return 2
+        import numpy as np
 
-            whitening = Whitening.fit(np.concatenate(vectors), dim=args.dim)
-            store.set_whitening(whitening)
-            source = f"{sum(len(v) for v in vectors)} images in {args.from_folder}"
-        else:
-            whitening = store.fit_whitening(dim=args.dim)
-            source = f"{store.count} stored vectors"
-        echo(f"whitening {whitening.d_in} -> {whitening.d_out} learned from {source}; applied to every query")
+        whitening = Whitening.fit(np.concatenate(vectors), dim=args.dim)
+        store.set_whitening(whitening)
+        source = f"{sum(len(v) for v in vectors)} images in {args.from_folder}"
+    else:
+        whitening = store.fit_whitening(dim=args.dim)
+        source = f"{store.count} stored vectors"
+    echo(f"whitening {whitening.d_in} -> {whitening.d_out} learned from {source}; applied to every query")
     return 0
 
 
-def _cmd_duplicates(args: argparse.Namespace) -> int:
-    opened = _open_existing(args, read_only=True)
-    if opened is None:
-        return 2
-    _, store = opened
-    with store:
-        groups = store.near_duplicates(args.threshold, k=args.neighbours)
+@_on_existing_store(read_only=True)
+def _cmd_duplicates(args: argparse.Namespace, _embedder: Any, store: Any) -> int:
+    groups = store.near_duplicates(args.threshold, k=args.neighbours)
     if args.json:
         echo_json([[{"id": r.id, "source": r.source, "sha256": r.sha256} for r in g] for g in groups])
         return 0
