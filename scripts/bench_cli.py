@@ -32,6 +32,7 @@ COMMANDS = {
     "deepfeat --help": [*_DEEPFEAT, "--help"],
     "deepfeat index --help": [*_DEEPFEAT, "index", "--help"],
     "deepfeat models": [*_DEEPFEAT, "models"],
+    "deepfeat train-classifier --help": [*_DEEPFEAT, "train-classifier", "--help"],
 }
 
 _PROBE = (
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         rows.append(row)
         print(
-            f"{name:<28} median {row['median_s']:6.3f} s  (min {row['min_s']:.3f}, max {row['max_s']:.3f}, "
+            f"{name:<34} median {row['median_s']:6.3f} s  (min {row['min_s']:.3f}, max {row['max_s']:.3f}, "
             f"{row['x_baseline']:>5}x python)  heavy imports: {', '.join(heavy) or 'none'}",
             flush=True,
         )

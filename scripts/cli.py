@@ -259,7 +259,8 @@ def _cmd_whiten(args: argparse.Namespace, embedder: Any, store: Any) -> int:
     from deepfeat.models.errors import ImageError
     from deepfeat.models.images import load_image
     from deepfeat.runtime import image_limits
-    from deepfeat.scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
+    from deepfeat.scripts.index_command import DEFAULT_EXTENSIONS
+    from deepfeat.scripts.index_images import iter_image_files
 
     if args.remove:
         store.set_whitening(None)
@@ -453,7 +454,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "models": ("list models, whether their weights are available here, and their layers", _args_models),
     "index": (
         "index image files and folders into a store",
-        _from_module("deepfeat.scripts.index_images", common=True),
+        _from_module("deepfeat.scripts.index_command", common=True),
     ),
     "search": ("find the images most similar to IMAGE in a store", _args_search),
     "classify": ("top-k classes of IMAGE: ImageNet's, kNN's or a trained classifier's", _args_classify),

@@ -56,14 +56,8 @@ from deepfeat.index.store import ImageStore, NewImage
 from deepfeat.models.embedder import Embedder
 from deepfeat.models.errors import InvalidOptionError
 from deepfeat.models.images import ImageLimits
-from deepfeat.scripts.index_images import (
-    DEFAULT_EXTENSIONS,
-    IndexSummary,
-    echo_summary,
-    extensions_from,
-    iter_image_files,
-    prepare_file,
-)
+from deepfeat.scripts.index_command import DEFAULT_EXTENSIONS, echo_summary, extensions_from
+from deepfeat.scripts.index_images import IndexSummary, iter_image_files, prepare_file
 
 __all__ = [
     "JOBS_DIR",

@@ -14,7 +14,8 @@ from PIL import Image
 from deepfeat.models.errors import ImageError
 from deepfeat.models.heads import TrainingDataError
 from deepfeat.models.images import ImageLimits, load_image
-from deepfeat.scripts.index_images import DEFAULT_EXTENSIONS, iter_image_files
+from deepfeat.scripts.index_command import DEFAULT_EXTENSIONS
+from deepfeat.scripts.index_images import iter_image_files
 
 __all__ = [
     "Dataset",

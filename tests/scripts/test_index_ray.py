@@ -29,7 +29,8 @@ from deepfeat.models.errors import InvalidOptionError
 from deepfeat.models.images import ImageLimits
 from deepfeat.scripts import cli
 from deepfeat.scripts.bench_extract import make_photo_set
-from deepfeat.scripts.index_images import DEFAULT_EXTENSIONS, index_paths, iter_image_files
+from deepfeat.scripts.index_command import DEFAULT_EXTENSIONS
+from deepfeat.scripts.index_images import index_paths, iter_image_files
 from tests.app.live import free_port
 from tests.app.serve_proc import DEEPFEAT, clean_env
 from tests.conftest import FAST_EMBEDDER, jpeg_bytes
