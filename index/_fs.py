@@ -31,11 +31,7 @@ def fsync_dir(path: Path) -> None:
     Args:
         path: The directory.
     """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)  # a directory is flushed through a read-only descriptor like a file
 
 
 def fsync_file(path: Path) -> None:
