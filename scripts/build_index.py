@@ -6,23 +6,27 @@ lists on disk, publish atomically); this module parses the flags, shows progress
 a summary (``--json`` for machines) with the build's peak resident memory, so the budget can be
 checked against what the process really used.
 
-The build runs in a process of its own (``python -m scripts.build_index``), which imports only numpy,
-FAISS and the ``index`` package (~60 MiB resident): the ``deepfeat`` front-end has torch loaded for its
-other commands (~700 MiB), which would otherwise count against ``--max-memory``. The front-end waits
-for it, outside the budget, and passes its exit status on.
+The build runs in a process of its own (``python -m deepfeat.scripts.build_index``), which imports
+only numpy, FAISS and the ``index`` package (~60 MiB resident), so its peak is what ``--max-memory``
+bounds whatever process started it. The child is tied to the ``deepfeat`` process that waits for it:
+when that one dies, even by SIGKILL, the kernel kills the child (``PR_SET_PDEATHSIG``), so a stopped
+command never goes on to publish a generation.
 
     deepfeat build-index --data-dir data --index IVF4096,PQ32 --max-memory 2GiB
-    python -m scripts.build_index --data-dir data --index IVF4096,PQ32 --max-memory 2GiB
+    python -m deepfeat.scripts.build_index --data-dir data --index IVF4096,PQ32 --max-memory 2GiB
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import resource
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +99,25 @@ def run(args: argparse.Namespace) -> int:
     verbosity = ["-" + "v" * min(getattr(args, "verbose", 0), 2)] if getattr(args, "verbose", 0) else []
     sys.stdout.flush()
     return subprocess.run(
-        [sys.executable, "-m", "deepfeat.scripts.build_index", *verbosity, *argv], check=False
+        [sys.executable, "-m", "deepfeat.scripts.build_index", *verbosity, *argv],
+        check=False,
+        preexec_fn=_dies_with(os.getpid()) if sys.platform == "linux" else None,
     ).returncode
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """Run in the child before exec: ask the kernel for SIGKILL when the parent dies, and exit at once
+    if it already died between fork and here (the request would then never fire)."""
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 def build(args: argparse.Namespace) -> int:
@@ -165,7 +186,7 @@ def build(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.build_index",
+        prog="python -m deepfeat.scripts.build_index",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -101,3 +101,65 @@ def test_exact_top_k_matches_argsort() -> None:
     queries = rng.standard_normal((7, 8)).astype(np.float32)
     expected = np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :5]
     assert (bench_build.exact_top_k(base, queries, 5, chunk=128) == expected).all()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc (PR_SET_PDEATHSIG)")
+def test_kill_9_of_the_command_stops_the_build(tmp_path: Path) -> None:
+    """`kill -9` of the PID the operator sees: the build child dies with it and publishes nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data_dir = tmp_path / "store"
+    with ImageStore.open(data_dir, fingerprint=FINGERPRINT, dim=DIM) as store:
+        for start in range(0, 40_000, 10_000):
+            store.add(unit_vectors(10_000, seed=start), new_images(10_000, start=start))
+    argv = ["build-index", "--data-dir", str(data_dir), "--index", "IVF256,PQ8", "--max-memory", "512MiB"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepfeat.scripts.cli", *argv, "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (children := _children(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.02)
+    time.sleep(0.5)  # the child is importing FAISS or already training (the whole build takes seconds)
+    os.kill(proc.pid, signal.SIGKILL)  # that PID only
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children):
+        assert time.monotonic() < deadline, "the build child outlived the command"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    manifest = Manifest.load(data_dir / MANIFEST_FILE)
+    assert manifest is not None and manifest.generation is None
+    assert (
+        not list((data_dir / "generations").glob("gen-*.faiss"))
+        if (data_dir / "generations").exists()
+        else True
+    )
+    # A re-run completes and publishes; the abandoned partial directory is swept by that publish.
+    assert main([*argv, "--no-progress"]) == 0
+    manifest = Manifest.load(data_dir / MANIFEST_FILE)
+    assert manifest is not None and manifest.generation is not None
+    assert not list((data_dir / "generations").glob("*.partial"))
