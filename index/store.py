@@ -560,20 +560,25 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
 
     # ================================================================== lifecycle
 
-    def close(self) -> None:
+    def close(self, *, snapshot: bool = True) -> None:
         """Snapshot if there are unsaved changes, then close connections and the lock file. Idempotent.
 
         A failing final snapshot is logged, not raised: every change is already committed in SQLite
-        and the next open replays it.
+        and the next open replays it. ``snapshot=False`` skips it, for a caller that has just seen a
+        snapshot fail and reported it (a full disk would only fail again).
         """
         if self._closed:
             return
         try:
-            if not self._read_only and self._changes_since_snapshot:
+            if snapshot and not self._read_only and self._changes_since_snapshot:
                 try:
                     self.snapshot()
-                except (StoreError, OSError):
-                    logger.exception("final snapshot failed; the next open will replay from the catalog")
+                except (StoreError, OSError) as exc:
+                    logger.warning(
+                        "final snapshot failed (%s); the next open will replay from the catalog",
+                        exc,
+                        exc_info=logger.isEnabledFor(logging.DEBUG),
+                    )
         finally:
             self._closed = True
             self._base = None  # unmaps the generation once no search holds it

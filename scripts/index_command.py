@@ -96,6 +96,7 @@ def input_paths(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the indexer from parsed CLI arguments; returns the process exit code."""
+    from deepfeat.index.errors import StoreError
     from deepfeat.runtime import build_embedder, image_limits, open_store
     from deepfeat.scripts.cli_common import settings_from_args
 
@@ -116,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     embedder = build_embedder(settings)
     report_path = args.report or settings.data_dir / "index-report.jsonl"
-    with open_store(settings, embedder) as store:
+    store = open_store(settings, embedder)
+    before = store.count
+    try:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         summary = index_paths(
             paths,
@@ -130,7 +133,21 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             gpu_decode=getattr(args, "gpu_decode", None),
         )
+        store.snapshot()  # part of success: a snapshot that fails is not a finished run
+    except StoreError as exc:
+        # Every acknowledged add is in the catalog; say how many, in the one line the CLI prints.
         total = store.count
+        store.close(snapshot=False)
+        sys.stderr.write(
+            f"error [{exc.code}]: {exc}; {total - before} images were committed before it and the store "
+            f"holds {total} (a re-run resumes)\n"
+        )
+        return 2
+    except BaseException:
+        store.close()
+        raise
+    total = store.count
+    store.close()
     echo_summary(summary, total=total, report_path=report_path)
     return 0
 

@@ -62,6 +62,8 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, Image.
 FAST_EMBEDDER = {"layer": "penultimate", "resize_mode": "crop", "scales": (1.0,)}
 """The classic, cheapest configuration (one 224 px crop). Most tests use it to stay fast on 2 cores;
 the retrieval defaults (last conv block, GeM, full image, 3 scales) have their own tests."""
+FAST_FLAGS = ["--layer", "penultimate", "--resize-mode", "crop", "--scales", "1", "--precision", "fp32"]
+"""FAST_EMBEDDER as CLI flags (the default model), in fp32 like the ``lite0`` fixture."""
 
 
 @pytest.fixture(scope="session")

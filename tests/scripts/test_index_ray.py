@@ -33,7 +33,7 @@ from deepfeat.scripts.index_command import DEFAULT_EXTENSIONS
 from deepfeat.scripts.index_images import index_paths, iter_image_files
 from tests.app.live import free_port
 from tests.app.serve_proc import DEEPFEAT, clean_env
-from tests.conftest import FAST_EMBEDDER, jpeg_bytes
+from tests.conftest import FAST_EMBEDDER, FAST_FLAGS, jpeg_bytes
 from tests.scripts.test_index_images import png_bomb
 
 ray = pytest.importorskip("ray")
@@ -49,8 +49,6 @@ from deepfeat.scripts.index_ray import (  # noqa: E402
     job_key,
 )
 
-FAST_FLAGS = ["--layer", "penultimate", "--resize-mode", "crop", "--scales", "1", "--precision", "fp32"]
-"""FAST_EMBEDDER as CLI flags (the default model): one 224 px crop per image, in fp32 like ``lite0``."""
 OPTIONS: dict[str, Any] = {"model": "efficientnet_lite0", **FAST_EMBEDDER}
 EXPECTED_FAILURES = {
     "truncated.jpg": "corrupt_image",
