@@ -85,8 +85,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, _write)
 
 
-def remove_stale_temps(directory: Path, name: str) -> int:
-    """Delete temporary files left by a crashed writer of ``directory/name``.
+def remove_stale_temps(directory: Path, name: str = "") -> int:
+    """Delete temporary files left by a crashed writer of ``directory/name`` (every file of
+    ``directory`` when ``name`` is empty: snapshots, manifests, whitening files share one naming rule,
+    ``<name>.tmp-<pid>-<random>``, see :func:`temp_path_for`).
 
     Only safe while holding the exclusive store lock (every writer holds it while its temp file exists).
 
@@ -94,14 +96,14 @@ def remove_stale_temps(directory: Path, name: str) -> int:
         How many files were removed.
     """
     removed = 0
-    for stale in directory.glob(f"{name}{TMP_MARKER}*"):
+    for stale in directory.glob(f"{name or '*'}{TMP_MARKER}*"):
         try:
             stale.unlink()
             removed += 1
         except FileNotFoundError:
             pass
     if removed:
-        logger.info("removed %d stale temporary file(s) for %s", removed, name)
+        logger.info("removed %d stale temporary file(s) for %s", removed, name or directory)
     return removed
 
 

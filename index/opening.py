@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepfeat.index._fs import FileLock
+from deepfeat.index._fs import FileLock, remove_stale_temps
 from deepfeat.index.catalog import Catalog, CatalogIdentity
 from deepfeat.index.errors import (
     CorruptStoreError,
@@ -87,6 +87,8 @@ def open_store(
     catalog: Catalog | None = None
     try:
         with lock.hold(shared=read_only):
+            if not read_only:
+                remove_stale_temps(data_dir)  # a crashed writer's half-written files (whitening too)
             catalog, manifest = open_catalog(
                 data_dir,
                 given_fp,

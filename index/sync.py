@@ -183,8 +183,7 @@ class SyncedIndex:
                     "skipping snapshot: the index layout changed on disk since this process loaded it"
                 )
                 return
-            remove_stale_temps(self._data_dir, SNAPSHOT_FILE)
-            remove_stale_temps(self._data_dir, MANIFEST_FILE)
+            remove_stale_temps(self._data_dir)
             path = self._data_dir / SNAPSHOT_FILE
             # No index lock: nothing mutates FAISS without the sync lock, and searches only read it.
             sha = self._vectors.save(path)

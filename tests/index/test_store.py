@@ -482,3 +482,25 @@ def test_known_sha256_lists_every_stored_hash(tmp_path) -> None:
         assert store.known_sha256() == set()
         store.add(vecs, images)
         assert store.known_sha256() == {img.sha256 for img in images}
+
+
+def test_a_writer_sweeps_every_temp_file_a_crashed_writer_left(tmp_path: Path) -> None:
+    """Snapshot, manifest and whitening temp files share one naming rule; the next writer removes them
+    all under the exclusive lock, a read-only open touches nothing."""
+    with ImageStore.open(tmp_path, fingerprint=FINGERPRINT, dim=DIM) as store:
+        store.add(unit_vectors(5), new_images(5))
+    stray = [
+        tmp_path / f"{SNAPSHOT_FILE}.tmp-123-deadbeef",
+        tmp_path / f"{MANIFEST_FILE}.tmp-123-cafebabe",
+        tmp_path / f"whitening-{'a' * 16}.faiss.tmp-456-0badf00d",
+    ]
+    for path in stray:
+        path.write_bytes(b"half written")
+    keep = tmp_path / "notes.txt"
+    keep.write_text("not ours")
+    with ImageStore.open(tmp_path, fingerprint=FINGERPRINT, dim=DIM, read_only=True) as store:
+        assert store.count == 5
+    assert all(path.exists() for path in stray)
+    with ImageStore.open(tmp_path, fingerprint=FINGERPRINT, dim=DIM) as store:
+        assert store.count == 5
+    assert not any(path.exists() for path in stray) and keep.exists()
