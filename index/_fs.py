@@ -12,12 +12,14 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from deepfeat.index.errors import StoreFullError
+from deepfeat.index.files import PENDING_MARKER, QUARANTINE_DIR, QUARANTINE_KEEP
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,37 @@ def remove_stale_temps(directory: Path, name: str = "") -> int:
     if removed:
         logger.info("removed %d stale temporary file(s) for %s", removed, name or directory)
     return removed
+
+
+def mark_pending(directory: Path, sha256: str) -> None:
+    """Record, durably, that a snapshot with this checksum is about to replace ``vectors.faiss``."""
+    marker = directory / f"{PENDING_MARKER}{sha256}"
+    marker.touch()
+    fsync_dir(directory)
+
+
+def clear_pending(directory: Path) -> None:
+    """Forget every pending snapshot once the manifest records the current one."""
+    for marker in directory.glob(f"{PENDING_MARKER}*"):
+        marker.unlink(missing_ok=True)
+
+
+def was_pending(directory: Path, sha256: str) -> bool:
+    """Whether a file with this checksum was being put in place when a writer stopped."""
+    return (directory / f"{PENDING_MARKER}{sha256}").exists()
+
+
+def quarantine(path: Path, *, keep: int = QUARANTINE_KEEP) -> Path:
+    """Move a damaged file to ``quarantine/<name>.<time>-<pid>-<random>`` beside it, keeping the
+    ``keep`` newest (by modification time)."""
+    folder = path.parent / QUARANTINE_DIR
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    for old in sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)
+    return target
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:

@@ -19,7 +19,6 @@ The steps :func:`open_store` (behind :meth:`index.store.ImageStore.open`) runs, 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepfeat.index._fs import FileLock, remove_stale_temps
+from deepfeat.index._fs import FileLock, quarantine, remove_stale_temps, sha256_file, was_pending
 from deepfeat.index.catalog import Catalog, CatalogIdentity
 from deepfeat.index.errors import (
     CorruptStoreError,
@@ -449,8 +448,9 @@ def _load_snapshot(
     """The snapshot the manifest records, checked against its checksum and the index dimension.
 
     Returns:
-        The loaded index, or None when there is no snapshot or it is unusable (logged; a writer moves
-        it aside as ``vectors.faiss.corrupt-<time>-<pid>``).
+        The loaded index, or None when there is no snapshot or it is unusable (logged). A writer
+        deletes a snapshot that a pending marker names (an interrupted write, see
+        :data:`index.files.PENDING_MARKER`) and quarantines any other (:func:`index._fs.quarantine`).
     """
     if manifest.snapshot is None:
         return None
@@ -466,11 +466,20 @@ def _load_snapshot(
             raise CorruptStoreError(f"snapshot has dim {vectors.dim}, the index needs {index_dim}")
         return vectors
     except CorruptStoreError as exc:
-        logger.warning("snapshot unusable (%s); rebuilding the index from the catalog", exc)
-        if not read_only and snap_path.exists():
-            aside = data_dir / f"{SNAPSHOT_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-            os.replace(snap_path, aside)
-            logger.warning("moved the bad snapshot to %s", aside.name)
+        if read_only or not snap_path.exists():
+            logger.warning("snapshot unusable (%s); rebuilding the index from the catalog", exc)
+            return None
+        if was_pending(data_dir, sha256_file(snap_path)):
+            # A complete newer snapshot whose manifest write never happened: nothing is damaged.
+            logger.warning(
+                "snapshot unusable (a write was interrupted before the manifest recorded it); "
+                "rebuilding the index from the catalog"
+            )
+            snap_path.unlink()
+        else:
+            logger.warning("snapshot unusable (%s); rebuilding the index from the catalog", exc)
+            aside = quarantine(snap_path)
+            logger.warning("moved the damaged snapshot to %s", aside.relative_to(data_dir))
         return None
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from deepfeat.index._fs import FileLock, remove_stale_temps
+from deepfeat.index._fs import FileLock, clear_pending, mark_pending, remove_stale_temps
 from deepfeat.index.catalog import Catalog
 from deepfeat.index.errors import ReadOnlyStoreError, StoreError
 from deepfeat.index.files import MANIFEST_FILE, SNAPSHOT_FILE
@@ -186,7 +186,7 @@ class SyncedIndex:
             remove_stale_temps(self._data_dir)
             path = self._data_dir / SNAPSHOT_FILE
             # No index lock: nothing mutates FAISS without the sync lock, and searches only read it.
-            sha = self._vectors.save(path)
+            sha = self._vectors.save(path, before_replace=lambda digest: mark_pending(self._data_dir, digest))
             info = SnapshotInfo(
                 file=SNAPSHOT_FILE,
                 sha256=sha,
@@ -209,6 +209,7 @@ class SyncedIndex:
                 else self._manifest.extra,
             )
             manifest.save(self._data_dir / MANIFEST_FILE)
+            clear_pending(self._data_dir)
             self._manifest = manifest
             self._added_since_snapshot = 0
             self._changes_since_snapshot = 0

@@ -34,7 +34,7 @@ otherwise. It costs a full rebuild per call, so delete in batches where possible
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -414,11 +414,13 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str | Path) -> str:
+    def save(self, path: str | Path, *, before_replace: Callable[[str], None] | None = None) -> str:
         """Write the index atomically (temp file in the same dir, fsync, ``os.replace``, dir fsync).
 
         Args:
             path: Destination, e.g. ``<data_dir>/vectors.faiss``.
+            before_replace: Called with the new file's sha256 once it is written, before it replaces
+                ``path`` (the store records its intent there, see :mod:`index.files`).
 
         Returns:
             The sha256 hex digest of the written file, to be recorded in the manifest.
@@ -432,6 +434,8 @@ class VectorIndex:
             faiss.write_index(self._index, str(tmp))
             # Hash the temp file: it is exactly what os.replace will put in place.
             digest.append(sha256_file(tmp))
+            if before_replace is not None:
+                before_replace(digest[0])
 
         atomic_write(Path(path), _write)
         return digest[0]

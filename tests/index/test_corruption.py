@@ -32,6 +32,7 @@ from PIL import Image
 
 from deepfeat.app.main import create_app
 from deepfeat.index.errors import StoreFullError
+from deepfeat.index.files import QUARANTINE_DIR
 from deepfeat.index.store import CATALOG_FILE, MANIFEST_FILE, SNAPSHOT_FILE, Hit, ImageStore, NewImage
 from deepfeat.models.embedder import Embedder
 from deepfeat.settings import Settings
@@ -160,14 +161,14 @@ def test_damaged_snapshot_is_detected_set_aside_and_rebuilt(
         snapshot = store.manifest.snapshot
         assert snapshot is not None and snapshot.count == len(vectors)
         assert snapshot.sha256 == hashlib.sha256(snap.read_bytes()).hexdigest()
-    aside = sorted(built_store.glob(f"{SNAPSHOT_FILE}.corrupt-*"))
+    aside = sorted((built_store / QUARANTINE_DIR).glob(f"{SNAPSHOT_FILE}.*"))
     if damaged is None:
         assert aside == []
     else:
         assert len(aside) == 1 and aside[0].read_bytes() == damaged  # kept for a person to look at
     with _open(built_store, lite0) as store:  # and the next start is a plain load
         assert ranked(store.search(queries, 10)) == before
-    assert len(list(built_store.glob(f"{SNAPSHOT_FILE}.corrupt-*"))) == len(aside)
+    assert len(list((built_store / QUARANTINE_DIR).glob(f"{SNAPSHOT_FILE}.*"))) == len(aside)
 
 
 def test_torn_temp_files_are_never_loaded(built_store: Path, lite0: Embedder, vectors: np.ndarray) -> None:
@@ -249,7 +250,7 @@ def test_service_restarts_on_a_bit_flipped_snapshot(
         assert client.get("/ready").status_code == 200
         assert client.get("/v1/stats").json()["count"] == len(ids)
         assert _search_all(client, photos) == results
-    assert len(list(data_dir.glob(f"{SNAPSHOT_FILE}.corrupt-*"))) == 1
+    assert len(list((data_dir / QUARANTINE_DIR).glob(f"{SNAPSHOT_FILE}.*"))) == 1
 
 
 def _smash_catalog_pages(path: Path) -> None:

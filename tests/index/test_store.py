@@ -24,6 +24,7 @@ from deepfeat.index.errors import (
     StoreError,
     StoreFullError,
 )
+from deepfeat.index.files import PENDING_MARKER, QUARANTINE_DIR, QUARANTINE_KEEP
 from deepfeat.index.store import MANIFEST_FILE, SNAPSHOT_FILE, Hit, ImageStore
 from tests.index._helpers import DIM, FINGERPRINT, new_images, sha_of, unit_vectors
 
@@ -276,7 +277,7 @@ def test_damaged_snapshot_is_set_aside_and_rebuilt(
         reopened = open_store()
     assert "rebuilding the index from the catalog" in caplog.text
     assert ranked(reopened.search(queries, 5)) == before
-    aside = list(data_dir.glob(f"{SNAPSHOT_FILE}.corrupt-*"))
+    aside = list((data_dir / QUARANTINE_DIR).glob(f"{SNAPSHOT_FILE}.*"))
     assert len(aside) == 1 and aside[0].read_bytes() == bytes(data)
     manifest = ImageStore.read_manifest(data_dir)
     assert manifest is not None and manifest.snapshot is not None
@@ -504,3 +505,52 @@ def test_a_writer_sweeps_every_temp_file_a_crashed_writer_left(tmp_path: Path) -
     with ImageStore.open(tmp_path, fingerprint=FINGERPRINT, dim=DIM) as store:
         assert store.count == 5
     assert not any(path.exists() for path in stray) and keep.exists()
+
+
+def test_a_snapshot_write_interrupted_before_the_manifest_is_not_called_corruption(
+    data_dir: Path, open_store: Opener
+) -> None:
+    """Killed between the snapshot's rename and the manifest's: the next open recognises its own
+    interrupted write (the pending marker), replaces the snapshot from the catalog, keeps no copy."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(Path.cwd())!r})
+        from deepfeat.index.manifest import Manifest
+        from deepfeat.index.store import ImageStore
+        from tests.index._helpers import FINGERPRINT, DIM, new_images, unit_vectors
+        store = ImageStore.open({str(data_dir)!r}, fingerprint=FINGERPRINT, dim=DIM, snapshot_every=0)
+        store.add(unit_vectors(50, seed=1), new_images(50))
+        store.snapshot()
+        store.add(unit_vectors(30, seed=2), new_images(30, start=50))
+        Manifest.save = lambda self, path: os._exit(0)  # killed right after the snapshot's rename
+        store.snapshot()
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert list(data_dir.glob(f"{PENDING_MARKER}*"))
+    store = open_store()
+    assert store.count == 80
+    assert not (data_dir / QUARANTINE_DIR).exists()
+    assert not list(data_dir.glob(f"{PENDING_MARKER}*")) and not list(data_dir.glob("*.corrupt-*"))
+    manifest = ImageStore.read_manifest(data_dir)
+    assert manifest is not None and manifest.snapshot is not None
+    assert manifest.snapshot.sha256 == hashlib.sha256((data_dir / SNAPSHOT_FILE).read_bytes()).hexdigest()
+
+
+def test_quarantine_keeps_only_the_newest_damaged_files(data_dir: Path, open_store: Opener) -> None:
+    store = open_store()
+    store.add(unit_vectors(20), new_images(20))
+    store.close()
+    for round_ in range(QUARANTINE_KEEP + 2):
+        snap = data_dir / SNAPSHOT_FILE
+        snap.write_bytes(b"garbage %d" % round_)
+        store = open_store()
+        assert store.count == 20
+        store.close()
+    kept = sorted(p.read_bytes() for p in (data_dir / QUARANTINE_DIR).iterdir())
+    assert len(kept) == QUARANTINE_KEEP and b"garbage 0" not in kept

@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 
 from deepfeat.index.errors import StoreError
+from deepfeat.index.files import PENDING_MARKER
 from deepfeat.index.store import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE, ImageStore
 from deepfeat.index.vectors import VectorIndex
 from deepfeat.models.embedder import Embedder
@@ -115,7 +116,7 @@ def check_store(data_dir: Path, embedder: Embedder, allowed_shas: set[str]) -> s
     if not data_dir.exists():
         return set()
     names = {p.name for p in data_dir.iterdir()}
-    strays = {n for n in names - KNOWN_FILES if ".tmp-" not in n and ".corrupt-" not in n}
+    strays = {n for n in names - KNOWN_FILES if ".tmp-" not in n and not n.startswith(PENDING_MARKER)}
     assert not strays, f"unexpected files in the data dir: {strays}"
 
     rows = _catalog_rows(data_dir)
