@@ -532,7 +532,12 @@ def console_main() -> None:
     (measured with `python -c "import torch, torchvision"`: 1.2 s of exit). atexit handlers still run.
     """
     import atexit
+    import signal
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops a writer at its next safe point, like Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop)
     code = main()
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)  # under cProfile, coverage or a debugger: let them write their results on exit

@@ -143,6 +143,16 @@ def run(args: argparse.Namespace) -> int:
             f"holds {total} (a re-run resumes)\n"
         )
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the deepfeat command turns it into this)
+        # Stop without a final snapshot: an add may have been cut between its commit and the index
+        # update, and the next open reconciles the index with the catalog exactly.
+        total = store.count
+        store.close(snapshot=False)
+        sys.stderr.write(
+            f"interrupted: {total - before} images were committed and the store holds {total} "
+            "(a re-run resumes)\n"
+        )
+        return 130
     except BaseException:
         store.close()
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,47 @@ def _dim(data: Path) -> int:
     manifest = ImageStore.read_manifest(data)
     assert manifest is not None
     return manifest.dim
+
+
+def test_sigterm_stops_the_indexer_with_one_line_and_loses_nothing(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    make_photo_set(tmp_path / "photos", 60, seed=11, sizes=[(640, 480), (480, 640)])
+    data = tmp_path / "data"
+    argv = ["index", str(tmp_path / "photos"), "--data-dir", str(data), *FAST_FLAGS, "--workers", "0",
+            "--batch-size", "4", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepfeat.scripts.cli", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while _committed(data / "catalog.sqlite3") < 8:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    match = re.match(r"interrupted: (\d+) images were committed and the store holds (\d+)", err)
+    assert match is not None and int(match.group(1)) == int(match.group(2)) < 60
+    done = subprocess.run(
+        [sys.executable, "-m", "deepfeat.scripts.cli", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and f"already present {match.group(2)}," in done.stdout, (
+        done.stdout + done.stderr
+    )
+
+
+def _committed(path: Path) -> int:
+    """Rows a running indexer has committed (a read-only WAL reader beside the writer)."""
+    if not path.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
