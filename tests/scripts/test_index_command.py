@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from deepfeat.index.store import ImageStore
 from deepfeat.scripts.bench_extract import make_photo_set
 from tests.conftest import FAST_FLAGS
 from tests.index.test_corruption import fill, small_filesystem
+from tests.scripts.test_kill import _catalog_count
 
 
 def test_a_full_disk_is_one_line_with_the_committed_count(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_sigterm_stops_the_indexer_with_one_line_and_loses_nothing(tmp_path: Pat
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while _committed(data / "catalog.sqlite3") < 8:
+    while _catalog_count(data) < 8:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -77,17 +77,3 @@ def test_sigterm_stops_the_indexer_with_one_line_and_loses_nothing(tmp_path: Pat
     assert done.returncode == 0 and f"already present {match.group(2)}," in done.stdout, (
         done.stdout + done.stderr
     )
-
-
-def _committed(path: Path) -> int:
-    """Rows a running indexer has committed (a read-only WAL reader beside the writer)."""
-    if not path.exists():
-        return 0
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-        try:
-            return int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
