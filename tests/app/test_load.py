@@ -84,7 +84,8 @@ def test_concurrent_uploads_for_a_fixed_time(
     tmp_path: Path, upload_images: list[bytes], photos: Photos
 ) -> None:
     clients, duration = 12, 15.0
-    env = {"DEEPFEAT_MAX_QUEUE": "4", "DEEPFEAT_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}
+    # One scale, as this test has always run: it measures leaks, not the multi-scale allocator churn.
+    env = {"DEEPFEAT_MAX_QUEUE": "4", "DEEPFEAT_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "DEEPFEAT_SCALES": "1"}
     with served(tmp_path / "data", **env) as (proc, base):
         with httpx.Client(base_url=base, timeout=30) as http:  # warm the model and the thread pool
             for data in upload_images[:4]:
