@@ -284,6 +284,7 @@ class Embedder:
     def _apply_config(self, config: EmbedderConfig) -> None:
         """Derive what the forward pass needs from a resolved config (layer named, pooling decided)."""
         self.config = config
+        self._fingerprint: dict[str, Any] | None = None
         self.spec: ModelSpec = get_model(config.model)
         self.layer: LayerSpec = self.spec.get_layer(config.layer)
         self._pool = get_pooling(self.pooling, gem_p=self.gem_p) if self.layer.kind == "conv" else None
@@ -358,9 +359,9 @@ class Embedder:
     def fingerprint(self) -> dict[str, Any]:
         """What makes two vectors comparable. Stored in an index's manifest and compared on open
         (see :func:`deepfeat.models.identity.fingerprint_of`)."""
-        fingerprint = fingerprint_of(self.config)
-        fingerprint["weights"] = self.weights_identity  # as loaded, the same by construction
-        return fingerprint
+        if self._fingerprint is None:  # once per config: variants get their own
+            self._fingerprint = fingerprint_of(self.config, weights_identity=self.weights_identity)
+        return dict(self._fingerprint)
 
     @property
     def decode_size(self) -> tuple[int, int]:

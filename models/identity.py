@@ -49,8 +49,9 @@ def resolve(config: EmbedderConfig) -> EmbedderConfig:
     return config.model_copy(update={"model": spec.name, "layer": layer.name, "pooling": pooling})
 
 
-def fingerprint_of(config: EmbedderConfig) -> dict[str, Any]:
-    """What makes two vectors comparable (see :meth:`EmbedderConfig.fingerprint`).
+def fingerprint_of(config: EmbedderConfig, *, weights_identity: str | None = None) -> dict[str, Any]:
+    """What makes two vectors comparable (see :meth:`EmbedderConfig.fingerprint`). A caller that has
+    loaded the weights passes their identity, so a checkpoint file is not hashed again.
 
     Device, precision and compilation are deliberately absent: they change vectors by far less than
     the distance between different images (tested at cosine >= 0.99), so an index built on a GPU in
@@ -64,7 +65,7 @@ def fingerprint_of(config: EmbedderConfig) -> dict[str, Any]:
         preprocess = {"mode": "crop", **pre}
     else:
         preprocess = {"mode": "full", "max_side": config.max_side, **pre, "resize": None, "crop": None}
-    identity = spec.identify(config.weights)
+    identity = spec.identify(config.weights) if weights_identity is None else weights_identity
     return {
         "version": FINGERPRINT_VERSION,
         "model": spec.name,

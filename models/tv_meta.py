@@ -27,19 +27,21 @@ ARCHS = ("vgg16", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _FORMAT = 1
 
 
+def _cache_home() -> str:
+    return os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+
+
 def hub_dir() -> Path:
     """Where torch hub keeps downloads: the rule of ``torch.hub.get_dir()`` ($TORCH_HOME/hub, else
     $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub); a test holds the two together."""
     torch_home = os.environ.get("TORCH_HOME")
     if torch_home is None:
-        cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-        torch_home = os.path.join(cache, "torch")
+        torch_home = os.path.join(_cache_home(), "torch")
     return Path(os.path.expanduser(torch_home)) / "hub"
 
 
 def _cache_file(version: str) -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return Path(cache) / "deepfeat" / f"torchvision-{version}-v{_FORMAT}.json"
+    return Path(_cache_home()) / "deepfeat" / f"torchvision-{version}-v{_FORMAT}.json"
 
 
 def _read_from_torchvision() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from deepfeat.settings import Settings
 __all__ = [
     "COMMON_FIELDS",
     "add_common_arguments",
+    "default_text",
     "add_setting_arguments",
     "settings_from_args",
     "echo",
@@ -54,15 +55,19 @@ def _choices(annotation: Any) -> list[str] | None:
     return None
 
 
-def _default_text(info: FieldInfo) -> str:
-    if info.default_factory is not None:
-        return ""
-    value = info.default
+def default_text(info: FieldInfo) -> str:
+    """A setting's default as the help and the README's table print it (lists in the a,b,c syntax the
+    settings accept; "—" for none)."""
+    value: Any = info.get_default(call_default_factory=True)
     if value is None:
-        return ""
+        return "—"
     if isinstance(value, tuple | list):
-        value = ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value)
-    return f" (default {value})"
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value) or "(empty)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) and value >= 100_000:
+        return f"{value:_}".replace("_", " ")
+    return str(value)
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser | Any, names: typing.Iterable[str]) -> None:
@@ -72,7 +77,10 @@ def add_setting_arguments(parser: argparse.ArgumentParser | Any, names: typing.I
     for name in names:
         info = Settings.model_fields[name]
         flag = "--" + name.replace("_", "-")
-        text = (info.description or name.replace("_", " ")) + _default_text(info)
+        default = default_text(info)
+        text = (info.description or name.replace("_", " ")) + (
+            "" if default == "—" else f" (default {default})"
+        )
         if info.annotation is bool:
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
             continue

@@ -11,11 +11,8 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from pydantic.fields import FieldInfo
-
-from deepfeat.scripts.cli_common import COMMON_FIELDS
+from deepfeat.scripts.cli_common import COMMON_FIELDS, default_text
 from deepfeat.settings import Settings
 
 __all__ = ["render", "default_text", "main"]
@@ -23,20 +20,6 @@ __all__ = ["render", "default_text", "main"]
 START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
 _OTHER_FLAGS = {"batch_size", "workers", "host", "port", "read_only"}
 """Settings that are also flags of particular commands (index, serve)."""
-
-
-def default_text(info: FieldInfo) -> str:
-    """A default as the table prints it (lists as the a,b,c syntax the settings accept)."""
-    value: Any = info.get_default(call_default_factory=True)
-    if value is None:
-        return "—"
-    if isinstance(value, tuple | list):
-        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value) or "(empty)"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int) and value >= 100_000:
-        return f"{value:_}".replace("_", " ")
-    return str(value)
 
 
 def render() -> str:

@@ -135,3 +135,17 @@ def test_weights_argument_round_trip() -> None:
 def test_non_ascii_digits_are_an_unknown_layer_not_a_crash() -> None:
     with pytest.raises(UnknownLayerError):
         get_model("resnet18").get_layer("¹")
+
+
+def test_the_hub_dir_rule_is_torch_hubs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights availability is checked without importing torch: the rule must stay torch's own."""
+    import torch.hub
+
+    from deepfeat.models import tv_meta
+
+    for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):
+        monkeypatch.delenv("TORCH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert tv_meta.hub_dir() == Path(torch.hub.get_dir()), env
