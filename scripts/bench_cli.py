@@ -23,7 +23,7 @@ from deepfeat.scripts.bench_machine import describe, machine
 
 __all__ = ["main", "measure"]
 
-HEAVY = ("torch", "torchvision", "faiss", "fastapi", "ray", "timm")
+HEAVY = ("torch", "torchvision", "faiss", "fastapi", "starlette", "uvicorn", "ray", "timm")
 _SCRIPT = Path(sys.executable).with_name("deepfeat")
 _DEEPFEAT = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "deepfeat.scripts.cli"]
 """The installed console script, as a user runs it (``python -m`` where it is not installed)."""
@@ -36,9 +36,8 @@ COMMANDS = {
 }
 
 _PROBE = (
-    "import sys, runpy; sys.argv = ['deepfeat', *sys.argv[1:]]\n"
-    "try:\n    runpy.run_module('deepfeat.scripts.cli', run_name='__probe__')\n"
-    "    from deepfeat.scripts.cli import main\n    main()\nexcept SystemExit:\n    pass\n"
+    "import sys\nfrom deepfeat.scripts.cli import main\n"
+    "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
     f"print('\\nHEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
 )
 
@@ -53,11 +52,15 @@ def measure(argv: list[str], repeats: int) -> list[float]:
 
 
 def imported(argv: list[str]) -> list[str]:
-    """The heavy libraries a command imports (run once more in-process with a probe)."""
-    if argv[: len(_DEEPFEAT)] != _DEEPFEAT:
-        return []
+    """The heavy libraries a command line imports (none for commands other than ``deepfeat``)."""
+    return imported_by(argv[len(_DEEPFEAT) :]) if argv[: len(_DEEPFEAT)] == _DEEPFEAT else []
+
+
+def imported_by(args: Sequence[str], *, env: dict[str, str] | None = None) -> list[str]:
+    """The heavy libraries ``deepfeat ARGS`` has imported when it finishes (a fresh process with a
+    probe around the command's ``main``)."""
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, *argv[len(_DEEPFEAT) :]], capture_output=True, text=True, check=False
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=False, env=env
     )
     for line in done.stderr.splitlines():
         if line.startswith("HEAVY="):

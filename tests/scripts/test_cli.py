@@ -131,21 +131,10 @@ def test_whiten_and_duplicates(
 
 
 def _modules_after(argv: list[str], tmp_path: Path) -> set[str]:
-    """The top-level modules a real ``deepfeat`` process had imported when its command finished."""
-    probe = (
-        "import sys\nfrom deepfeat.scripts.cli import main\n"
-        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-        "print('MODULES=' + ','.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, *argv],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
-    )
-    line = next(x for x in done.stdout.splitlines() if x.startswith("MODULES="))
-    return set(line[len("MODULES=") :].split(","))
+    """The heavy libraries a real ``deepfeat`` process had imported when its command finished."""
+    from deepfeat.scripts.bench_cli import imported_by
+
+    return set(imported_by(argv, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}))
 
 
 def test_help_and_models_load_no_heavy_library(tmp_path: Path) -> None:
