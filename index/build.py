@@ -60,6 +60,7 @@ from deepfeat.index.generations import (
     remove_unreferenced,
     used_numbers,
 )
+from deepfeat.index.ids import vector_ids
 from deepfeat.index.manifest import GenerationInfo, Manifest
 from deepfeat.index.relayout import FillReport, train_and_fill
 from deepfeat.index.vectors import VectorIndex
@@ -471,7 +472,7 @@ def build_generation(
         plan = _plan_for(
             source,
             factory=factory,
-            n_vectors=catalog.count(),
+            n_vectors=catalog.count() * catalog.vectors_per_image(),
             max_memory_bytes=max_memory_bytes,
             sample=sample,
             search_params=search_params,
@@ -659,7 +660,7 @@ def _fill_shards(
         nonlocal block
         if block is None:
             block = faiss.clone_index(template.faiss_index)
-        block.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), seqs)
+        block.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), vector_ids(seqs))
         if block.ntotal >= plan.shard_vectors:
             flush(block)
             block = None

@@ -1,6 +1,8 @@
 """The SQLite catalog: the source of truth for every acknowledged image, its metadata and its vector.
 
-One row per distinct image content (sha256). ``seq`` (INTEGER PRIMARY KEY AUTOINCREMENT) is the int64
+One row per distinct image content (sha256), with its vectors: the image's global descriptor first,
+then any regional descriptors, as one (m, dim) little-endian float32 BLOB (m = 1 in stores written
+before regional descriptors). ``seq`` (INTEGER PRIMARY KEY AUTOINCREMENT) is the int64
 id FAISS uses and is never exposed; ``id`` (uuid4 hex) is the public, stable id. AUTOINCREMENT
 guarantees a ``seq`` is never reused, and because SQLite has one writer at a time, rows become visible
 in ``seq`` order: "every row with seq <= N" is a valid watermark for catching up incrementally.
@@ -27,6 +29,7 @@ import numpy as np
 
 from deepfeat.index.catalog_db import IN_CHUNK, SCHEMA_VERSION, Database, chunks
 from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError
+from deepfeat.index.ids import MAX_VECTORS_PER_IMAGE
 
 __all__ = ["SCHEMA_VERSION", "Catalog", "CatalogIdentity", "NewImage", "ImageRecord", "InsertResult"]
 
@@ -193,9 +196,12 @@ class Catalog:
                 f"row {index}: sha256 must be 64 lowercase hex characters, got {str(row.sha256)[:80]!r}"
             )
         vector = np.asarray(vector)
-        if vector.shape != (self._dim,):
+        if vector.ndim == 1:
+            vector = vector[None, :]
+        if vector.ndim != 2 or vector.shape[1] != self._dim or not 1 <= len(vector) <= MAX_VECTORS_PER_IMAGE:
             raise InvalidVectorError(
-                f"row {index}: vector must have shape ({self._dim},), got {vector.shape}"
+                f"row {index}: vectors must have shape ({self._dim},) or (m, {self._dim}) with "
+                f"1 <= m <= {MAX_VECTORS_PER_IMAGE}, got {vector.shape}"
             )
         if vector.dtype not in (np.float32, np.float64) or not np.isfinite(vector).all():
             raise InvalidVectorError(f"row {index}: vector must be finite float32, got dtype {vector.dtype}")
@@ -230,7 +236,8 @@ class Catalog:
 
         Args:
             rows: The images to insert.
-            vectors: (len(rows), dim) raw vectors, row i for image i.
+            vectors: (len(rows), dim) raw vectors, row i for image i; or (len(rows), m, dim), image i's
+                global vector first, then its regional ones.
 
         Returns:
             One result per input row, in input order.
@@ -245,8 +252,15 @@ class Catalog:
         encoded = [self._encode(i, row, vectors[i]) for i, row in enumerate(rows)]
         if not encoded:
             return []
+        per_image = max(len(params[-1]) for params in encoded) // (self._dim * _VECTOR_DTYPE.itemsize)
         results: list[InsertResult] = []
         with self._db.write("adding images") as conn:
+            if per_image > 1:
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('vectors_per_image', ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                    (str(per_image),),
+                )
             known = self._lookup_sha(conn, list(dict.fromkeys(params[0] for params in encoded)))
             now = time.time()
             for params, row in zip(encoded, rows, strict=True):
@@ -372,14 +386,14 @@ class Catalog:
             shas: sha256 hex digests; unknown ones are simply absent from the result.
 
         Returns:
-            ``{sha256: (dim,) float32 vector}``.
+            ``{sha256: (dim,) float32 global vector}``.
         """
         wanted = list(dict.fromkeys(s for s in shas if isinstance(s, str)))
         with self._db.read("looking up hashes") as conn:
             found = self._lookup_sha(conn, wanted)
         sha_by_seq = {seq: sha for sha, (_, seq) in found.items()}
         out: dict[str, np.ndarray] = {}
-        for seqs, vectors in self.vectors_for_seqs(list(sha_by_seq)):
+        for seqs, vectors in self.vectors_for_seqs(list(sha_by_seq), global_only=True):
             for seq, vector in zip(seqs.tolist(), vectors, strict=True):
                 out[sha_by_seq[int(seq)]] = vector
         return out
@@ -421,6 +435,13 @@ class Catalog:
         )
         return bytes(rows[0][0]) if rows else None
 
+    def vectors_per_image(self) -> int:
+        """The most vectors any image was stored with (1 for global descriptors only)."""
+        rows = self._db.fetchall(
+            "reading vectors per image", "SELECT value FROM meta WHERE key = 'vectors_per_image'"
+        )
+        return max(1, int(rows[0][0])) if rows else 1
+
     def count(self) -> int:
         """Number of images."""
         return int(self._db.fetchall("counting images", "SELECT COUNT(*) FROM images")[0][0])
@@ -451,27 +472,41 @@ class Catalog:
             seqs = np.fromiter((r[0] for r in conn.execute("SELECT seq FROM images")), dtype=np.int64)
         return int(rows.get("images", 0)), int(rows.get("deletions", 0)), seqs
 
-    def _decode(self, blobs: Sequence[bytes]) -> np.ndarray:
+    def _decode(
+        self, rows: Sequence[tuple[int, bytes]], *, global_only: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(seq, blob)`` rows -> ``(seqs, vectors)``, one entry per vector: an image's seq repeated
+        once per vector (its global one first), or only the global vectors."""
         width = self._dim * _VECTOR_DTYPE.itemsize
-        if any(len(b) != width for b in blobs):
+        counts = np.fromiter((len(r[1]) // width for r in rows), dtype=np.int64, count=len(rows))
+        if any(len(r[1]) % width or not len(r[1]) for r in rows):
             raise CorruptStoreError(f"catalog holds a vector whose size is not {self._dim} float32 values")
-        flat = np.frombuffer(b"".join(blobs), dtype=_VECTOR_DTYPE)
-        return flat.astype(np.float32).reshape(len(blobs), self._dim)  # (n, dim), native byte order
+        seqs = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if global_only:
+            blob = b"".join(bytes(r[1][:width]) for r in rows)
+            counts = np.ones_like(counts)
+        else:
+            blob = b"".join(r[1] for r in rows)
+        flat = np.frombuffer(blob, dtype=_VECTOR_DTYPE)
+        # (total vectors, dim), native byte order
+        return np.repeat(seqs, counts), flat.astype(np.float32).reshape(-1, self._dim)
 
     def iter_vectors(
-        self, *, after_seq: int = 0, batch: int = 10000
+        self, *, after_seq: int = 0, batch: int = 10000, global_only: bool = False
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream ``(seqs, vectors)`` for rows with seq > ``after_seq``, in seq order.
 
         Each chunk is its own short read, so a long rebuild never pins a WAL snapshot nor holds all
-        vectors in memory.
+        vectors in memory. An image's vectors are never split between chunks.
 
         Args:
             after_seq: Exclusive lower bound.
-            batch: Rows per chunk.
+            batch: Images per chunk.
+            global_only: Only each image's global vector (the first), not its regional ones.
 
         Yields:
-            ``(seqs (b,) int64, vectors (b, dim) float32)``.
+            ``(seqs (v,) int64, vectors (v, dim) float32)``, one entry per vector: an image's seq
+            repeats once per vector (:func:`index.ids.vector_ids` names them for FAISS).
         """
         last = int(after_seq)
         while True:
@@ -482,19 +517,19 @@ class Catalog:
             )
             if not rows:
                 return
-            seqs = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            yield seqs, self._decode([r[1] for r in rows])
-            last = int(seqs[-1])
+            yield self._decode(rows, global_only=global_only)
+            last = int(rows[-1][0])
             if len(rows) < batch:
                 return
 
     def vectors_for_seqs(
-        self, seqs: Sequence[int], *, batch: int = IN_CHUNK
+        self, seqs: Sequence[int], *, batch: int = IN_CHUNK, global_only: bool = False
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream ``(seqs, vectors)`` for the given seqs (missing ones are skipped).
+        """Stream ``(seqs, vectors)`` for the given seqs (missing ones are skipped), in seq order, as
+        :meth:`iter_vectors` does.
 
         Yields:
-            ``(seqs (b,) int64, vectors (b, dim) float32)``.
+            ``(seqs (v,) int64, vectors (v, dim) float32)``, one entry per vector.
         """
         for chunk in chunks(list(seqs), batch):
             marks = ",".join("?" * len(chunk))
@@ -504,10 +539,7 @@ class Catalog:
                 tuple(int(s) for s in chunk),
             )
             if rows:
-                yield (
-                    np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
-                    self._decode([r[1] for r in rows]),
-                )
+                yield self._decode(rows, global_only=global_only)
 
     def deleted_since(self, rowid: int) -> tuple[list[int], int]:
         """Tombstones after a watermark.
@@ -547,8 +579,9 @@ class Catalog:
         width = self._dim * _VECTOR_DTYPE.itemsize
         torn = self._db.fetchall(
             "checking vector sizes",
-            "SELECT seq FROM images WHERE typeof(vector) != 'blob' OR length(vector) != ? LIMIT 5",
-            (width,),
+            "SELECT seq FROM images WHERE typeof(vector) != 'blob' OR length(vector) = 0 "
+            "OR length(vector) % ? != 0 OR length(vector) > ? LIMIT 5",
+            (width, width * MAX_VECTORS_PER_IMAGE),
         )
         if torn:
             seqs = ", ".join(str(r[0]) for r in torn)

@@ -66,8 +66,8 @@ def near_duplicates(
     if not 0.0 < threshold <= 1.0:
         raise InvalidArgumentError(f"threshold must be in (0, 1], got {threshold}")
     sets = _DisjointSets()
-    for seqs, vecs in catalog.iter_vectors(batch=batch):
-        scores, ids = search(vecs, k + 1)
+    for seqs, vecs in catalog.iter_vectors(batch=batch, global_only=True):
+        scores, ids = search(vecs, k + 1)  # (b, <= k + 1) image hits
         for seq, row_scores, row_ids in zip(seqs.tolist(), scores, ids, strict=True):
             for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
                 if other >= 0 and other != seq and score >= threshold:

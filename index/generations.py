@@ -68,6 +68,7 @@ import numpy as np
 
 from deepfeat.index._fs import sha256_file
 from deepfeat.index.errors import CorruptStoreError
+from deepfeat.index.ids import seqs_of
 from deepfeat.index.manifest import GenerationInfo
 from deepfeat.index.vectors import VectorIndex
 
@@ -264,8 +265,8 @@ class Generation:
 
     @property
     def visible(self) -> int:
-        """Vectors searchable in the generation (held minus hidden)."""
-        return max(0, self.index.ntotal - int(self.hidden.size))
+        """Images searchable in the generation (held minus hidden)."""
+        return max(0, self.index.images - int(self.hidden.size))
 
     def hide(self, seqs: Iterable[int]) -> Generation:
         """A copy with ``seqs`` hidden too (those above ``info.max_seq`` are not in it and are ignored)."""
@@ -286,9 +287,10 @@ class Generation:
         Returns:
             ``(scores, ids)`` as :func:`merge_top_k` returns them.
         """
-        scores, ids = self.index.search(queries, int(k) + int(self.hidden.size))
+        # A hidden image may fill as many slots as it has vectors.
+        scores, ids = self.index.search(queries, int(k) + int(self.hidden.size) * self.index.per_image)
         if self.hidden.size:
-            ids = np.where(np.isin(ids, self.hidden), -1, ids)
+            ids = np.where(np.isin(seqs_of(ids), self.hidden), -1, ids)
         return merge_top_k([(scores, ids)], int(k))
 
 

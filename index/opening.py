@@ -504,7 +504,7 @@ def reconcile_snapshot(
         filled = train_and_fill(vectors, catalog, max_seq=max_seq, n_live=int(live.size), project=project)
         removed, added = 0, filled.added
     else:
-        held = vectors.ids()
+        held = vectors.seqs()
         extra = np.setdiff1d(held, live, assume_unique=True)
         missing = np.setdiff1d(live, held, assume_unique=True)
         if extra.size:

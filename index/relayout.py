@@ -229,9 +229,8 @@ class RelayoutMixin(SyncedIndex):
         open (or an explicit call) moves it from Flat to HNSW to IVF. Returns the factory in use.
         """
         self._check_writable("change the index type")
-        desired = choose_factory(
-            max(1, self._catalog.count()), self.index_dim, memory_budget_bytes=memory_budget_bytes
-        )
+        n_vectors = self._catalog.count() * self._catalog.vectors_per_image()
+        desired = choose_factory(max(1, n_vectors), self.index_dim, memory_budget_bytes=memory_budget_bytes)
         if desired == self._manifest.index_factory and self._manifest.extra.get("index_policy") == "auto":
             return desired
         with self._sync_lock:
@@ -240,7 +239,7 @@ class RelayoutMixin(SyncedIndex):
             if desired != self._vectors.factory:
                 logger.info(
                     "auto index: %d vectors -> %s (rebuilding from the catalog)",
-                    self._catalog.count(),
+                    n_vectors,
                     desired,
                 )
                 self._rebuild(self._whitening)

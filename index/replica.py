@@ -27,6 +27,7 @@ import numpy as np
 from deepfeat.index.catalog import Catalog
 from deepfeat.index.errors import CorruptStoreError
 from deepfeat.index.generations import Generation, load_generation, merge_top_k
+from deepfeat.index.ids import seqs_of, vector_ids
 from deepfeat.index.manifest import GenerationInfo, Manifest
 from deepfeat.index.sync import REPLAY_BATCH, SyncedIndex, load_whitening
 from deepfeat.index.vectors import VectorIndex
@@ -100,7 +101,7 @@ class ReplicaMixin(SyncedIndex):
             base = self._base
         if base is not None:
             if base.index.exact_scores:
-                shortlist = base.search(q, k)
+                shortlist = base.search(q, k)  # k counts vectors here: the caller's fan-out
             else:
                 shortlist = self._rerank(q, *base.search(q, k * RERANK_FACTOR), k)
             scores, ids = merge_top_k([(scores, ids), shortlist], k)
@@ -116,17 +117,18 @@ class ReplicaMixin(SyncedIndex):
         catalog already stores every raw vector, so the fix costs one indexed SQLite read per query
         batch, and the scores returned are exact inner products. Rows deleted meanwhile drop out.
         """
-        wanted = np.unique(ids[ids >= 0])
+        wanted = np.unique(seqs_of(ids[ids >= 0]))
         if not wanted.size:
             return merge_top_k([(scores, ids)], k)
-        seq_parts, vec_parts = [], []
+        id_parts, vec_parts = [], []
         for seqs, vectors in self._catalog.vectors_for_seqs(wanted.tolist()):
-            seq_parts.append(seqs)
+            id_parts.append(vector_ids(seqs))
             vec_parts.append(self._project(vectors))
-        if not seq_parts:
+        if not id_parts:
             return merge_top_k([(scores, np.full_like(ids, -1))], k)
-        # Sorted already: ``wanted`` is sorted and each chunk comes back ORDER BY seq.
-        known, matrix = np.concatenate(seq_parts), np.concatenate(vec_parts)
+        known, matrix = np.concatenate(id_parts), np.concatenate(vec_parts)
+        order = np.argsort(known, kind="stable")  # regional ids sort after every global one
+        known, matrix = known[order], matrix[order]
         pos = np.searchsorted(known, ids).clip(0, known.size - 1)
         valid = (ids >= 0) & (known[pos] == ids)
         exact = np.einsum("md,mkd->mk", queries, matrix[pos]).astype(np.float32)
@@ -172,11 +174,11 @@ class ReplicaMixin(SyncedIndex):
                 self._seq_mark, self._del_mark = seq_mark, del_mark
                 self._manifest = on_disk
             logger.info(
-                "now serving generation %d (%d vectors, %s) + %d newer rows (was %s)",
+                "now serving generation %d (%d images, %s) + %d newer images (was %s)",
                 info.number,
                 base.visible,
                 info.factory,
-                delta.ntotal,
+                delta.images,
                 f"generation {old.info.number}" if old is not None else "the in-memory index",
             )
-            return base.visible + delta.ntotal
+            return base.visible + delta.images

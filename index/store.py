@@ -56,6 +56,7 @@ from deepfeat.index.errors import (
     StoreError,
 )
 from deepfeat.index.files import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE
+from deepfeat.index.ids import MAX_VECTORS_PER_IMAGE, aggregate
 from deepfeat.index.manifest import GenerationInfo, Manifest, normalize_fingerprint
 from deepfeat.index.opening import LoadedIndex, open_store
 from deepfeat.index.relayout import RelayoutMixin
@@ -215,10 +216,10 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
 
     @property
     def count(self) -> int:
-        """Vectors searchable by this instance (the catalog count after :meth:`refresh`; on a replica
+        """Images searchable by this instance (the catalog count after :meth:`refresh`; on a replica
         serving a generation, short by the rows deleted while that generation was being built)."""
         base = self._base
-        return self._vectors.ntotal + (base.visible if base is not None else 0)
+        return self._vectors.images + (base.visible if base is not None else 0)
 
     @property
     def generation(self) -> GenerationInfo | None:
@@ -250,14 +251,22 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         """Whether writes are refused."""
         return self._read_only
 
-    def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
+    def _check_vectors(self, vectors: np.ndarray, what: str, *, per_image: bool = False) -> np.ndarray:
         arr = np.asarray(vectors)
-        if arr.ndim != 2 or arr.shape[1] != self.dim:
-            raise InvalidVectorError(f"{what} must have shape (n, {self.dim}), got {arr.shape}")
+        if (
+            per_image
+            and arr.ndim == 3
+            and arr.shape[2] == self.dim
+            and 1 <= arr.shape[1] <= MAX_VECTORS_PER_IMAGE
+        ):
+            pass  # (n, m, dim): each image's global vector, then its regional ones
+        elif arr.ndim != 2 or arr.shape[1] != self.dim:
+            shapes = f"(n, {self.dim}) or (n, m, {self.dim})" if per_image else f"(n, {self.dim})"
+            raise InvalidVectorError(f"{what} must have shape {shapes}, got {arr.shape}")
         if arr.dtype not in (np.float32, np.float64):
             raise InvalidVectorError(f"{what} must be float32 (float64 is cast), got dtype {arr.dtype}")
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        finite = np.isfinite(arr).all(axis=1)
+        finite = np.isfinite(arr).all(axis=tuple(range(1, arr.ndim)))
         if not finite.all():
             raise InvalidVectorError(
                 f"{what} contain NaN or infinite values (row {int(np.flatnonzero(~finite)[0])})"
@@ -319,8 +328,10 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         fails before the commit, nothing is stored anywhere.
 
         Args:
-            vectors: (n, dim) float32 (float64 is cast), finite; row i belongs to ``images[i]``. The
-                store never re-normalises: pass L2-normalised vectors to get cosine scores.
+            vectors: (n, dim) float32 (float64 is cast), finite; row i belongs to ``images[i]``. Or
+                (n, m, dim): image i's global vector, then m - 1 regional ones (a search scores each
+                image by its best vector). The store never re-normalises: pass L2-normalised vectors
+                to get cosine scores.
             images: n descriptions.
 
         Returns:
@@ -334,7 +345,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             StoreError: An untrained IVF/PQ index and too few vectors to train it.
         """
         self._check_writable("add images")
-        x = self._check_vectors(vectors, "vectors")
+        x = self._check_vectors(vectors, "vectors", per_image=True)
         if x.shape[0] != len(images):
             raise InvalidVectorError(f"got {x.shape[0]} vectors for {len(images)} images; they must match")
         if not images:
@@ -346,7 +357,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             # Train before the commit: a training failure must not leave committed-but-unindexable rows.
             with self._sync_lock, self._index_lock:
                 if not self._vectors.is_trained:
-                    self._vectors.train(x)
+                    self._vectors.train(x.reshape(-1, self.dim))
         results = self._catalog.insert_many(images, x)
         if any(r.created for r in results):
             self._sync(atomic=True)
@@ -456,7 +467,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
             raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
         q = self._check_vectors(queries, "queries")
-        scores, ids = self._search_index(q, int(k))  # (m, k') each, k' <= k
+        scores, ids = self._search_images(q, int(k))  # (m, k') each, k' <= k
         found = ids[ids >= 0]
         records = self._catalog.get_many_by_seq(np.unique(found).tolist()) if found.size else {}
         results: list[list[Hit]] = []
@@ -472,6 +483,21 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
                 hits.append(Hit(id=record.id, score=float(score), record=record))
             results.append(hits)
         return results
+
+    def _search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` images per query: each image scores its best vector (global or regional), so
+        ``k`` counts images whatever the number of vectors each holds.
+
+        Returns:
+            ``(scores, seqs)``, (m, k') each, best first, -1 seqs past the last hit.
+        """
+        base = self._base
+        per_image = max(self._vectors.per_image, base.index.per_image if base is not None else 1)
+        # Among the top k * per_image vectors are the best vectors of at least k distinct images.
+        scores, ids = self._search_index(queries, k * per_image)
+        if per_image == 1:
+            return scores, ids
+        return aggregate(scores, ids, k)
 
     def vectors_by_sha256(self, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
         """The stored vectors of known contents, as they were added (before any whitening), so other
@@ -518,7 +544,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             InvalidArgumentError: ``threshold`` outside (0, 1].
         """
         self._check_open()
-        return duplicates.near_duplicates(self._catalog, self._search_index, threshold, k=k, batch=batch)
+        return duplicates.near_duplicates(self._catalog, self._search_images, threshold, k=k, batch=batch)
 
     def stats(self) -> dict[str, Any]:
         """A summary for health checks and the CLI.
@@ -535,7 +561,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         base = self._base
         return {
             "count": self._catalog.count(),
-            "indexed": self._vectors.ntotal,
+            "indexed": self._vectors.images,
+            "vectors": self._vectors.ntotal + (base.index.ntotal if base is not None else 0),
+            "vectors_per_image": self._vectors.per_image if base is None else base.index.per_image,
             "dim": self.dim,
             "metric": self._manifest.metric,
             "index_factory": self.index_factory if base is None else base.info.factory,
@@ -554,7 +582,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
                 "count": base.info.count,
                 "max_seq": base.info.max_seq,
                 "hidden": int(base.hidden.size),
-                "delta": self._vectors.ntotal,
+                "delta": self._vectors.images,
             },
         }
 

@@ -54,6 +54,11 @@ REPLAY_BATCH = 10_000
 """Catalog rows read per chunk when replaying or rebuilding (bounded memory for a big catch-up)."""
 
 
+def _images_in(seqs: np.ndarray) -> int:
+    """Images in a per-vector seqs array (an image's seq repeats contiguously, once per vector)."""
+    return int(np.count_nonzero(np.diff(seqs))) + 1 if seqs.size else 0
+
+
 def layout(manifest: Manifest) -> tuple[Any, str]:
     """What the vectors in FAISS are: the whitening applied and the index type."""
     return manifest.extra.get("whitening"), manifest.index_factory
@@ -156,13 +161,13 @@ class SyncedIndex:
                 with self._index_lock:
                     self._vectors.add(seqs, self._project(vecs))
                 self._seq_mark = int(seqs[-1])
-                added = int(seqs.size)
+                added = _images_in(seqs)
             return added
         for seqs, vecs in chunks:
             with self._index_lock:
                 self._vectors.add(seqs, self._project(vecs))
             self._seq_mark = int(seqs[-1])
-            added += int(seqs.size)
+            added += _images_in(seqs)
         return added
 
     # ------------------------------------------------------------------ the snapshot

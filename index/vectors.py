@@ -44,6 +44,7 @@ import numpy as np
 from deepfeat.index._fs import atomic_write, sha256_file
 from deepfeat.index.choose import default_search_params
 from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError, StoreError
+from deepfeat.index.ids import SEQ_BITS, all_vector_ids, seqs_of, vector_ids
 
 __all__ = ["VectorIndex"]
 
@@ -74,6 +75,11 @@ def _parts(index: Any) -> Iterator[tuple[str, Any]]:
             node = None
         else:
             node = None
+
+
+def _per_image_of(ids: np.ndarray) -> int:
+    """The most vectors one image has among FAISS ids (an image's vector r has r in the high bits)."""
+    return int(ids.max() >> SEQ_BITS) + 1 if ids.size else 1
 
 
 def _ivf_of(index: Any) -> Any | None:
@@ -109,6 +115,7 @@ class VectorIndex:
             raise CorruptStoreError(f"FAISS index metric is {index.metric_type}, expected inner product")
         self._index = index
         self._factory = factory
+        self._per_image: int | None = None if index.ntotal else 1
 
     @classmethod
     def create(
@@ -301,12 +308,13 @@ class VectorIndex:
             ) from exc
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add vectors under explicit ids, training first if the index needs it.
+        """Add vectors under their images' seqs, training first if the index needs it.
 
-        Ids must not already be in the index (FAISS would keep both copies); the store guarantees that.
+        Seqs must not already be in the index (FAISS would keep both copies); the store guarantees that.
 
         Args:
-            ids: (n,) int64 ids.
+            ids: (n,) int64 seqs, one per vector: an image with several vectors repeats its seq once
+                per vector, contiguously, its global vector first (:func:`index.ids.vector_ids`).
             vectors: (n, dim) float32 vectors (float64 is cast).
 
         Raises:
@@ -320,13 +328,28 @@ class VectorIndex:
             return
         if not self.is_trained:
             self.train(x)
-        self._index.add_with_ids(x, i)
+        faiss_ids = vector_ids(i)
+        self._index.add_with_ids(x, faiss_ids)
+        if self._per_image is not None:
+            self._per_image = max(self._per_image, _per_image_of(faiss_ids))
+
+    @property
+    def images(self) -> int:
+        """Images held: every image of a store has the same number of vectors (its embedder's)."""
+        return self.ntotal // self.per_image
+
+    @property
+    def per_image(self) -> int:
+        """The most vectors any image has here (read from the ids once, then kept up to date)."""
+        if self._per_image is None:
+            self._per_image = _per_image_of(self.ids())
+        return self._per_image
 
     def remove(self, ids: np.ndarray) -> int:
-        """Remove ids (absent ones are ignored).
+        """Remove images by seq, every vector of each (absent ones are ignored).
 
         Args:
-            ids: (n,) int64 ids.
+            ids: (n,) int64 seqs.
 
         Returns:
             How many vectors were removed.
@@ -337,6 +360,8 @@ class VectorIndex:
         i = self._check_ids(ids)
         if i.size == 0 or self.ntotal == 0:
             return 0
+        if self.per_image > 1:
+            i = all_vector_ids(i, self.per_image)
         try:
             return int(self._index.remove_ids(faiss.IDSelectorBatch(i)))
         except RuntimeError as exc:
@@ -371,9 +396,10 @@ class VectorIndex:
             k: Neighbours per query, >= 1.
 
         Returns:
-            ``(scores, ids)``: (m, k') float32 best first and (m, k') int64, where k' = min(k, ntotal)
-            (so a huge k never allocates a huge result); ids are -1 where an approximate index found
-            fewer than k' neighbours.
+            ``(scores, ids)``: (m, k') float32 best first and (m, k') int64 FAISS ids (an image's seq
+            and which of its vectors: :func:`index.ids.seqs_of`), where k' = min(k, ntotal) (so a huge
+            k never allocates a huge result); ids are -1 where an approximate index found fewer than
+            k' neighbours.
 
         Raises:
             InvalidVectorError: Bad query shape/dtype/values.
@@ -389,8 +415,12 @@ class VectorIndex:
         scores, ids = self._index.search(q, k_eff)
         return np.asarray(scores, dtype=np.float32), np.asarray(ids, dtype=np.int64)
 
+    def seqs(self) -> np.ndarray:
+        """The seqs of the images held (sorted, unique)."""
+        return np.unique(seqs_of(self.ids()))
+
     def ids(self) -> np.ndarray:
-        """All ids currently held.
+        """All FAISS ids currently held (one per vector: :mod:`index.ids`).
 
         Returns:
             int64 array (order: insertion order for IDMap indexes, list order for IVF).
