@@ -77,7 +77,9 @@ class Inference:
         self.metrics.batch_size.observe(n)
 
     def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self._timed(lambda: self.embedder.embed_tensors(tensors)))
+        # Regional vectors come from the same forward pass for a few pooling ops, so every request
+        # gets them and a search and an add can share a batch.
+        return list(self._timed(lambda: self.embedder.embed_tensors(tensors, regions=True)))
 
     def _logits_batch(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(self._timed(lambda: self.embedder.logits(tensors)))
@@ -101,15 +103,21 @@ class Inference:
             return self.embedder
         return self.embedder.variant(layer=layer, pooling=pooling)
 
-    def embed(self, images: Sequence[Image.Image], embedder: Embedder | None = None) -> np.ndarray:
-        """(n, dim) vectors; ``embedder`` may be a variant (another layer) of the loaded model."""
+    def embed(
+        self, images: Sequence[Image.Image], embedder: Embedder | None = None, *, regions: bool = False
+    ) -> np.ndarray:
+        """(n, dim) vectors; ``embedder`` may be a variant (another layer) of the loaded model. With
+        ``regions``, what the store keeps per image: (n, vectors_per_image, dim), global first."""
         if embedder is not None and embedder is not self.embedder:
             variant = embedder
             return self._run_direct(len(images), lambda: variant.embed(images))
         tensors = self.embedder.preprocess(images)
         if self._embedder_batcher is None:
-            return self._run_direct(len(images), lambda: self.embedder.embed_tensors(tensors))
-        return np.stack(self._embedder_batcher.submit_many(tensors))
+            return self._run_direct(
+                len(images), lambda: self.embedder.embed_tensors(tensors, regions=regions)
+            )
+        stacked = np.stack(self._embedder_batcher.submit_many(tensors))  # (n, m, dim)
+        return stacked if regions else stacked[:, 0]
 
     def classify(self, images: Sequence[Image.Image], *, k: int) -> list[list[Prediction]]:
         tensors = self.embedder.classify_inputs(images)

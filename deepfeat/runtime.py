@@ -45,7 +45,7 @@ def stored_config(manifest: Manifest | None) -> EmbedderConfig | None:
     if manifest is None:
         return None
     if manifest.embedder is not None:
-        return EmbedderConfig.model_validate(manifest.embedder)
+        return EmbedderConfig.from_manifest(manifest.embedder)
     return EmbedderConfig.from_fingerprint(manifest.fingerprint)
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_REGIONS",
     "DEFAULT_SCALES",
     "POOLINGS",
     "RESIZE_MODES",
@@ -28,6 +29,7 @@ __all__ = [
 
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_SCALES = (1.0, 0.7071, 0.5)
+DEFAULT_REGIONS = 3
 Pooling = Literal["avg", "max", "gem", "rmac", "none"]
 POOLINGS = ("avg", "max", "gem", "rmac")
 """Poolings for conv layers (``none`` is what a vector layer records); models/pooling.py implements
@@ -54,7 +56,8 @@ class EmbedderFields(BaseModel):
     """The fields, their types, choices and defaults (shared by :class:`EmbedderConfig` and Settings).
 
     The defaults are the retrieval defaults: the last conv block of EfficientNet-Lite0 (its ``head``),
-    GeM-pooled, on the whole image at 512 px and at three scales.
+    GeM-pooled, on the whole image at 512 px and at three scales, each image stored with a 3 x 3 grid
+    of regional descriptors besides its global one.
     """
 
     model: str = Field(DEFAULT_MODEL, description="Model name (`deepfeat models` lists them)")
@@ -78,6 +81,24 @@ class EmbedderFields(BaseModel):
         max_length=8,
         description="Multi-scale factors; descriptors are summed over them and re-normalised",
     )
+
+    regions: int = Field(
+        DEFAULT_REGIONS,
+        ge=0,
+        le=7,
+        description="Store a g x g grid of overlapping regional descriptors per image besides the "
+        "global one (windows of 2/(g+1) of each side), so crops of an indexed image are found; "
+        "0 = one vector per image. Conv layers only; searches are unchanged",
+    )
+
+    @field_validator("regions")
+    @classmethod
+    def _regions_grid(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError(
+                "regions must be 0 (off) or a grid size from 2 to 7; 1 would repeat the global vector"
+            )
+        return value
 
     @field_validator("layer", mode="before")
     @classmethod
@@ -135,6 +156,12 @@ class EmbedderConfig(EmbedderFields):
         return EmbedderConfig.model_validate(values)
 
     @classmethod
+    def from_manifest(cls, recorded: dict[str, Any]) -> EmbedderConfig:
+        """The options a store's manifest recorded. An option added since the store was written takes
+        the value that reproduces its vectors, not today's default (regional descriptors: none)."""
+        return cls.model_validate({"regions": 0, **recorded})
+
+    @classmethod
     def from_fingerprint(cls, fingerprint: dict[str, Any]) -> EmbedderConfig:
         """The options of a store written before manifests recorded them (deepfeat 0.1), read from
         its fingerprint. Only the migration of such stores uses this; a writer then records the
@@ -155,6 +182,7 @@ class EmbedderConfig(EmbedderFields):
                 values["max_side"] = int(preprocess["max_side"])
         if fingerprint.get("scales"):
             values["scales"] = tuple(fingerprint["scales"])
+        values["regions"] = int(fingerprint.get("regions", 0))
         from deepfeat.models.registry import weights_argument
 
         weights = weights_argument(str(fingerprint.get("weights", "")))

@@ -28,7 +28,7 @@ from deepfeat.models.config import POOLINGS, RESIZE_MODES, EmbedderConfig
 from deepfeat.models.errors import InvalidOptionError, UnknownPoolingError, WeightsUnavailableError
 from deepfeat.models.identity import FINGERPRINT_VERSION, fingerprint_of, resolve
 from deepfeat.models.layers import build_trunk
-from deepfeat.models.pooling import get_pooling
+from deepfeat.models.pooling import get_pooling, grid_windows
 from deepfeat.models.registry import LayerSpec, ModelSpec, Preprocess, build_seeded, get_model
 
 __all__ = [
@@ -475,16 +475,40 @@ class Embedder:
             for row_p, row_i in zip(top_p, top_i, strict=True)
         ]
 
-    def _descriptors(self, batch: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) same-size batch -> (n, dim) unit vectors, averaged over the scales."""
-        descriptors = [
-            self.pool(self.forward_intermediates(self.rescale(batch, scale))[self.layer.name])
-            for scale in self.scales
-        ]
-        return F.normalize(torch.stack(descriptors).sum(dim=0), dim=1)
+    @property
+    def vectors_per_image(self) -> int:
+        """Vectors a store keeps per image: the global one, plus ``regions``² regional ones."""
+        return 1 + self.config.regions**2
 
-    def embed_tensors(self, tensors: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
-        """Preprocessed images -> (n, dim) float32, unit L2 norm.
+    def _descriptors(self, batch: torch.Tensor, *, regions: bool = False) -> torch.Tensor:
+        """(n, 3, H, W) same-size batch -> (n, dim) unit vectors, averaged over the scales; with
+        ``regions``, (n, vectors_per_image, dim): the global vector, then the regional ones, pooled
+        from the same forward pass at scale 1 (the largest scale when 1 is not among them)."""
+        descriptors = []
+        region_scale = 1.0 if 1.0 in self.scales else max(self.scales)
+        region_map: torch.Tensor | None = None
+        for scale in self.scales:
+            features = self.forward_intermediates(self.rescale(batch, scale))[self.layer.name]
+            descriptors.append(self.pool(features))
+            if regions and scale == region_scale:
+                region_map = features  # (n, c, h, w)
+        glob = F.normalize(torch.stack(descriptors).sum(dim=0), dim=1)
+        if not regions:
+            return glob
+        if region_map is None or self.config.regions == 0:
+            return glob[:, None]
+        h, w = region_map.shape[2:]
+        parts = [
+            self.pool(region_map[:, :, y : y + rh, x : x + rw])
+            for y, x, rh, rw in grid_windows(h, w, self.config.regions)
+        ]
+        return torch.cat([glob[:, None], torch.stack(parts, dim=1)], dim=1)  # (n, 1 + g*g, dim)
+
+    def embed_tensors(
+        self, tensors: torch.Tensor | Sequence[torch.Tensor], *, regions: bool = False
+    ) -> np.ndarray:
+        """Preprocessed images -> (n, dim) float32, unit L2 norm; with ``regions``, what a store keeps
+        per image: (n, vectors_per_image, dim), the global vector first.
 
         Takes a (n, 3, H, W) batch or a list of (3, H, W) tensors of possibly different sizes;
         same-size tensors are stacked into one forward pass each, results come back in input order.
@@ -492,16 +516,17 @@ class Embedder:
         if isinstance(tensors, torch.Tensor):
             if tensors.ndim != 4:
                 raise InvalidOptionError(f"expected a (n, 3, H, W) batch, got shape {tuple(tensors.shape)}")
-            return self._descriptors(tensors).cpu().numpy().astype(np.float32, copy=False)
+            return self._descriptors(tensors, regions=regions).cpu().numpy().astype(np.float32, copy=False)
         if not tensors:
             raise InvalidOptionError("no images given")
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, tensor in enumerate(tensors):
             groups.setdefault(tuple(tensor.shape), []).append(i)
-        out = np.empty((len(tensors), self.dim), dtype=np.float32)
+        shape = (len(tensors), self.vectors_per_image, self.dim) if regions else (len(tensors), self.dim)
+        out = np.empty(shape, dtype=np.float32)
         for indices in groups.values():
             batch = torch.stack([tensors[i] for i in indices])
-            out[indices] = self._descriptors(batch).cpu().numpy()
+            out[indices] = self._descriptors(batch, regions=regions).cpu().numpy()
         return out
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:

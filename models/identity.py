@@ -46,7 +46,10 @@ def resolve(config: EmbedderConfig) -> EmbedderConfig:
     spec = get_model(config.model)
     layer = spec.get_layer(config.layer)
     pooling = resolve_pooling(spec, layer, config.pooling)
-    return config.model_copy(update={"model": spec.name, "layer": layer.name, "pooling": pooling})
+    regions = config.regions if layer.kind == "conv" else 0  # a vector layer has no spatial map
+    return config.model_copy(
+        update={"model": spec.name, "layer": layer.name, "pooling": pooling, "regions": regions}
+    )
 
 
 def fingerprint_of(config: EmbedderConfig, *, weights_identity: str | None = None) -> dict[str, Any]:
@@ -66,6 +69,9 @@ def fingerprint_of(config: EmbedderConfig, *, weights_identity: str | None = Non
     else:
         preprocess = {"mode": "full", "max_side": config.max_side, **pre, "resize": None, "crop": None}
     identity = spec.identify(config.weights) if weights_identity is None else weights_identity
+    regions = config.regions if layer.kind == "conv" else 0
+    # Stores written before regional descriptors have no "regions" key: absent means none.
+    stored = {"regions": regions} if regions else {}
     return {
         "version": FINGERPRINT_VERSION,
         "model": spec.name,
@@ -77,4 +83,5 @@ def fingerprint_of(config: EmbedderConfig, *, weights_identity: str | None = Non
         "preprocess": preprocess,
         "scales": [float(x) for x in config.scales],
         "normalize": "l2",
+        **stored,
     }

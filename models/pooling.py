@@ -18,7 +18,16 @@ import torch.nn.functional as F
 
 from deepfeat.models.errors import InvalidOptionError, UnknownPoolingError
 
-__all__ = ["avg_pool", "max_pool", "gem_pool", "rmac_pool", "rmac_regions", "get_pooling", "list_poolings"]
+__all__ = [
+    "avg_pool",
+    "max_pool",
+    "gem_pool",
+    "rmac_pool",
+    "rmac_regions",
+    "grid_windows",
+    "get_pooling",
+    "list_poolings",
+]
 
 _EPS = 1e-6
 
@@ -70,6 +79,23 @@ def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, i
         xs = _starts(w, side, n_x)
         regions.extend((y, x, side, side) for y in ys for x in xs)
     return regions
+
+
+def grid_windows(h: int, w: int, grid: int) -> list[tuple[int, int, int, int]]:
+    """The ``grid`` x ``grid`` overlapping windows (y, x, height, width) of an (h, w) map whose regional
+    descriptors a store keeps besides the global one, row by row.
+
+    Each window spans 2/(grid+1) of each side (half of it for grid 3) and neighbours overlap by half a
+    window, so any crop keeping a quarter of the image or more lies mostly inside one of them. Unlike
+    R-MAC's squares, the windows follow the map's aspect ratio: a crop keeps the image's orientation
+    more often than it makes it square.
+    """
+    wh, ww = max(1, round(2 * h / (grid + 1))), max(1, round(2 * w / (grid + 1)))
+    # Always grid x grid windows, so every image of a store has as many vectors: on a map too small
+    # to place them apart, some repeat.
+    ys = [round(i * (h - wh) / (grid - 1)) for i in range(grid)]
+    xs = [round(i * (w - ww) / (grid - 1)) for i in range(grid)]
+    return [(y, x, wh, ww) for y in ys for x in xs]
 
 
 def _starts(extent: int, side: int, count: int) -> list[int]:

@@ -370,7 +370,8 @@ def _embed_and_add(
 ) -> None:
     """Embed one batch of decoded files and commit it to the store."""
     # Tensors may differ in size (full-image mode): the embedder batches equal shapes.
-    vectors = embedder.embed_tensors([item.tensor for item in ok if item.tensor is not None])
+    # (n, vectors_per_image, dim): each image's global vector, then its regional ones
+    vectors = embedder.embed_tensors([item.tensor for item in ok if item.tensor is not None], regions=True)
     summary.embedded += len(ok)
     results = store.add(
         vectors,

@@ -260,7 +260,8 @@ class EmbedderActor:
                 )
                 for i in ok
             ]
-            embedded = self.embedder.embed_tensors(tensors)  # (len(ok), dim) float32, unit L2
+            # (len(ok), vectors_per_image, dim) float32, unit L2: global vector first, then regional
+            embedded = self.embedder.embed_tensors(tensors, regions=True)
             for row, i in enumerate(ok):
                 vectors[i] = embedded[row].tobytes()
         out["vector"] = vectors
@@ -285,7 +286,7 @@ def _shard_schema(dim: int, fingerprint: dict[str, Any]) -> Any:
             ("thumbnail", pa.binary()),  # JPEG, empty unless ok
             ("code", pa.string()),  # failed: the stable error code
             ("reason", pa.string()),
-            ("vector", pa.binary()),  # dim little-endian float32, empty unless ok
+            ("vector", pa.binary()),  # (vectors_per_image, dim) little-endian float32, empty unless ok
         ],
         metadata={"deepfeat.dim": str(dim), "deepfeat.fingerprint": json.dumps(fingerprint, sort_keys=True)},
     )
@@ -352,7 +353,10 @@ def commit_shards(
                 failure = {"path": row["path"], "code": row["code"], "reason": row["reason"]}
                 failures.append((row["index"], failure))
         if ok:
-            vectors = np.frombuffer(b"".join(row["vector"] for row in ok), dtype="<f4").reshape(len(ok), dim)
+            # (n, vectors_per_image, dim): every row of a job holds as many vectors (one embedder)
+            vectors = np.frombuffer(b"".join(row["vector"] for row in ok), dtype="<f4").reshape(
+                len(ok), -1, dim
+            )
             results = store.add(
                 vectors,
                 [

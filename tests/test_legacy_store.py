@@ -80,4 +80,5 @@ def test_from_fingerprint_reads_every_option() -> None:
         resize_mode="full",
         max_side=512,
         scales=(1.0,),
+        regions=0,  # written before regional descriptors: one vector per image
     )

@@ -59,7 +59,7 @@ def add_image(
     if image.sha256 in existing:
         response.status_code = 200
         return AddImageResponse(id=existing[image.sha256], created=False)
-    vector = state.inference.embed([image.image])
+    vector = state.inference.embed([image.image], regions=True)  # (1, m, dim)
     result = state.store.add(
         vector,
         [
