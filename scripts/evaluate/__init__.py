@@ -1,26 +1,35 @@
-"""``deepfeat eval``: measure retrieval quality, and sweep the choices that decide it.
+"""``deepfeat eval``: measure retrieval quality without overfitting the choice to the figures.
 
-Two modes:
+Every collection is split into a tuning part and a validation part (``split``: per class or group,
+by a fixed-seed hash of each file's content; validation at least as large as tuning). The grid of
+models x layers x pooling x whitening x scales x resize mode runs on the tuning parts; one
+configuration is chosen there (highest mean primary metric over the collections); then the chosen
+configuration, the shipped default (``EmbedderConfig()``) and the naive baseline (penultimate layer,
+centre crop, single scale, no whitening) run on the validation parts. The validation figures are
+the ones to report.
 
-``category DIR``
-    DIR holds one sub-folder per class. Every image queries all the others (exact inner-product search
-    on L2-normalised vectors); a hit is relevant when it has the query's class. Reports mAP (mean over
-    queries of the average precision), precision@k and recall@k.
+Two modes, each on one or more collections in one command:
 
-``copy DIR [--distractors DIR2]``
-    DIR holds distinct originals (any depth). Queries are made from each original with seeded
-    transforms (heavy off-centre crop, rotation, JPEG q20 of a 1/4 downscale, colour change, blur,
-    horizontal flip, several combined) and searched among the originals plus optional distractors.
-    Reports recall@1 and mAP (= mean reciprocal rank: each query has one relevant image) per transform
-    and overall.
+``category DIR [DIR ...]``
+    Each DIR holds one sub-folder per class (at least 4 images each). Every image queries all the
+    others of its part (exact inner-product search on L2-normalised vectors); a hit is relevant
+    when it has the query's class. Primary metric mAP; also P@k and R@k.
 
-Both sweep models x layers x pooling x whitening x scales x resize mode in one run. A naive baseline
-(penultimate layer, centre crop, single scale, no whitening) is always included. Output: a fixed-width
-table, ``--json`` and a ``--plot`` PNG.
+``copy DIR [DIR ...] --distractors DIR2 [DIR2 ...]``
+    Each DIR holds distinct originals (any depth). Queries are made from each original by seeded
+    transforms (``transforms``: a quarter-area off-centre crop, JPEG q10 of a 1/4 downscale, 15 degree
+    rotation, strong contrast + desaturation, blur + flip, crop + colour + JPEG) and searched among
+    the originals of the same part plus the distractors' part. Primary metric recall@1; also mAP
+    (= mean reciprocal rank). A part with fewer distractors than twice its originals is refused
+    unless ``--allow-few-distractors``.
 
-The parts: ``metrics`` (AP, P@k, R@k), ``transforms`` (the seeded copies), ``grid`` (the sweep's
-configurations), ``bank`` (the shared forward passes), ``runner`` (the two evaluations), ``report``
-(table, summary, JSON, plot). This module is the command line.
+Output: a fixed-width report (tuning ranking, the choice, validation rows), ``--json`` and ``--plot``
+(the tuning grid of each collection).
+
+The parts: ``split`` (the tuning/validation split), ``metrics`` (AP, P@k, R@k), ``transforms`` (the
+seeded copies), ``grid`` (the sweep's configurations), ``bank`` (the shared forward passes),
+``runner`` (one set's evaluation), ``protocol`` (tune, choose, validate), ``report`` (tables, JSON,
+plot). This module is the command line.
 """
 
 from __future__ import annotations
@@ -37,23 +46,51 @@ from deepfeat.scripts.evaluate.bank import FeatureBank
 from deepfeat.scripts.evaluate.errors import EvalError
 from deepfeat.scripts.evaluate.grid import Config, build_grid, parse_scales
 from deepfeat.scripts.evaluate.metrics import average_precision, ranking_metrics
-from deepfeat.scripts.evaluate.report import format_summary, format_table, save_plot, write_json
+from deepfeat.scripts.evaluate.protocol import (
+    CRITERION,
+    MIN_DISTRACTOR_RATIO,
+    default_config,
+    rank_configs,
+    run_category,
+    run_copy,
+    validation_rows,
+)
+from deepfeat.scripts.evaluate.report import (
+    format_protocol,
+    format_summary,
+    format_table,
+    plot_paths,
+    save_plot,
+    write_json,
+)
 from deepfeat.scripts.evaluate.runner import evaluate_category, evaluate_copy
+from deepfeat.scripts.evaluate.split import SPLIT_SEED, assign_parts, split_folder
 from deepfeat.scripts.evaluate.transforms import HARD_TRANSFORMS, TRANSFORMS, apply_transform, make_queries
 
 __all__ = [
     "EvalError",
     "Config",
+    "CRITERION",
+    "MIN_DISTRACTOR_RATIO",
+    "SPLIT_SEED",
     "TRANSFORMS",
     "HARD_TRANSFORMS",
     "average_precision",
     "ranking_metrics",
     "apply_transform",
     "make_queries",
+    "assign_parts",
+    "split_folder",
     "build_grid",
+    "default_config",
     "FeatureBank",
     "evaluate_category",
     "evaluate_copy",
+    "run_category",
+    "run_copy",
+    "rank_configs",
+    "validation_rows",
+    "format_protocol",
     "format_table",
     "format_summary",
     "save_plot",
@@ -71,14 +108,33 @@ def _csv(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepfeat eval",
-        description="Measure retrieval quality (category retrieval or copy detection) and sweep embedding choices.",
+        description="Measure retrieval quality (category retrieval or copy detection): sweep embedding "
+        "choices on the tuning part of each collection, choose one, and report it with the shipped "
+        "default and the naive baseline on the validation part.",
     )
     parser.add_argument("mode", choices=("category", "copy"))
     parser.add_argument(
-        "folder", type=Path, help="category: one sub-folder per class; copy: distinct originals"
+        "folders",
+        type=Path,
+        nargs="+",
+        metavar="folder",
+        help="collections, each evaluated on its own; category: one sub-folder per class; copy: "
+        "distinct originals",
     )
     parser.add_argument(
-        "--distractors", type=Path, default=None, help="copy mode: extra database images (any depth)"
+        "--distractors",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=None,
+        help="copy mode: folders of extra database images (any depth), shared by every collection and "
+        "split like them",
+    )
+    parser.add_argument(
+        "--allow-few-distractors",
+        action="store_true",
+        help=f"copy mode: run even where a part has fewer than {MIN_DISTRACTOR_RATIO}x as many "
+        "distractors as originals",
     )
     parser.add_argument("--models", default="efficientnet_lite0", help="comma-separated model names")
     parser.add_argument(
@@ -108,15 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--transforms", default=",".join(TRANSFORMS), help="copy mode: comma-separated transforms"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="copy mode: seed of the query transforms")
     parser.add_argument(
-        "--limit-per-class", type=int, default=None, help="category mode: at most N images per class"
+        "--split-seed",
+        type=int,
+        default=SPLIT_SEED,
+        help=f"seed of the tuning/validation split (default {SPLIT_SEED}, the published figures' split)",
+    )
+    parser.add_argument(
+        "--limit-per-class",
+        type=int,
+        default=None,
+        help="category mode: at most N images per class in each part",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--top", type=int, default=None, help="print only the N best rows (and the baseline)")
+    parser.add_argument(
+        "--top", type=int, default=None, help="print only the N best tuning rows (and the baseline)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
-    parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write a PNG of the tuning grid here (several collections: one file each, NAME-COLLECTION.png)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -155,29 +227,34 @@ def run(args: argparse.Namespace, *, bank: FeatureBank | None = None) -> dict[st
     """Evaluate as the parsed command line says; ``bank`` may bring already-loaded embedders."""
     ks = _parse_ks(args.ks)
     configs = _grid_from_args(args)
+    if args.mode == "category" and args.distractors:
+        raise EvalError("--distractors applies to copy mode only")
     log.info("%d configurations", len(configs))
     if bank is None:
         bank = FeatureBank(device=args.device, batch_size=args.batch_size)
     started = time.perf_counter()
     if args.mode == "category":
-        report = evaluate_category(
-            args.folder,
+        report = run_category(
+            args.folders,
             configs,
             ks=ks,
             bank=bank,
+            split_seed=args.split_seed,
             whiten_on=args.whiten_on,
             limit_per_class=args.limit_per_class,
         )
     else:
-        report = evaluate_copy(
-            args.folder,
+        report = run_copy(
+            args.folders,
             configs,
-            distractors=args.distractors,
+            distractors=args.distractors or [],
             transforms=_csv(args.transforms),
             seed=args.seed,
+            split_seed=args.split_seed,
             bank=bank,
-            whiten_on=args.whiten_on,
             ks=ks,
+            whiten_on=args.whiten_on,
+            allow_few_distractors=args.allow_few_distractors,
         )
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["device"] = args.device
@@ -200,17 +277,18 @@ def main(argv: Sequence[str] | None = None, *, bank: FeatureBank | None = None) 
         sys.stderr.write(f"error [{exc.code}]: {exc}\n")
         return 2
     out = sys.stdout
-    out.write(format_table(report, top=args.top) + "\n\n" + format_summary(report) + "\n")
-    out.write(f"({len(report['results'])} configurations in {report['seconds']}s)\n")
+    out.write(format_protocol(report, top=args.top) + "\n")
+    out.write(f"({report['configurations']} configurations tuned, validated in {report['seconds']}s)\n")
     if args.json:
         write_json(report, args.json)
         out.write(f"report: {args.json}\n")
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            save_plot(report, args.plot)
-        except EvalError as exc:
-            sys.stderr.write(f"error [{exc.code}]: {exc}\n")
-            return 2
-        out.write(f"plot: {args.plot}\n")
+        for name, path in plot_paths(args.plot, list(report["tuning"])).items():
+            try:
+                save_plot(report["tuning"][name], path)
+            except EvalError as exc:
+                sys.stderr.write(f"error [{exc.code}]: {exc}\n")
+                return 2
+            out.write(f"plot: {path}\n")
     return 0

@@ -91,6 +91,11 @@ class FeatureBank:
         out = total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32, copy=False)
 
+    def release(self, set_name: str) -> None:
+        """Forget a set's images and vectors: a run done with a set frees its memory."""
+        self._sets.pop(set_name, None)
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != set_name}
+
     def images_per_second(self, cfg: Config) -> float:
         """Throughput of the forward passes this configuration needs (decode excluded; passes shared)."""
         n = secs = 0.0

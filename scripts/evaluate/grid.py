@@ -17,7 +17,7 @@ from deepfeat.scripts.evaluate.errors import EvalError
 if TYPE_CHECKING:
     from deepfeat.models.registry import ModelSpec
 
-__all__ = ["Config", "build_grid", "parse_scales"]
+__all__ = ["Config", "build_grid", "parse_scales", "same_point"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def build_grid(
                 pools, resize_modes, scale_sets, whitening
             ):
                 cfg = Config(model, layer.name, pooling, white, tuple(scales), resize, max_side, gem_p)
-                if not _same_point(cfg, baseline):
+                if not same_point(cfg, baseline):
                     grid.append(cfg)
     return grid
 
@@ -131,5 +131,6 @@ def _baseline(spec: ModelSpec, *, max_side: int, gem_p: float) -> Config:
     return Config(spec.name, naive.name, pooling, "none", (1.0,), "crop", max_side, gem_p, True)
 
 
-def _same_point(a: Config, b: Config) -> bool:
+def same_point(a: Config, b: Config) -> bool:
+    """Whether two configurations make the same vectors (the baseline flag aside)."""
     return a.embed_key() == b.embed_key() and a.whitening == b.whitening and a.gem_p == b.gem_p

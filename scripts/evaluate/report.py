@@ -16,7 +16,15 @@ import numpy as np
 from deepfeat.scripts.evaluate.errors import EvalError
 from deepfeat.scripts.evaluate.transforms import HARD_TRANSFORMS
 
-__all__ = ["build_report", "format_table", "format_summary", "save_plot", "write_json"]
+__all__ = [
+    "build_report",
+    "format_protocol",
+    "format_table",
+    "format_summary",
+    "plot_paths",
+    "save_plot",
+    "write_json",
+]
 
 _AXES = ("model", "layer", "pooling", "whitening", "scales", "resize_mode")
 
@@ -86,8 +94,9 @@ def format_table(report: dict[str, Any], *, top: int | None = None) -> str:
         metric_cols = ["mAP"] + [f"P@{k}" for k in report["ks"]] + [f"R@{k}" for k in report["ks"]]
     else:
         metric_cols = ["recall@1", "mAP", "hard_recall@1", *report["transforms"]]
+    widths = [max(8, len(c)) for c in metric_cols]
     head = f"{'#':>3} {'model':<18} {'layer':<11} {'pool':<6} {'resize':<8} {'scales':<11} {'white':<6}"
-    head += "".join(f" {c[:8]:>8}" for c in metric_cols) + f" {'img/s':>7}"
+    head += "".join(f" {c:>{w}}" for c, w in zip(metric_cols, widths, strict=True)) + f" {'img/s':>7}"
     lines = [head, "-" * len(head)]
     for i, r in ranked:
         cfg_cols = (
@@ -104,11 +113,17 @@ def format_table(report: dict[str, Any], *, top: int | None = None) -> str:
         ips = r["images_per_s"]
         lines.append(
             cfg_cols
-            + "".join(f" {v:>8.3f}" for v in values)
+            + "".join(f" {v:>{w}.3f}" for v, w in zip(values, widths, strict=True))
             + (f" {ips:>7.1f}" if ips is not None else f" {'-':>7}")
-            + ("  <- baseline" if r["baseline"] else "")
+            + _marker(r)
         )
     return "\n".join(lines)
+
+
+def _marker(r: dict[str, Any]) -> str:
+    """'  <- chosen, default' on a validation row; '  <- baseline' on the grid's baseline row."""
+    roles = r.get("roles") or (["baseline"] if r["baseline"] else [])
+    return f"  <- {', '.join(roles)}" if roles else ""
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -159,6 +174,76 @@ def _hard(r: dict[str, Any], report: dict[str, Any]) -> str:
         return f"  P@1={r['metrics']['P@1']:.3f}" if "P@1" in r["metrics"] else ""
     per = r["per_transform"]
     return "  " + "  ".join(f"{t} R@1={per[t]['recall@1']:.3f}" for t in HARD_TRANSFORMS if t in per)
+
+
+def format_protocol(report: dict[str, Any], *, top: int | None = None) -> str:
+    """A tune-then-validate run (``protocol``): the split, the tuning ranking and the choice, the
+    validation rows (chosen, default, baseline) over all collections, then each collection's."""
+    primary, secondary = report["primary_metric"], report["secondary_metric"]
+    names = list(report["collections"])
+    lines = [f"{report['mode']} evaluation; split seed {report['split']['seed']}: images tune / validation"]
+    for name, c in report["collections"].items():
+        lines.append(f"  {name:<16} {c['tune']:>5} / {c['validation']:<5} {c['folder']}")
+    if report["mode"] == "copy":
+        d = report["distractors"]
+        folders = ", ".join(d["folders"]) or "(none)"
+        lines.append(f"  {'distractors':<16} {d['tune']:>5} / {d['validation']:<5} {folders}")
+        lines.append(
+            f"queries: each original x {', '.join(report['transforms'])} (seed {report['seed']}); "
+            f"recall@1 = share of queries whose original ranks first; hard = {' + '.join(HARD_TRANSFORMS)}"
+        )
+    cols = [*names, "mean"] if len(names) > 1 else names
+    widths = [max(8, len(c)) for c in cols]
+    ranking = report["ranking"]
+    shown = [(i, r) for i, r in enumerate(ranking, 1) if top is None or i <= top or r["baseline"]]
+    width = max(len(r["config"]) for _, r in shown)
+    lines += [
+        "",
+        f"tuning: {report['configurations']} configurations on the tuning parts, {primary}:",
+        f"{'#':>3} {'configuration':<{width}}"
+        + "".join(f" {c:>{w}}" for c, w in zip(cols, widths, strict=True)),
+    ]
+    for i, r in shown:
+        values = [r["per_collection"][n] for n in names] + ([r["mean"]] if len(names) > 1 else [])
+        lines.append(
+            f"{i:>3} {r['config']:<{width}}"
+            + "".join(f" {v:>{w}.3f}" for v, w in zip(values, widths, strict=True))
+            + ("  <- baseline" if r["baseline"] else "")
+        )
+    lines.append(f"chosen: {report['chosen']}  ({report['criterion']})")
+    summary = report["validation_summary"]
+    width = max(len(r["config"]) for r in summary)
+    role_w = max(len(", ".join(r["roles"])) for r in summary)
+    lines += [
+        "",
+        f"validation ({primary}; these images took no part in the choice):",
+        f"{'role':<{role_w}} {'configuration':<{width}}"
+        + "".join(f" {c:>{w}}" for c, w in zip(cols, widths, strict=True))
+        + f" {'mean ' + secondary:>12}",
+    ]
+    for r in summary:
+        values = [r["per_collection"][n][primary] for n in names] + ([r["mean"]] if len(names) > 1 else [])
+        lines.append(
+            f"{', '.join(r['roles']):<{role_w}} {r['config']:<{width}}"
+            + "".join(f" {v:>{w}.3f}" for v, w in zip(values, widths, strict=True))
+            + f" {r['mean_' + secondary]:>12.3f}"
+        )
+    for name in names:
+        rep = report["validation"][name]
+        what = (
+            f"{rep['images']} images, classes {rep['classes']}, chance mAP {rep['chance_mAP']:.3f}"
+            if rep["mode"] == "category"
+            else f"{rep['originals']} originals + {rep['distractors']} distractors, {rep['queries']} queries"
+        )
+        lines += ["", f"validation part of {name}: {what}", format_table(rep)]
+    return "\n".join(lines)
+
+
+def plot_paths(path: Path, names: list[str]) -> dict[str, Path]:
+    """One plot per collection: ``path`` itself for one, ``<stem>-<name><suffix>`` for several."""
+    if len(names) == 1:
+        return {names[0]: path}
+    return {name: path.with_name(f"{path.stem}-{name}{path.suffix or '.png'}") for name in names}
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -1,8 +1,12 @@
-"""Running configurations over collections: decode once, embed through a ``FeatureBank``, whiten, score.
+"""Running configurations over image sets: decode once, embed through a ``FeatureBank``, whiten, score.
+
+The ``*_set`` functions evaluate one loaded set (one part of one collection); ``protocol`` runs them
+on the tuning and the validation parts. ``evaluate_category`` / ``evaluate_copy`` evaluate a whole
+folder without any split, for a quick grid on one's own images (nothing chosen there is validated).
 
 Whitening is learned and applied on the bank's cached vectors, on the evaluated database itself
 (category: every image, queries included, as a store learns it from what it indexes; copy: originals
-+ distractors, never the queries), or on ``--whiten-on DIR``.
++ distractors, never the queries), or on the images of ``--whiten-on DIR``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +27,23 @@ from deepfeat.scripts.evaluate.errors import EvalError
 from deepfeat.scripts.evaluate.grid import Config
 from deepfeat.scripts.evaluate.metrics import chance_map, copy_metrics, ranking_metrics
 from deepfeat.scripts.evaluate.report import build_report
+from deepfeat.scripts.evaluate.split import file_sha256
 from deepfeat.scripts.evaluate.transforms import HARD_TRANSFORMS, TRANSFORMS, check_transforms, make_queries
 
-__all__ = ["evaluate_category", "evaluate_copy", "list_images", "load_images"]
+__all__ = [
+    "CategorySet",
+    "CopySet",
+    "class_files",
+    "content_id",
+    "evaluate_category",
+    "evaluate_category_set",
+    "evaluate_copy",
+    "evaluate_copy_set",
+    "list_images",
+    "load_category_set",
+    "load_images",
+    "make_copy_set",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +55,8 @@ every preprocessing here needs (crop: 256 px; full: max_side x the largest scale
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (any depth, hidden entries skipped), sorted."""
+    if not Path(folder).is_dir():
+        raise EvalError(f"{folder} is not a folder")
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -73,6 +93,11 @@ def load_images(
     return images, kept, failed
 
 
+def content_id(sha256: str) -> int:
+    """A non-negative integer from a file's content hash: what seeds an original's copy queries."""
+    return int(sha256[:15], 16)
+
+
 def _whiten_dim(spec: str, n_train: int, d: int) -> int:
     """'auto' = a quarter of the training vectors (at least 16, at most d): learning all n-1 directions
     from n vectors would make them equidistant, and a collection of a few hundred supports few more."""
@@ -97,11 +122,17 @@ def _finite(x: float) -> float | None:
     return round(x, 2) if math.isfinite(x) else None
 
 
-def _whiten_images(whiten_on: str | os.PathLike[str] | None) -> list[Image.Image] | None:
+def whiten_images(whiten_on: str | os.PathLike[str] | None) -> list[Image.Image] | None:
     return load_images(list_images(Path(whiten_on)))[0] if whiten_on else None
 
 
-def _class_folders(folder: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+# ---------------------------------------------------------------------------------------------------
+# category retrieval
+
+
+def class_files(folder: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(image files, their class indices, class names): one class per sub-folder with images."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise EvalError(f"{folder} is not a folder")
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -122,11 +153,26 @@ def _class_folders(folder: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     return paths, np.array(labels), names
 
 
-def _load_classes(
-    folder: Path, limit_per_class: int | None
-) -> tuple[list[Image.Image], np.ndarray, list[str], list[str]]:
-    """(images, their class indices, class names, unreadable files); every class keeps >= 2 images."""
-    paths, labels, class_names = _class_folders(folder)
+@dataclass
+class CategorySet:
+    """The decoded images of one category set, their class indices and the class names."""
+
+    images: list[Image.Image]
+    labels: np.ndarray
+    class_names: list[str]
+    failed: list[str] = field(default_factory=list)
+
+
+def load_category_set(
+    paths: Sequence[Path],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    limit_per_class: int | None = None,
+    where: str = "",
+) -> CategorySet:
+    """Decode ``paths``; every class must keep at least 2 readable images (a query needs a relevant one)."""
+    labels = np.asarray(labels)
     if limit_per_class:
         keep = np.concatenate(
             [np.flatnonzero(labels == c)[:limit_per_class] for c in range(len(class_names))]
@@ -134,40 +180,39 @@ def _load_classes(
         paths, labels = [paths[i] for i in keep], labels[keep]
     images, kept, failed = load_images(paths)
     label_of = {p: lab for p, lab in zip(paths, labels, strict=True)}
-    labels = np.array([label_of[p] for p in kept])
-    counts = {name: int((labels == i).sum()) for i, name in enumerate(class_names)}
+    kept_labels = np.array([label_of[p] for p in kept], dtype=int)
+    counts = {name: int((kept_labels == i).sum()) for i, name in enumerate(class_names)}
     if min(counts.values()) < 2:
-        raise EvalError(f"every class needs at least 2 readable images: {counts}")
-    return images, labels, class_names, failed
+        raise EvalError(f"every class needs at least 2 readable images{where}: {counts}")
+    return CategorySet(images, kept_labels, list(class_names), failed)
 
 
-def evaluate_category(
-    folder: str | os.PathLike[str],
+def evaluate_category_set(
+    data: CategorySet,
     configs: Sequence[Config],
     *,
     ks: Sequence[int] = (1, 5, 10),
-    bank: FeatureBank | None = None,
-    whiten_on: str | os.PathLike[str] | None = None,
-    limit_per_class: int | None = None,
+    bank: FeatureBank,
+    set_name: str = "database",
+    whiten_on: list[Image.Image] | None = None,
+    whiten_label: str = "database",
+    folder: Any = "",
 ) -> dict[str, Any]:
-    """Every image queries all the others; relevant = same class (see the package docstring)."""
-    images, labels, class_names, failed = _load_classes(Path(folder), limit_per_class)
-    bank = bank or FeatureBank()
-    bank.register(configs)
-    white_imgs = _whiten_images(whiten_on)
+    """Every image queries all the others; relevant = same class. Returns the report of ``configs``."""
+    labels = data.labels
     relevant = labels[:, None] == labels[None, :]
     np.fill_diagonal(relevant, False)
     results = []
     for cfg in configs:
-        x = bank.vectors("database", images, cfg)
-        train = bank.vectors("whiten-on", white_imgs, cfg) if white_imgs else x
+        x = bank.vectors(set_name, data.images, cfg)
+        train = bank.vectors("whiten-on", whiten_on, cfg) if whiten_on else x
         (x,), dim = _apply_whitening(cfg, train, x)
         scores = x @ x.T
         np.fill_diagonal(scores, -np.inf)  # a query never retrieves itself
         m = ranking_metrics(scores, relevant, ks)
         per_class = {
             name: float(np.mean([m["AP"][i] for i in np.flatnonzero(labels == c)]))
-            for c, name in enumerate(class_names)
+            for c, name in enumerate(data.class_names)
         }
         results.append(
             {
@@ -180,80 +225,116 @@ def evaluate_category(
                 "images_per_s": _finite(bank.images_per_second(cfg)),
             }
         )
-    counts = {name: int((labels == i).sum()) for i, name in enumerate(class_names)}
+    counts = {name: int((labels == i).sum()) for i, name in enumerate(data.class_names)}
     info = {
-        "images": len(images),
+        "images": len(data.images),
         "classes": counts,
         "chance_mAP": chance_map(list(counts.values())),
-        "skipped": failed,
+        "skipped": data.failed,
         "ks": list(ks),
-        "whiten_on": str(whiten_on) if whiten_on else "database",
+        "whiten_on": whiten_label,
     }
     return build_report("category", folder, results, "mAP", info)
 
 
-@dataclass
-class _CopySet:
-    originals: int
-    database: list[Image.Image]  # originals first, then distractors
-    queries: list[Image.Image]
-    original_of: np.ndarray  # (q,) index of each query's original in the database
-    transform_of: np.ndarray  # (q,) each query's transform name
-    failed: list[str]
-
-
-def _load_copy_set(
-    folder: str | os.PathLike[str],
-    distractors: str | os.PathLike[str] | None,
-    transforms: Sequence[str],
-    seed: int,
-) -> _CopySet:
-    originals, _, failed = load_images(list_images(Path(folder)))
-    if len(originals) < 2:
-        raise EvalError(f"copy mode needs at least 2 readable originals in {folder}, found {len(originals)}")
-    extra: list[Image.Image] = []
-    if distractors:
-        extra, _, failed_d = load_images(list_images(Path(distractors)))
-        failed += failed_d
-    queries = make_queries(originals, transforms, seed=seed)
-    return _CopySet(
-        originals=len(originals),
-        database=originals + extra,
-        queries=[q[2] for q in queries],
-        original_of=np.array([q[0] for q in queries]),
-        transform_of=np.array([q[1] for q in queries]),
-        failed=failed,
-    )
-
-
-def evaluate_copy(
+def evaluate_category(
     folder: str | os.PathLike[str],
     configs: Sequence[Config],
     *,
-    distractors: str | os.PathLike[str] | None = None,
-    transforms: Sequence[str] = TRANSFORMS,
-    seed: int = 0,
+    ks: Sequence[int] = (1, 5, 10),
     bank: FeatureBank | None = None,
     whiten_on: str | os.PathLike[str] | None = None,
-    ks: Sequence[int] = (1, 5, 10),
+    limit_per_class: int | None = None,
 ) -> dict[str, Any]:
-    """Transformed copies of each original query the originals (+ distractors); see the package docstring."""
-    check_transforms(transforms)
-    data = _load_copy_set(folder, distractors, transforms, seed)
-    relevant = np.zeros((len(data.queries), len(data.database)), dtype=bool)
-    relevant[np.arange(len(data.queries)), data.original_of] = True
+    """The whole folder, no split (see the module docstring); one sub-folder per class."""
+    paths, labels, names = class_files(Path(folder))
+    data = load_category_set(paths, labels, names, limit_per_class=limit_per_class)
     bank = bank or FeatureBank()
     bank.register(configs)
-    white_imgs = _whiten_images(whiten_on)
+    return evaluate_category_set(
+        data,
+        configs,
+        ks=ks,
+        bank=bank,
+        whiten_on=whiten_images(whiten_on),
+        whiten_label=str(whiten_on) if whiten_on else "database",
+        folder=folder,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# copy detection
+
+
+@dataclass
+class CopySet:
+    """Originals, distractors and the seeded queries made from the originals."""
+
+    originals: list[Image.Image]
+    distractors: list[Image.Image]
+    queries: list[Image.Image]
+    original_of: np.ndarray  # (q,) index of each query's original among the originals
+    transform_of: np.ndarray  # (q,) each query's transform name
+    transforms: list[str]
+    seed: int
+    failed: list[str] = field(default_factory=list)
+
+
+def make_copy_set(
+    originals: list[Image.Image],
+    distractors: list[Image.Image],
+    *,
+    transforms: Sequence[str],
+    seed: int,
+    ids: Sequence[int] | None = None,
+    failed: Sequence[str] = (),
+    where: str = "",
+) -> CopySet:
+    if len(originals) < 2:
+        raise EvalError(f"copy mode needs at least 2 readable originals{where}, found {len(originals)}")
+    queries = make_queries(originals, transforms, seed=seed, ids=ids)
+    return CopySet(
+        originals=originals,
+        distractors=distractors,
+        queries=[q[2] for q in queries],
+        original_of=np.array([q[0] for q in queries]),
+        transform_of=np.array([q[1] for q in queries]),
+        transforms=list(transforms),
+        seed=seed,
+        failed=list(failed),
+    )
+
+
+def evaluate_copy_set(
+    data: CopySet,
+    configs: Sequence[Config],
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    bank: FeatureBank,
+    set_names: tuple[str, str, str] = ("originals", "distractors", "queries"),
+    whiten_on: list[Image.Image] | None = None,
+    whiten_label: str = "database (originals + distractors)",
+    folder: Any = "",
+) -> dict[str, Any]:
+    """Each query searches originals + distractors; its one relevant image is its original.
+
+    ``set_names`` name the three image lists in the bank (distractors shared by several collections
+    keep one name, so they are embedded once).
+    """
+    n_db = len(data.originals) + len(data.distractors)
+    relevant = np.zeros((len(data.queries), n_db), dtype=bool)
+    relevant[np.arange(len(data.queries)), data.original_of] = True
     results = []
     for cfg in configs:
-        d = bank.vectors("database", data.database, cfg)
-        q = bank.vectors("queries", data.queries, cfg)
-        train = bank.vectors("whiten-on", white_imgs, cfg) if white_imgs else d
+        d = bank.vectors(set_names[0], data.originals, cfg)
+        if data.distractors:
+            d = np.concatenate([d, bank.vectors(set_names[1], data.distractors, cfg)])
+        q = bank.vectors(set_names[2], data.queries, cfg)
+        train = bank.vectors("whiten-on", whiten_on, cfg) if whiten_on else d
         (d, q), dim = _apply_whitening(cfg, train, d, q)
         m = ranking_metrics(q @ d.T, relevant, ks)
         summary, per_transform = copy_metrics(
-            np.array(m["first_rank"]), np.array(m["AP"]), data.transform_of, transforms, HARD_TRANSFORMS
+            np.array(m["first_rank"]), np.array(m["AP"]), data.transform_of, data.transforms, HARD_TRANSFORMS
         )
         results.append(
             {
@@ -267,14 +348,55 @@ def evaluate_copy(
             }
         )
     info = {
-        "originals": data.originals,
-        "distractors": len(data.database) - data.originals,
+        "originals": len(data.originals),
+        "distractors": len(data.distractors),
         "queries": len(data.queries),
-        "transforms": list(transforms),
-        "hard_transforms": list(HARD_TRANSFORMS),
-        "seed": seed,
-        "chance_recall@1": 1 / len(data.database),
+        "transforms": list(data.transforms),
+        "hard_transforms": [t for t in HARD_TRANSFORMS if t in data.transforms],
+        "seed": data.seed,
+        "chance_recall@1": 1 / n_db,
         "skipped": data.failed,
-        "whiten_on": str(whiten_on) if whiten_on else "database (originals + distractors)",
+        "whiten_on": whiten_label,
     }
     return build_report("copy", folder, results, "recall@1", info)
+
+
+def evaluate_copy(
+    folder: str | os.PathLike[str],
+    configs: Sequence[Config],
+    *,
+    distractors: str | os.PathLike[str] | None = None,
+    transforms: Sequence[str] = TRANSFORMS,
+    seed: int = 0,
+    bank: FeatureBank | None = None,
+    whiten_on: str | os.PathLike[str] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, Any]:
+    """The whole folder, no split (see the module docstring): its images are the originals."""
+    check_transforms(transforms)
+    paths = list_images(Path(folder))
+    originals, kept, failed = load_images(paths)
+    extra: list[Image.Image] = []
+    if distractors:
+        extra, _, failed_d = load_images(list_images(Path(distractors)))
+        failed += failed_d
+    data = make_copy_set(
+        originals,
+        extra,
+        transforms=transforms,
+        seed=seed,
+        ids=[content_id(file_sha256(p)) for p in kept],
+        failed=failed,
+        where=f" in {folder}",
+    )
+    bank = bank or FeatureBank()
+    bank.register(configs)
+    return evaluate_copy_set(
+        data,
+        configs,
+        ks=ks,
+        bank=bank,
+        whiten_on=whiten_images(whiten_on),
+        whiten_label=str(whiten_on) if whiten_on else "database (originals + distractors)",
+        folder=folder,
+    )
