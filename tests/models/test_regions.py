@@ -1,0 +1,81 @@
+"""Regional descriptors: the grid of windows, what ``embed_tensors(regions=True)`` returns, and that a
+crop of a real photo is closer to one of its original's regional vectors than to its global one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepfeat.models.config import EmbedderConfig
+from deepfeat.models.embedder import Embedder
+from deepfeat.models.pooling import grid_windows
+
+
+@pytest.fixture(scope="module")
+def regional() -> Embedder:
+    """lite0's last conv block on the whole image at 320 px, one scale: regions as shipped, cheaply."""
+    return Embedder(
+        "efficientnet_lite0", device="cpu", precision="fp32", max_side=320, scales=(1.0,), regions=3
+    )
+
+
+@pytest.mark.parametrize(("h", "w", "grid"), [(16, 12, 3), (7, 7, 2), (10, 23, 4), (1, 1, 3), (2, 9, 7)])
+def test_grid_windows_cover_the_map_with_grid_squared_windows(h: int, w: int, grid: int) -> None:
+    windows = grid_windows(h, w, grid)
+    assert len(windows) == grid * grid  # always: every image of a store has as many vectors
+    covered = np.zeros((h, w), dtype=bool)
+    for y, x, wh, ww in windows:
+        assert 0 <= y and y + wh <= h and 0 <= x and x + ww <= w and wh >= 1 and ww >= 1
+        assert wh == max(1, round(2 * h / (grid + 1))) and ww == max(1, round(2 * w / (grid + 1)))
+        covered[y : y + wh, x : x + ww] = True
+    assert covered.all()
+
+
+def test_regions_come_after_the_global_vector(regional: Embedder, photos: dict[str, Image.Image]) -> None:
+    images = [photos["coffee"], photos["rocket"], photos["astronaut"]]
+    tensors = regional.preprocess(images)
+    plain = regional.embed_tensors(tensors)
+    stored = regional.embed_tensors(tensors, regions=True)
+    assert regional.vectors_per_image == 10 and stored.shape == (3, 10, regional.dim)
+    np.testing.assert_allclose(stored[:, 0], plain, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(stored, axis=2), 1.0, atol=1e-4)
+    regions = stored[:, 1:]
+    assert (np.einsum("nrd,nd->nr", regions, plain) < 0.999).all()  # windows see other content
+
+
+def test_a_vector_layer_has_no_regions(photos: dict[str, Image.Image]) -> None:
+    embedder = Embedder("efficientnet_lite0", device="cpu", precision="fp32", layer="penultimate", regions=3)
+    assert embedder.config.regions == 0 and embedder.vectors_per_image == 1
+    assert "regions" not in embedder.fingerprint
+    out = embedder.embed_tensors(embedder.preprocess([photos["coffee"]]), regions=True)
+    assert out.shape == (1, 1, embedder.dim)
+
+
+def test_a_quarter_crop_matches_a_window_over_it(regional: Embedder, photos: dict[str, Image.Image]) -> None:
+    """Each quarter of six real photos finds its best regional vector among the windows that overlap
+    it (3 x 3 grid, windows of half a side at quarter-side steps), not among the ones elsewhere."""
+    quarters = {(0, 0): (0.0, 0.0), (0, 1): (0.5, 0.0), (1, 0): (0.0, 0.5), (1, 1): (0.5, 0.5)}
+    inside, total = 0, 0
+    for name in ("chelsea", "coffee", "rocket", "hopper", "astronaut", "motorcycle"):
+        img = photos[name]
+        w, h = img.size
+        stored = regional.embed_tensors(regional.preprocess([img]), regions=True)[0]  # (10, dim)
+        for x0, y0 in quarters.values():
+            crop = img.crop((round(x0 * w), round(y0 * h), round((x0 + 0.5) * w), round((y0 + 0.5) * h)))
+            best = int(np.argmax(stored[1:] @ regional.embed([crop])[0]))  # row-major window index
+            row, col = divmod(best, 3)
+            # window (row, col) spans [col/4, col/4 + 1/2] x [row/4, row/4 + 1/2] of the image
+            overlaps = abs(col / 4 - x0) < 0.5 and abs(row / 4 - y0) < 0.5
+            inside += int(overlaps)
+            total += 1
+    assert inside >= total - 4
+
+
+def test_regions_are_part_of_what_a_vector_is() -> None:
+    assert EmbedderConfig().regions == 3
+    assert EmbedderConfig.from_manifest({"model": "efficientnet_lite0"}).regions == 0
+    assert EmbedderConfig(regions=2).fingerprint()["regions"] == 2
+    assert "regions" not in EmbedderConfig(regions=0).fingerprint()
+    with pytest.raises(ValueError, match="grid size from 2 to 7"):
+        EmbedderConfig(regions=1)
