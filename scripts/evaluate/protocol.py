@@ -280,7 +280,7 @@ def run_category(
         ranking=ranking,
         rows=rows,
         validation=validation,
-        extra={"ks": list(ks)},
+        extra={"ks": list(ks), "limit_per_class": limit_per_class},
     )
 
 

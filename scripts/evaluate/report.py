@@ -184,6 +184,10 @@ def format_protocol(report: dict[str, Any], *, top: int | None = None) -> str:
     lines = [f"{report['mode']} evaluation; split seed {report['split']['seed']}: images tune / validation"]
     for name, c in report["collections"].items():
         lines.append(f"  {name:<16} {c['tune']:>5} / {c['validation']:<5} {c['folder']}")
+    if report.get("limit_per_class"):
+        lines.append(
+            f"  (--limit-per-class {report['limit_per_class']}: at most that many per class in each part)"
+        )
     if report["mode"] == "copy":
         d = report["distractors"]
         folders = ", ".join(d["folders"]) or "(none)"

@@ -416,6 +416,7 @@ def test_category_run_tunes_then_reports_validation(
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # the default embeds at 512 px and three scales: seconds per image on a busy 2-core CPU
 def test_validation_runs_the_real_shipped_default(
     tmp_path: Path, photos: dict[str, Image.Image], bank: ev.FeatureBank
 ) -> None:
