@@ -157,6 +157,9 @@ class ReadyResponse(BaseModel):
     generation: int | None = Field(
         None, description="The published index generation a replica searches (null: none, or a writer)"
     )
+    model: ModelInfo | None = Field(
+        None, description="Every option that defines a vector and the precision in use (when ready)"
+    )
 
 
 class GenerationOut(BaseModel):
@@ -171,6 +174,8 @@ class StatsResponse(BaseModel):
     count: int
     model: ModelInfo
     dim: int
+    vectors: int = Field(description="Vectors searched: each image's global one plus its regional ones")
+    vectors_per_image: int = Field(description="1 + regions² (regions: the model config's grid)")
     index_factory: str
     data_dir: str
     read_only: bool

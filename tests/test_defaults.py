@@ -91,6 +91,11 @@ def test_library_cli_store_and_stats_agree_on_the_defaults(
     assert manifest.fingerprint == json.loads(json.dumps(library.fingerprint))
 
     with TestClient(create_app(Settings(data_dir=data, device="cpu"))) as client:
-        model = client.get("/v1/stats").json()["model"]
+        stats = client.get("/v1/stats").json()
+        ready = client.get("/ready").json()
+    model = stats["model"]
     assert model["config"] == json.loads(resolved.model_dump_json())
     assert model["precision"] in ("fp32", "bf16")  # what auto resolved to, never "auto"
+    assert ready["model"] == model
+    per_image = 1 + resolved.regions**2  # the global vector and the regional grid
+    assert (stats["count"], stats["vectors_per_image"], stats["vectors"]) == (1, per_image, per_image)

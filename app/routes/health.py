@@ -28,6 +28,7 @@ def ready(request: Request, response: Response) -> ReadyResponse:
         status="ready",
         read_only=state.runtime.store.read_only,
         generation=generation.number if generation is not None else None,
+        model=model_info(state.runtime.inference.embedder),
     )
 
 
@@ -45,6 +46,8 @@ def stats(state: State) -> StatsResponse:
         count=state.store.count,
         model=model_info(state.inference.embedder),
         dim=state.store.dim,
+        vectors=info["vectors"],
+        vectors_per_image=info["vectors_per_image"],
         index_factory=info["index_factory"],
         data_dir=str(state.settings.data_dir),
         read_only=info["read_only"],

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale sets, each comma-separated (default: 1 and 1,0.7071,0.5)",
     )
     parser.add_argument("--resize-modes", default="crop,full", help="comma-separated: crop, full")
+    parser.add_argument(
+        "--regions",
+        default="0,3",
+        help="comma-separated regional grid sizes the database keeps per image (0 = none; default 0,3)",
+    )
     parser.add_argument("--max-side", type=int, default=512, help="longest side in full mode")
     parser.add_argument("-k", "--ks", default="1,5,10", help="cut-offs for P@k / R@k")
     parser.add_argument(
@@ -220,7 +225,18 @@ def _grid_from_args(args: argparse.Namespace) -> list[Config]:
         resize_modes=_csv(args.resize_modes),
         max_side=args.max_side,
         gem_p=args.gem_p,
+        regions=_parse_regions(args.regions),
     )
+
+
+def _parse_regions(text: str) -> list[int]:
+    try:
+        grids = [int(g) for g in _csv(text)]
+    except ValueError:
+        raise EvalError(f"bad --regions {text!r}: comma-separated grid sizes, 0 or 2-7") from None
+    if not grids or any(g != 0 and not 2 <= g <= 7 for g in grids):
+        raise EvalError(f"bad --regions {text!r}: comma-separated grid sizes, 0 or 2-7")
+    return grids
 
 
 def run(args: argparse.Namespace, *, bank: FeatureBank | None = None) -> dict[str, Any]:

@@ -29,8 +29,9 @@ __all__ = ["FeatureBank"]
 
 log = logging.getLogger(__name__)
 
-_Combo = tuple[str, str, float]
-"""(layer, pooling, GeM power): one pooled output of a pass."""
+_Combo = tuple[str, str, float, int]
+"""(layer, pooling, GeM power, regional grid): one pooled output of a pass; grid 0 is the whole map
+((n, d) vectors), grid g its g x g windows as a store keeps them ((n, g*g, d))."""
 _PassKey = tuple[str, str, int, float]
 """(model, resize mode, max side, scale): what one forward pass over an image set depends on."""
 
@@ -39,8 +40,8 @@ def _pass_key(cfg: Config, scale: float) -> _PassKey:
     return (cfg.model, cfg.resize_mode, cfg.max_side, scale)
 
 
-def _combo(cfg: Config) -> _Combo:
-    return (cfg.layer, cfg.pooling, cfg.gem_p)
+def _combo(cfg: Config, regions: int = 0) -> _Combo:
+    return (cfg.layer, cfg.pooling, cfg.gem_p, regions)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class FeatureBank:
         for cfg in configs:
             for scale in cfg.scales:
                 self._needs.setdefault(_pass_key(cfg, scale), set()).add(_combo(cfg))
+            if cfg.regions:
+                self._needs.setdefault(_pass_key(cfg, cfg.region_scale), set()).add(_combo(cfg, cfg.regions))
 
     def embedder(self, model: str) -> Embedder:
         if model not in self.embedders:
@@ -91,6 +94,15 @@ class FeatureBank:
         out = total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32, copy=False)
 
+    def region_vectors(self, set_name: str, images: Sequence[Image.Image], cfg: Config) -> np.ndarray:
+        """(n, regions², d) unit regional vectors of ``images`` for ``cfg`` (before whitening), pooled
+        from the windows of the pass at ``cfg.region_scale`` as ``Embedder.embed_tensors(regions=True)``
+        pools them."""
+        self.vectors(set_name, images, cfg)  # the same bookkeeping of which list the name holds
+        return self._per_scale(set_name, images, cfg, cfg.region_scale, _combo(cfg, cfg.regions))[
+            _combo(cfg, cfg.regions)
+        ]
+
     def release(self, set_name: str) -> None:
         """Forget a set's images and vectors: a run done with a set frees its memory."""
         self._sets.pop(set_name, None)
@@ -108,11 +120,17 @@ class FeatureBank:
         return n / secs if secs else float("nan")
 
     def _per_scale(
-        self, set_name: str, images: Sequence[Image.Image], cfg: Config, scale: float
+        self,
+        set_name: str,
+        images: Sequence[Image.Image],
+        cfg: Config,
+        scale: float,
+        combo: _Combo | None = None,
     ) -> dict[_Combo, np.ndarray]:
         key = _pass_key(cfg, scale)
-        if _combo(cfg) not in self._cache.get((set_name, key), {}):  # new, or registered after the pass
-            needs = self._needs.get(key, set()) | {_combo(cfg)}
+        combo = combo or _combo(cfg)
+        if combo not in self._cache.get((set_name, key), {}):  # new, or registered after the pass
+            needs = self._needs.get(key, set()) | {combo}
             started = time.perf_counter()
             self._cache[(set_name, key)] = self._run_pass(images, cfg, scale, needs)
             elapsed = time.perf_counter() - started
@@ -133,14 +151,33 @@ class FeatureBank:
         emb = self.embedder(cfg.model).variant(
             resize_mode=cfg.resize_mode, max_side=cfg.max_side, scales=(1.0,)
         )
-        layers = sorted({layer for layer, _, _ in needs})
-        out = {c: np.empty((len(images), emb.spec.get_layer(c[0]).dim), dtype=np.float32) for c in needs}
+        from deepfeat.models.pooling import grid_windows
+
+        layers = sorted({c[0] for c in needs})
+        out = {
+            c: np.empty(
+                (len(images), c[3] ** 2, emb.spec.get_layer(c[0]).dim)
+                if c[3]
+                else (len(images), emb.spec.get_layer(c[0]).dim),
+                dtype=np.float32,
+            )
+            for c in needs
+        }
         for rows, batch in self._batches(emb, images):
             features = emb.forward_intermediates(emb.rescale(batch, scale), layers=layers)
             for combo in needs:
-                layer, pooling, gem_p = combo
-                pooled = emb.pool(features[layer], layer=layer, pooling=pooling, gem_p=gem_p)  # (b, d)
-                out[combo][rows] = pooled.cpu().numpy()
+                layer, pooling, gem_p, grid = combo
+                fmap = features[layer]
+                if not grid:
+                    pooled = emb.pool(fmap, layer=layer, pooling=pooling, gem_p=gem_p)  # (b, d)
+                    out[combo][rows] = pooled.cpu().numpy()
+                    continue
+                h, w = fmap.shape[2:]
+                windows = [
+                    emb.pool(fmap[:, :, y : y + rh, x : x + rw], layer=layer, pooling=pooling, gem_p=gem_p)
+                    for y, x, rh, rw in grid_windows(h, w, grid)
+                ]
+                out[combo][rows] = np.stack([t.cpu().numpy() for t in windows], axis=1)  # (b, g*g, d)
         return out
 
     def _batches(

@@ -1,4 +1,5 @@
-"""The sweep: one ``Config`` per point of models x layers x pooling x whitening x scales x resize mode.
+"""The sweep: one ``Config`` per point of models x layers x pooling x whitening x scales x resize mode
+x regions.
 
 A naive baseline is always part of the grid, because a table of tuned configurations means little
 without what a user gets by doing nothing.
@@ -33,6 +34,7 @@ class Config:
     max_side: int = 512
     gem_p: float = 3.0
     baseline: bool = False
+    regions: int = 0  # the database side keeps a regions x regions grid of regional vectors too
 
     @property
     def scales_label(self) -> str:
@@ -47,15 +49,29 @@ class Config:
         return f"gem{self.gem_p:g}" if self.pooling == "gem" else self.pooling
 
     @property
+    def region_scale(self) -> float:
+        """The pass regional vectors are pooled from, as the Embedder does it."""
+        return 1.0 if 1.0 in self.scales else max(self.scales)
+
+    @property
     def name(self) -> str:
+        regions = f"/r{self.regions}" if self.regions else ""
         return (
             f"{self.model}/{self.layer}/{self.pooling_label}/{self.resize_label}/s{self.scales_label}"
-            f"/w{self.whitening}"
+            f"/w{self.whitening}{regions}"
         )
 
-    def embed_key(self) -> tuple[str, str, str, str, int, tuple[float, ...]]:
+    def embed_key(self) -> tuple[str, str, str, str, int, tuple[float, ...], int]:
         """What the raw (unwhitened) vectors depend on."""
-        return (self.model, self.layer, self.pooling, self.resize_mode, self.max_side, self.scales)
+        return (
+            self.model,
+            self.layer,
+            self.pooling,
+            self.resize_mode,
+            self.max_side,
+            self.scales,
+            self.regions,
+        )
 
     def fields(self) -> dict[str, Any]:
         """The configuration's columns of a JSON result row (scales as a list, as JSON has no tuples)."""
@@ -96,6 +112,7 @@ def build_grid(
     resize_modes: Sequence[str],
     max_side: int = 512,
     gem_p: float = 3.0,
+    regions: Sequence[int] = (0,),
 ) -> list[Config]:
     """Every combination (vector layers take no pooling), plus the naive baseline of each model first.
 
@@ -115,10 +132,21 @@ def build_grid(
             chosen = [spec.get_layer(name) for name in layers]
         for layer in chosen:
             pools = ["none"] if layer.kind == "vector" else list(poolings)
-            for pooling, resize, scales, white in itertools.product(
-                pools, resize_modes, scale_sets, whitening
+            grids = list(regions) if layer.kind == "conv" else [0]  # a vector layer has no map
+            for pooling, resize, scales, white, grid_size in itertools.product(
+                pools, resize_modes, scale_sets, whitening, grids
             ):
-                cfg = Config(model, layer.name, pooling, white, tuple(scales), resize, max_side, gem_p)
+                cfg = Config(
+                    model,
+                    layer.name,
+                    pooling,
+                    white,
+                    tuple(scales),
+                    resize,
+                    max_side,
+                    gem_p,
+                    regions=grid_size,
+                )
                 if not same_point(cfg, baseline):
                     grid.append(cfg)
     return grid

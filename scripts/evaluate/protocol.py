@@ -92,6 +92,7 @@ def default_config() -> Config:
         resize_mode=c.resize_mode,
         max_side=c.max_side,
         gem_p=c.gem_p,
+        regions=c.regions,
     )
 
 

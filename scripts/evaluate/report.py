@@ -26,7 +26,7 @@ __all__ = [
     "write_json",
 ]
 
-_AXES = ("model", "layer", "pooling", "whitening", "scales", "resize_mode")
+_AXES = ("model", "layer", "pooling", "whitening", "scales", "resize_mode", "regions")
 
 
 def build_report(
@@ -56,7 +56,7 @@ def _marginals(results: list[dict[str, Any]], primary: str) -> dict[str, dict[st
         for r in results:
             if r["baseline"]:
                 continue
-            value = _scales_label(r) if axis == "scales" else str(r[axis])
+            value = _scales_label(r) if axis == "scales" else str(r.get(axis, 0))
             groups.setdefault(value, []).append(r["metrics"][primary])
         if len(groups) > 1:
             out[axis] = {
@@ -82,6 +82,10 @@ def _scales_label(r: dict[str, Any]) -> str:
     return "+".join(f"{s:.2g}" for s in r["scales"])
 
 
+def _regions_label(r: dict[str, Any]) -> str:
+    return f"{r['regions']}x{r['regions']}" if r.get("regions") else "-"
+
+
 def format_table(report: dict[str, Any], *, top: int | None = None) -> str:
     """Fixed-width text: one row per configuration, best first, the baseline marked."""
     mode = report["mode"]
@@ -95,13 +99,13 @@ def format_table(report: dict[str, Any], *, top: int | None = None) -> str:
     else:
         metric_cols = ["recall@1", "mAP", "hard_recall@1", *report["transforms"]]
     widths = [max(8, len(c)) for c in metric_cols]
-    head = f"{'#':>3} {'model':<18} {'layer':<11} {'pool':<6} {'resize':<8} {'scales':<11} {'white':<6}"
+    head = f"{'#':>3} {'model':<18} {'layer':<11} {'pool':<6} {'resize':<8} {'scales':<11} {'white':<6} {'reg':<3}"
     head += "".join(f" {c:>{w}}" for c, w in zip(metric_cols, widths, strict=True)) + f" {'img/s':>7}"
     lines = [head, "-" * len(head)]
     for i, r in ranked:
         cfg_cols = (
             f"{i:>3} {r['model'][:18]:<18} {r['layer'][:11]:<11} {_pool_label(r):<6} {_resize_label(r):<8} "
-            f"{_scales_label(r)[:11]:<11} {_white_label(r):<6}"
+            f"{_scales_label(r)[:11]:<11} {_white_label(r):<6} {_regions_label(r):<3}"
         )
         # copy mode: a transform's column is its recall@1
         values = [
@@ -285,6 +289,7 @@ def save_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
         title = _copy_heat_map(fig, ax, report, rows)
     labels = [
         f"{r['layer']}/{_pool_label(r)}/{_resize_label(r)}/s{_scales_label(r)}/w{_white_label(r)}"
+        + (f"/r{r['regions']}" if r.get("regions") else "")
         + (" [baseline]" if r["baseline"] else "")
         for r in rows
     ]

@@ -118,6 +118,35 @@ def _apply_whitening(
     return [w.apply(b) for b in blocks], dim
 
 
+def _regional(
+    bank: FeatureBank, cfg: Config, parts: Sequence[tuple[str, Sequence[Image.Image]]]
+) -> np.ndarray | None:
+    """The database's regional vectors for ``cfg``, (n, regions², d) over the named image lists in
+    order; None when ``cfg`` keeps none."""
+    if not cfg.regions:
+        return None
+    return np.concatenate([bank.region_vectors(name, images, cfg) for name, images in parts if images])
+
+
+def _scores(queries: np.ndarray, database: np.ndarray, regions: np.ndarray | None) -> np.ndarray:
+    """(m, n) query-image scores as a store ranks them: each database image scores its best vector,
+    the global one or a regional one."""
+    scores = queries @ database.T
+    if regions is not None:
+        best_region = np.einsum("md,nrd->mnr", queries, regions, optimize=True).max(axis=2)
+        scores = np.maximum(scores, best_region)
+    return scores
+
+
+def _whitened_regions(cfg: Config, train: np.ndarray, regions: np.ndarray | None) -> np.ndarray | None:
+    """Regional vectors whitened like the global ones (a store projects every vector it holds)."""
+    if regions is None or cfg.whitening == "none":
+        return regions
+    n, r, d = regions.shape
+    (flat,), _ = _apply_whitening(cfg, train, regions.reshape(n * r, d))
+    return flat.reshape(n, r, -1)
+
+
 def _finite(x: float) -> float | None:
     return round(x, 2) if math.isfinite(x) else None
 
@@ -206,8 +235,9 @@ def evaluate_category_set(
     for cfg in configs:
         x = bank.vectors(set_name, data.images, cfg)
         train = bank.vectors("whiten-on", whiten_on, cfg) if whiten_on else x
+        regions = _whitened_regions(cfg, train, _regional(bank, cfg, [(set_name, data.images)]))
         (x,), dim = _apply_whitening(cfg, train, x)
-        scores = x @ x.T
+        scores = _scores(x, x, regions)
         np.fill_diagonal(scores, -np.inf)  # a query never retrieves itself
         m = ranking_metrics(scores, relevant, ks)
         per_class = {
@@ -331,8 +361,13 @@ def evaluate_copy_set(
             d = np.concatenate([d, bank.vectors(set_names[1], data.distractors, cfg)])
         q = bank.vectors(set_names[2], data.queries, cfg)
         train = bank.vectors("whiten-on", whiten_on, cfg) if whiten_on else d
+        regions = _whitened_regions(
+            cfg,
+            train,
+            _regional(bank, cfg, [(set_names[0], data.originals), (set_names[1], data.distractors)]),
+        )
         (d, q), dim = _apply_whitening(cfg, train, d, q)
-        m = ranking_metrics(q @ d.T, relevant, ks)
+        m = ranking_metrics(_scores(q, d, regions), relevant, ks)
         summary, per_transform = copy_metrics(
             np.array(m["first_rank"]), np.array(m["AP"]), data.transform_of, data.transforms, HARD_TRANSFORMS
         )

@@ -59,12 +59,9 @@ def test_replica_serves_the_generation_and_newer_images_and_refuses_writes(
     )
 
     replica = make_client(read_only=True, refresh_interval_s=REFRESH_S, api_key="k3y")
-    assert replica.get("/ready").json() == {
-        "status": "ready",
-        "detail": None,
-        "read_only": True,
-        "generation": 1,
-    }
+    ready = replica.get("/ready").json()
+    assert ready.pop("model")["config"]["model"] == "efficientnet_lite0"
+    assert ready == {"status": "ready", "detail": None, "read_only": True, "generation": 1}
     assert (
         writer.get("/ready").json()["read_only"] is False
         and writer.get("/ready").json()["generation"] is None

@@ -283,6 +283,24 @@ def test_bank_vectors_are_the_embedders(
     assert float((got * reference).sum(axis=1).min()) >= 0.999
 
 
+def test_bank_regional_vectors_are_the_ones_a_store_keeps(
+    photos: dict[str, Image.Image], bank: ev.FeatureBank
+) -> None:
+    """Regional vectors from the shared pass are what ``Embedder.embed_tensors(regions=True)`` gives
+    an indexer, windows of the scale-1 map of a multi-scale configuration."""
+    from deepfeat.models.embedder import Embedder
+
+    cfg = ev.Config("efficientnet_lite0", "head", "gem", "none", (1.0, 0.5), "full", 256, regions=3)
+    images = [_small(photos[name], 300) for name in ("chelsea", "rocket")]
+    bank.register([cfg])
+    regions = bank.region_vectors("database", images, cfg)
+    embedder = Embedder(cfg.model, device="cpu", precision="fp32", max_side=256, scales=cfg.scales, regions=3)
+    stored = embedder.embed_tensors(embedder.preprocess(images), regions=True)  # (2, 10, d)
+    assert regions.shape == (2, 9, 1280)
+    assert float(np.einsum("nrd,nrd->nr", regions, stored[:, 1:]).min()) >= 0.999
+    assert float(np.einsum("nd,nd->n", bank.vectors("database", images, cfg), stored[:, 0]).min()) >= 0.999
+
+
 def test_bank_never_serves_another_image_list_under_the_same_name(
     photos: dict[str, Image.Image], bank: ev.FeatureBank
 ) -> None:
@@ -315,13 +333,15 @@ SMALL_GRID = [
     "--layers",
     "head",
     "--poolings",
-    "gem,rmac",
+    "gem",
     "--whitening",
     "none",
     "--scales",
     "1",
     "--resize-modes",
     "crop",
+    "--regions",
+    "0,2",
 ]
 
 
@@ -553,7 +573,7 @@ def test_validation_rows_run_each_configuration_once() -> None:
         shipped.max_side,
         tuple(shipped.scales),
     )
-    assert default.whitening == "none" and not default.baseline
+    assert default.whitening == "none" and not default.baseline and default.regions == shipped.regions
     grid = ev.build_grid(
         models=["efficientnet_lite0"],
         layers=[default.layer],
@@ -561,6 +581,7 @@ def test_validation_rows_run_each_configuration_once() -> None:
         whitening=["none"],
         scale_sets=[default.scales],
         resize_modes=[default.resize_mode],
+        regions=[default.regions],
     )
     chosen = next(c for c in grid if not c.baseline)
     rows = ev.validation_rows(grid, chosen, default)

@@ -83,7 +83,8 @@ def _shas(folder: Path) -> set[str]:
 
 
 def _catalog_rows(data_dir: Path) -> dict[int, tuple[str, str, np.ndarray]]:
-    """seq -> (id, sha256, vector), read straight from SQLite the way the next process would."""
+    """seq -> (id, sha256, vectors), read straight from SQLite the way the next process would;
+    vectors is flat: the global vector, then the regional ones."""
     path = data_dir / CATALOG_FILE
     if not path.exists():
         return {}
@@ -123,14 +124,16 @@ def check_store(data_dir: Path, embedder: Embedder, allowed_shas: set[str]) -> s
     shas = [sha for _, sha, _ in rows.values()]
     assert len(shas) == len(set(shas)), "the same content was committed twice"
     assert set(shas) <= allowed_shas, "a row that is not one of the source files"
+    per_image = embedder.vectors_per_image  # the global vector and the regional ones, all unit
     for _, _, vector in rows.values():
-        assert vector.shape == (embedder.dim,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-3
+        assert vector.shape == (per_image * embedder.dim,)
+        assert np.allclose(np.linalg.norm(vector.reshape(per_image, -1), axis=1), 1, atol=1e-3)
 
     # The snapshot file on disk (whatever a crash left in place under the real name) never holds a
     # vector whose row is not committed: FAISS only ever gets rows after their transaction commits.
     snap = data_dir / SNAPSHOT_FILE
     if snap.exists():
-        held = set(VectorIndex.load(snap).ids().tolist())
+        held = set(VectorIndex.load(snap).seqs().tolist())
         assert held <= set(rows), f"snapshot holds vectors without catalog rows: {sorted(held - set(rows))}"
 
     try:
@@ -141,11 +144,12 @@ def check_store(data_dir: Path, embedder: Embedder, allowed_shas: set[str]) -> s
         return set()
     with store:
         # FAISS as loaded and reconciled == the catalog, exactly.
-        assert sorted(store._vectors.ids().tolist()) == sorted(rows), "FAISS ids != catalog seqs"
+        assert store._vectors.seqs().tolist() == sorted(rows), "FAISS images != catalog seqs"
+        assert store._vectors.ntotal == len(rows) * per_image, "an image lost some of its vectors"
         assert store.count == len(rows)
         if rows:
             seqs = sorted(rows)
-            queries = np.stack([rows[s][2] for s in seqs])
+            queries = np.stack([rows[s][2][: embedder.dim] for s in seqs])  # global vectors
             for seq, hits in zip(seqs, store.search(queries, 1), strict=True):
                 assert hits and hits[0].id == rows[seq][0] and hits[0].score > 0.999, (seq, hits)
     return set(shas)
@@ -159,7 +163,7 @@ def _ranking(data_dir: Path, embedder: Embedder) -> dict[str, list[tuple[str, fl
         rows = _catalog_rows(data_dir)
         sha_of_id = {image_id: sha for image_id, sha, _ in rows.values()}
         seqs = sorted(rows)
-        hits = store.search(np.stack([rows[s][2] for s in seqs]), 5)
+        hits = store.search(np.stack([rows[s][2][: embedder.dim] for s in seqs]), 5)
         return {
             rows[s][1]: [(sha_of_id[hit.id], round(hit.score, 3)) for hit in row]
             for s, row in zip(seqs, hits, strict=True)
