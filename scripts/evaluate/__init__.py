@@ -280,6 +280,14 @@ def run(args: argparse.Namespace, *, bank: FeatureBank | None = None) -> dict[st
 def main(argv: Sequence[str] | None = None, *, bank: FeatureBank | None = None) -> int:
     """``deepfeat eval ...``: exit status 0, or 2 with one ``error [code]: message`` line."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["service"]:
+        from deepfeat.scripts.evaluate import service
+
+        return service.main(argv[1:])
+    if argv[:1] == ["duplicates"]:
+        from deepfeat.scripts.evaluate import duplicates
+
+        return duplicates.main(argv[1:])
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
