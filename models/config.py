@@ -91,6 +91,20 @@ class EmbedderFields(BaseModel):
         "0 = one vector per image. Conv layers only; searches are unchanged",
     )
 
+    semantic_layer: str | None = Field(
+        "penultimate",
+        description="The layer whose vector answers similarity=semantic searches, computed in the same "
+        "forward pass as the visual vector and stored beside it: a vector layer (penultimate or "
+        "logits); none = off",
+    )
+
+    @field_validator("semantic_layer", mode="before")
+    @classmethod
+    def _semantic_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
+            return None
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @field_validator("regions")
     @classmethod
     def _regions_grid(cls, value: int) -> int:
@@ -158,8 +172,9 @@ class EmbedderConfig(EmbedderFields):
     @classmethod
     def from_manifest(cls, recorded: dict[str, Any]) -> EmbedderConfig:
         """The options a store's manifest recorded. An option added since the store was written takes
-        the value that reproduces its vectors, not today's default (regional descriptors: none)."""
-        return cls.model_validate({"regions": 0, **recorded})
+        the value that reproduces its vectors, not today's default (regional descriptors: none; no
+        semantic vectors)."""
+        return cls.model_validate({"regions": 0, "semantic_layer": None, **recorded})
 
     @classmethod
     def from_fingerprint(cls, fingerprint: dict[str, Any]) -> EmbedderConfig:
@@ -183,6 +198,8 @@ class EmbedderConfig(EmbedderFields):
         if fingerprint.get("scales"):
             values["scales"] = tuple(fingerprint["scales"])
         values["regions"] = int(fingerprint.get("regions", 0))
+        semantic = fingerprint.get("semantic")
+        values["semantic_layer"] = semantic.get("layer") if isinstance(semantic, dict) else None
         from deepfeat.models.registry import weights_argument
 
         weights = weights_argument(str(fingerprint.get("weights", "")))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -41,12 +41,15 @@ __all__ = [
     "build_transform",
     "PRECISIONS",
     "RESIZE_MODES",
+    "SIMILARITIES",
     "FINGERPRINT_VERSION",
 ]
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SIMILARITIES = ("visual", "semantic")
+"""What a search compares: the visual descriptor (conv map, pooled) or the semantic vector."""
 
 _TRACE_LOCK = threading.Lock()
 
@@ -287,6 +290,9 @@ class Embedder:
         self._fingerprint: dict[str, Any] | None = None
         self.spec: ModelSpec = get_model(config.model)
         self.layer: LayerSpec = self.spec.get_layer(config.layer)
+        self.semantic_layer: LayerSpec | None = (
+            None if config.semantic_layer is None else self.spec.get_layer(config.semantic_layer)
+        )
         self._pool = get_pooling(self.pooling, gem_p=self.gem_p) if self.layer.kind == "conv" else None
         self.transform: Callable[[Image.Image | torch.Tensor], torch.Tensor] = (
             build_transform(self.spec.preprocess)
@@ -340,6 +346,11 @@ class Embedder:
     @property
     def dim(self) -> int:
         return self.layer.dim
+
+    @property
+    def semantic_dim(self) -> int | None:
+        """Dimension of the semantic vector (``similarity=semantic``), None when it is off."""
+        return None if self.semantic_layer is None else self.semantic_layer.dim
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -480,43 +491,83 @@ class Embedder:
         """Vectors a store keeps per image: the global one, plus ``regions``² regional ones."""
         return 1 + self.config.regions**2
 
-    def _descriptors(self, batch: torch.Tensor, *, regions: bool = False) -> torch.Tensor:
-        """(n, 3, H, W) same-size batch -> (n, dim) unit vectors, averaged over the scales; with
+    def _descriptors(
+        self, batch: torch.Tensor, *, regions: bool = False, semantic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, 3, H, W) same-size batch -> ((n, dim) unit vectors, averaged over the scales; with
         ``regions``, (n, vectors_per_image, dim): the global vector, then the regional ones, pooled
-        from the same forward pass at scale 1 (the largest scale when 1 is not among them)."""
-        descriptors = []
+        from the same forward pass at scale 1 (the largest scale when 1 is not among them)), and with
+        ``semantic`` the (n, semantic_dim) semantic vectors read from the same forward passes (each
+        scale's vector L2-normalised, summed over the scales, re-normalised, as the visual one)."""
+        sem_layer = self.semantic_layer if semantic else None
+        if semantic and sem_layer is None:
+            raise InvalidOptionError(
+                f"this embedder has no semantic layer (semantic_layer=none); choose one of: "
+                f"{', '.join(s.name for s in self.spec.layers if s.kind == 'vector')}"
+            )
+        names = [self.layer.name] if sem_layer is None else [self.layer.name, sem_layer.name]
+        descriptors, semantics = [], []
         region_scale = 1.0 if 1.0 in self.scales else max(self.scales)
         region_map: torch.Tensor | None = None
         for scale in self.scales:
-            features = self.forward_intermediates(self.rescale(batch, scale))[self.layer.name]
+            # One forward pass per scale serves both layers (the all-layers trunk when two are read).
+            out = self.forward_intermediates(self.rescale(batch, scale), names)
+            features = out[self.layer.name]
             descriptors.append(self.pool(features))
+            if sem_layer is not None:
+                semantics.append(F.normalize(out[sem_layer.name].flatten(1), dim=1))  # (n, d_s)
             if regions and scale == region_scale:
                 region_map = features  # (n, c, h, w)
         glob = F.normalize(torch.stack(descriptors).sum(dim=0), dim=1)
+        sem = F.normalize(torch.stack(semantics).sum(dim=0), dim=1) if semantics else None
         if not regions:
-            return glob
+            return glob, sem
         if region_map is None or self.config.regions == 0:
-            return glob[:, None]
+            return glob[:, None], sem
         h, w = region_map.shape[2:]
         parts = [
             self.pool(region_map[:, :, y : y + rh, x : x + rw])
             for y, x, rh, rw in grid_windows(h, w, self.config.regions)
         ]
-        return torch.cat([glob[:, None], torch.stack(parts, dim=1)], dim=1)  # (n, 1 + g*g, dim)
+        return torch.cat([glob[:, None], torch.stack(parts, dim=1)], dim=1), sem  # (n, 1 + g*g, dim)
+
+    @overload
+    def embed_tensors(
+        self,
+        tensors: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        regions: bool = ...,
+        semantic: Literal[False] = ...,
+    ) -> np.ndarray: ...
+
+    @overload
+    def embed_tensors(
+        self, tensors: torch.Tensor | Sequence[torch.Tensor], *, regions: bool = ..., semantic: Literal[True]
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def embed_tensors(
-        self, tensors: torch.Tensor | Sequence[torch.Tensor], *, regions: bool = False
-    ) -> np.ndarray:
+        self, tensors: torch.Tensor | Sequence[torch.Tensor], *, regions: bool = False, semantic: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Preprocessed images -> (n, dim) float32, unit L2 norm; with ``regions``, what a store keeps
         per image: (n, vectors_per_image, dim), the global vector first.
 
         Takes a (n, 3, H, W) batch or a list of (3, H, W) tensors of possibly different sizes;
         same-size tensors are stacked into one forward pass each, results come back in input order.
+
+        Args:
+            semantic: Also return the (n, semantic_dim) semantic vectors, from the same forward passes:
+                the result is then ``(visual, semantic)``.
+        Raises:
+            InvalidOptionError: bad input shape, no images, or ``semantic`` without a semantic layer.
         """
         if isinstance(tensors, torch.Tensor):
             if tensors.ndim != 4:
                 raise InvalidOptionError(f"expected a (n, 3, H, W) batch, got shape {tuple(tensors.shape)}")
-            return self._descriptors(tensors, regions=regions).cpu().numpy().astype(np.float32, copy=False)
+            glob, sem = self._descriptors(tensors, regions=regions, semantic=semantic)
+            visual = glob.cpu().numpy().astype(np.float32, copy=False)
+            if not semantic or sem is None:  # _descriptors returns sem whenever semantic is asked
+                return visual
+            return visual, sem.cpu().numpy().astype(np.float32, copy=False)
         if not tensors:
             raise InvalidOptionError("no images given")
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -524,14 +575,39 @@ class Embedder:
             groups.setdefault(tuple(tensor.shape), []).append(i)
         shape = (len(tensors), self.vectors_per_image, self.dim) if regions else (len(tensors), self.dim)
         out = np.empty(shape, dtype=np.float32)
+        sem_out = np.empty((len(tensors), self.semantic_dim or 0), dtype=np.float32) if semantic else None
         for indices in groups.values():
             batch = torch.stack([tensors[i] for i in indices])
-            out[indices] = self._descriptors(batch, regions=regions).cpu().numpy()
-        return out
+            glob, sem = self._descriptors(batch, regions=regions, semantic=semantic)
+            out[indices] = glob.cpu().numpy()
+            if sem_out is not None and sem is not None:
+                sem_out[indices] = sem.cpu().numpy()
+        if sem_out is None:
+            return out
+        return out, sem_out
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """RGB PIL images -> (n, dim) float32, unit L2 norm (one forward pass per image size and scale)."""
-        return self.embed_tensors(self.preprocess(images))
+    def embed(self, images: Sequence[Image.Image], *, similarity: str = "visual") -> np.ndarray:
+        """RGB PIL images -> (n, dim) float32, unit L2 norm (one forward pass per image size and scale);
+        ``similarity="semantic"``: the (n, semantic_dim) semantic vectors instead.
+
+        Raises:
+            InvalidOptionError: an unknown similarity, or semantic on an embedder without it.
+        """
+        if similarity == "visual":
+            return self.embed_tensors(self.preprocess(images))
+        if similarity == "semantic":
+            return self.embed_semantic(images)
+        raise InvalidOptionError(
+            f"unknown similarity {similarity!r}; choose one of: {', '.join(SIMILARITIES)}"
+        )
+
+    def embed_semantic(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB PIL images -> (n, semantic_dim) float32 semantic vectors, unit L2 norm.
+
+        Raises:
+            InvalidOptionError: the embedder has no semantic layer.
+        """
+        return self.embed_tensors(self.preprocess(images), semantic=True)[1]
 
     def _classify_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         if not images:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from deepfeat.models.config import POOLINGS, EmbedderConfig
-from deepfeat.models.errors import UnknownPoolingError
+from deepfeat.models.errors import UnknownLayerError, UnknownPoolingError
 from deepfeat.models.registry import LayerSpec, ModelSpec, get_model
 
-__all__ = ["FINGERPRINT_VERSION", "fingerprint_of", "resolve", "resolve_pooling"]
+__all__ = ["FINGERPRINT_VERSION", "fingerprint_of", "resolve", "resolve_pooling", "resolve_semantic"]
 
 FINGERPRINT_VERSION = 1
 """Bumped whenever the meaning of a vector changes for the same model/layer/pooling."""
@@ -36,6 +36,36 @@ def resolve_pooling(spec: ModelSpec, layer: LayerSpec, pooling: str | None) -> s
     return pooling
 
 
+def resolve_semantic(spec: ModelSpec, layer: str | None) -> LayerSpec | None:
+    """The vector layer that answers ``similarity=semantic``, or None when off.
+
+    ``penultimate`` on a model without a layer of that name (VGG16) is the vector layer just below
+    the logits (position 1, ``fc7``).
+
+    Raises:
+        UnknownLayerError: not a layer of the model, or a conv layer (the message lists the choices).
+    """
+    if layer is None:
+        return None
+    vectors = [s for s in spec.layers if s.kind == "vector"]
+    names = {s.name for s in spec.layers}
+    if layer == "penultimate" and layer not in names and len(spec.layers) > 1:
+        layer = "1"
+    choices = ", ".join(s.name for s in vectors) + ", or none"
+    try:
+        found = spec.get_layer(layer)
+    except UnknownLayerError:
+        raise UnknownLayerError(
+            f"unknown semantic layer {layer!r} for model {spec.name!r}; choose one of: {choices}"
+        ) from None
+    if found.kind != "vector":
+        raise UnknownLayerError(
+            f"semantic layer {found.name!r} of {spec.name} is a conv map, not a vector layer; "
+            f"choose one of: {choices}"
+        )
+    return found
+
+
 def resolve(config: EmbedderConfig) -> EmbedderConfig:
     """The same options with the layer named and the pooling decided (what a manifest records), so a
     store reopens with the same vectors even if a model's default layer changes later.
@@ -47,8 +77,15 @@ def resolve(config: EmbedderConfig) -> EmbedderConfig:
     layer = spec.get_layer(config.layer)
     pooling = resolve_pooling(spec, layer, config.pooling)
     regions = config.regions if layer.kind == "conv" else 0  # a vector layer has no spatial map
+    semantic = resolve_semantic(spec, config.semantic_layer)
     return config.model_copy(
-        update={"model": spec.name, "layer": layer.name, "pooling": pooling, "regions": regions}
+        update={
+            "model": spec.name,
+            "layer": layer.name,
+            "pooling": pooling,
+            "regions": regions,
+            "semantic_layer": None if semantic is None else semantic.name,
+        }
     )
 
 
@@ -70,8 +107,12 @@ def fingerprint_of(config: EmbedderConfig, *, weights_identity: str | None = Non
         preprocess = {"mode": "full", "max_side": config.max_side, **pre, "resize": None, "crop": None}
     identity = spec.identify(config.weights) if weights_identity is None else weights_identity
     regions = config.regions if layer.kind == "conv" else 0
-    # Stores written before regional descriptors have no "regions" key: absent means none.
-    stored = {"regions": regions} if regions else {}
+    # Stores written before regional descriptors have no "regions" key: absent means none. Likewise
+    # "semantic": absent in stores written before semantic vectors, and when they are off.
+    stored: dict[str, Any] = {"regions": regions} if regions else {}
+    semantic = resolve_semantic(spec, config.semantic_layer)
+    if semantic is not None:
+        stored["semantic"] = {"layer": semantic.name, "dim": semantic.dim}
     return {
         "version": FINGERPRINT_VERSION,
         "model": spec.name,
