@@ -2,7 +2,10 @@
 
 One row per distinct image content (sha256), with its vectors: the image's global descriptor first,
 then any regional descriptors, as one (m, dim) little-endian float32 BLOB (m = 1 in stores written
-before regional descriptors). ``seq`` (INTEGER PRIMARY KEY AUTOINCREMENT) is the int64
+before regional descriptors), and optionally its semantic vector, a (d_s,) float32 BLOB in the
+``semantic`` column (NULL in rows written before semantic vectors; ``meta.semantic_dim`` records d_s).
+Semantic vectors set later on existing rows are logged in ``semantic_updates`` (like tombstones), so
+other processes replay them. ``seq`` (INTEGER PRIMARY KEY AUTOINCREMENT) is the int64
 id FAISS uses and is never exposed; ``id`` (uuid4 hex) is the public, stable id. AUTOINCREMENT
 guarantees a ``seq`` is never reused, and because SQLite has one writer at a time, rows become visible
 in ``seq`` order: "every row with seq <= N" is a valid watermark for catching up incrementally.
@@ -39,6 +42,9 @@ _VECTOR_DTYPE = np.dtype("<f4")
 
 _RECORD_COLUMNS = "id, sha256, source, width, height, nbytes, metadata, added_at"
 _WATERMARKS_SQL = "SELECT name, seq FROM sqlite_sequence WHERE name IN ('images', 'deletions')"
+_SYNC_MARKS_SQL = (
+    "SELECT name, seq FROM sqlite_sequence WHERE name IN ('images', 'deletions', 'semantic_updates')"
+)
 
 
 @dataclass(frozen=True)
@@ -228,7 +234,32 @@ class Catalog:
         blob = np.ascontiguousarray(vector, dtype=_VECTOR_DTYPE).tobytes()
         return (row.sha256, row.source, row.width, row.height, row.nbytes, metadata, blob)
 
-    def insert_many(self, rows: Sequence[NewImage], vectors: np.ndarray) -> list[InsertResult]:
+    def _check_semantic(self, semantic: np.ndarray | None, n: int) -> np.ndarray | None:
+        """(n, d_s) finite float semantic vectors -> float32, or None; d_s must match the recorded one."""
+        if semantic is None:
+            return None
+        arr = np.asarray(semantic)
+        if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] < 1:
+            raise InvalidVectorError(f"semantic vectors must have shape ({n}, d_s), got {arr.shape}")
+        if arr.dtype not in (np.float32, np.float64) or not np.isfinite(arr).all():
+            raise InvalidVectorError(f"semantic vectors must be finite float32, got dtype {arr.dtype}")
+        recorded = self.semantic_dim()
+        if recorded is not None and arr.shape[1] != recorded:
+            raise InvalidVectorError(
+                f"semantic vectors have dim {arr.shape[1]}, the catalog holds dim {recorded}"
+            )
+        return np.ascontiguousarray(arr, dtype=_VECTOR_DTYPE)
+
+    @staticmethod
+    def _record_semantic_dim(conn: sqlite3.Connection, dim: int) -> None:
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('semantic_dim', ?) ON CONFLICT(key) DO NOTHING",
+            (str(int(dim)),),
+        )
+
+    def insert_many(
+        self, rows: Sequence[NewImage], vectors: np.ndarray, semantic: np.ndarray | None = None
+    ) -> list[InsertResult]:
         """Insert images in ONE transaction, deduplicating on sha256.
 
         A sha256 already in the catalog, or repeated within ``rows``, is not inserted again: its result
@@ -238,6 +269,7 @@ class Catalog:
             rows: The images to insert.
             vectors: (len(rows), dim) raw vectors, row i for image i; or (len(rows), m, dim), image i's
                 global vector first, then its regional ones.
+            semantic: Optional (len(rows), d_s) semantic vectors, stored in the same transaction.
 
         Returns:
             One result per input row, in input order.
@@ -250,6 +282,7 @@ class Catalog:
         if len(vectors) != len(rows):
             raise InvalidVectorError(f"got {len(vectors)} vectors for {len(rows)} rows; they must match")
         encoded = [self._encode(i, row, vectors[i]) for i, row in enumerate(rows)]
+        sem = self._check_semantic(semantic, len(rows))
         if not encoded:
             return []
         per_image = max(len(params[-1]) for params in encoded) // (self._dim * _VECTOR_DTYPE.itemsize)
@@ -261,9 +294,11 @@ class Catalog:
                     "DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
                     (str(per_image),),
                 )
+            if sem is not None:
+                self._record_semantic_dim(conn, sem.shape[1])
             known = self._lookup_sha(conn, list(dict.fromkeys(params[0] for params in encoded)))
             now = time.time()
-            for params, row in zip(encoded, rows, strict=True):
+            for i, (params, row) in enumerate(zip(encoded, rows, strict=True)):
                 sha = params[0]
                 if sha in known:
                     image_id, seq = known[sha]
@@ -271,9 +306,9 @@ class Catalog:
                     continue
                 image_id = uuid.uuid4().hex
                 cursor = conn.execute(
-                    "INSERT INTO images(id, sha256, source, width, height, nbytes, metadata, vector, added_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (image_id, *params, now),
+                    "INSERT INTO images(id, sha256, source, width, height, nbytes, metadata, vector, added_at,"
+                    " semantic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (image_id, *params, now, None if sem is None else sem[i].tobytes()),
                 )
                 seq = int(cursor.lastrowid or 0)
                 if row.thumbnail is not None:
@@ -283,6 +318,36 @@ class Catalog:
                 known[sha] = (image_id, seq)
                 results.append(InsertResult(image_id, seq, True))
         return results
+
+    def set_semantic(self, seqs: Sequence[int], semantic: np.ndarray) -> int:
+        """Store semantic vectors on existing rows (one transaction), logging each update so other
+        processes replay it (:meth:`semantic_updates_since`).
+
+        Args:
+            seqs: Internal ids; rows deleted meanwhile are skipped.
+            semantic: (len(seqs), d_s) vectors.
+
+        Returns:
+            Rows updated.
+
+        Raises:
+            InvalidVectorError: Bad shape, values, or a d_s other than the recorded one.
+            ReadOnlyStoreError: The catalog is read-only.
+        """
+        sem = self._check_semantic(semantic, len(seqs))
+        if sem is None or not len(seqs):
+            return 0
+        updated = 0
+        with self._db.write("storing semantic vectors") as conn:
+            self._record_semantic_dim(conn, sem.shape[1])
+            for seq, vector in zip(seqs, sem, strict=True):
+                cursor = conn.execute(
+                    "UPDATE images SET semantic = ? WHERE seq = ?", (vector.tobytes(), int(seq))
+                )
+                if cursor.rowcount:
+                    conn.execute("INSERT INTO semantic_updates(seq) VALUES (?)", (int(seq),))
+                    updated += 1
+        return updated
 
     def delete(self, image_id: str) -> int | None:
         """Delete an image (its thumbnail cascades) and log a tombstone for other processes.
@@ -540,6 +605,102 @@ class Catalog:
             )
             if rows:
                 yield self._decode(rows, global_only=global_only)
+
+    def semantic_dim(self) -> int | None:
+        """The dimension of the stored semantic vectors, None while none was ever stored."""
+        rows = self._db.fetchall(
+            "reading the semantic dim", "SELECT value FROM meta WHERE key = 'semantic_dim'"
+        )
+        return int(rows[0][0]) if rows else None
+
+    def semantic_count(self) -> int:
+        """Images that have a semantic vector."""
+        return int(
+            self._db.fetchall(
+                "counting semantic vectors", "SELECT COUNT(*) FROM images WHERE semantic IS NOT NULL"
+            )[0][0]
+        )
+
+    @staticmethod
+    def _decode_semantic(rows: Sequence[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        seqs = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        sizes = {len(r[1]) for r in rows}
+        if len(sizes) != 1 or not sizes.pop() or any(len(r[1]) % _VECTOR_DTYPE.itemsize for r in rows):
+            raise CorruptStoreError("catalog holds semantic vectors of different or invalid sizes")
+        flat = np.frombuffer(b"".join(r[1] for r in rows), dtype=_VECTOR_DTYPE)
+        return seqs, flat.astype(np.float32).reshape(len(rows), -1)  # (n, d_s)
+
+    def iter_semantic(
+        self, *, after_seq: int = 0, upto_seq: int | None = None, batch: int = 10000
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream ``(seqs (n,) int64, semantic (n, d_s) float32)`` for rows with ``after_seq`` < seq
+        <= ``upto_seq`` that have a semantic vector, in seq order, each chunk its own short read."""
+        last = int(after_seq)
+        upper = np.iinfo(np.int64).max if upto_seq is None else int(upto_seq)
+        while True:
+            rows = self._db.fetchall(
+                "reading semantic vectors",
+                "SELECT seq, semantic FROM images WHERE seq > ? AND seq <= ? AND semantic IS NOT NULL "
+                "ORDER BY seq LIMIT ?",
+                (last, upper, int(batch)),
+            )
+            if not rows:
+                return
+            yield self._decode_semantic(rows)
+            last = int(rows[-1][0])
+            if len(rows) < batch:
+                return
+
+    def semantic_for_seqs(
+        self, seqs: Sequence[int], *, batch: int = IN_CHUNK
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(seqs, (n, d_s))`` for those of ``seqs`` that exist and have a semantic vector, in seq order."""
+        for chunk in chunks(list(seqs), batch):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.fetchall(
+                "reading semantic vectors",
+                f"SELECT seq, semantic FROM images WHERE seq IN ({marks}) AND semantic IS NOT NULL "
+                "ORDER BY seq",
+                tuple(int(s) for s in chunk),
+            )
+            if rows:
+                yield self._decode_semantic(rows)
+
+    def iter_missing_semantic(
+        self, *, after_seq: int = 0, batch: int = 1000
+    ) -> Iterator[list[tuple[int, str, str | None]]]:
+        """Rows without a semantic vector, as ``[(seq, sha256, source)]`` chunks in seq order."""
+        last = int(after_seq)
+        while True:
+            rows = self._db.fetchall(
+                "listing images without semantic vectors",
+                "SELECT seq, sha256, source FROM images WHERE seq > ? AND semantic IS NULL "
+                "ORDER BY seq LIMIT ?",
+                (last, int(batch)),
+            )
+            if not rows:
+                return
+            yield [(int(seq), str(sha), source) for seq, sha, source in rows]
+            last = int(rows[-1][0])
+            if len(rows) < batch:
+                return
+
+    def sync_marks(self) -> tuple[int, int, int]:
+        """``(max_seq, max_deletion_rowid, max_semantic_update_rowid)`` in one read: the watermarks,
+        plus the log of semantic vectors set on existing rows."""
+        rows = dict(self._db.fetchall("reading watermarks", _SYNC_MARKS_SQL))
+        return int(rows.get("images", 0)), int(rows.get("deletions", 0)), int(rows.get("semantic_updates", 0))
+
+    def semantic_updates_since(self, rowid: int) -> tuple[list[int], int]:
+        """Semantic vectors set on existing rows after a watermark: ``(seqs, new watermark)``."""
+        rows = self._db.fetchall(
+            "reading semantic updates",
+            "SELECT rowid, seq FROM semantic_updates WHERE rowid > ? ORDER BY rowid",
+            (int(rowid),),
+        )
+        if not rows:
+            return [], int(rowid)
+        return [int(r[1]) for r in rows], int(rows[-1][0])
 
     def deleted_since(self, rowid: int) -> tuple[list[int], int]:
         """Tombstones after a watermark.

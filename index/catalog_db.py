@@ -61,6 +61,16 @@ _MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ],
+    [
+        # Each image's semantic vector ((d_s,) float32, NULL in rows written before them or without
+        # them), and a log of semantic vectors set on existing rows (``deepfeat add-semantic``) so other
+        # processes replay those updates as they replay tombstones.
+        "ALTER TABLE images ADD COLUMN semantic BLOB",
+        """CREATE TABLE semantic_updates (
+            rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+            seq INTEGER NOT NULL
+        )""",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 

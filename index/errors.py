@@ -20,6 +20,7 @@ __all__ = [
     "StoreFullError",
     "ReadOnlyStoreError",
     "MemoryBudgetError",
+    "SemanticUnavailableError",
 ]
 
 
@@ -91,3 +92,10 @@ class MemoryBudgetError(InvalidArgumentError):
     """A memory budget too small for the work asked (an index build): the message says what is needed."""
 
     code = "memory_budget"
+
+
+class SemanticUnavailableError(StoreError):
+    """A ``similarity=semantic`` search on a store that holds no semantic vectors (written before
+    them, or opened without a semantic layer); ``deepfeat add-semantic`` computes them."""
+
+    code = "semantic_unavailable"

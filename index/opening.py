@@ -72,6 +72,7 @@ def open_store(
     read_only: bool,
     snapshot_every: int,
     embedder_config: dict[str, Any] | None,
+    semantic_dim: int | None = None,
 ) -> ImageStore:
     """Open (or create) the store in ``data_dir``: the steps in the module docstring.
 
@@ -105,6 +106,7 @@ def open_store(
                 read_only=read_only,
                 snapshot_every=snapshot_every,
                 loaded=loaded,
+                semantic_dim=semantic_dim,
             )
             if loaded.persist_now and not read_only:
                 store.snapshot()  # a rebuild is expensive: persist it now rather than at close

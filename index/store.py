@@ -20,7 +20,9 @@ The store is assembled from parts, each in its own module:
 * :mod:`index.sync`: how FAISS stays equal to the catalog (the watermark replay) and the snapshot;
 * :mod:`index.replica`: a replica's generation + delta, the exact re-rank, switching generations;
 * :mod:`index.relayout`: whitening and ``auto`` index-type changes, rebuilt from the catalog;
-* :mod:`index.duplicates`: near-duplicate groups.
+* :mod:`index.duplicates`: near-duplicate groups;
+* :mod:`index.semantic`: the semantic vectors (``similarity="semantic"``), an exact in-memory index
+  rebuilt from the catalog at open (n x d_s x 4 bytes), caught up by the same replay.
 
 Locks inside a process: ``_sync_lock`` (RLock) serialises everything that mutates FAISS or the
 watermarks; ``_index_lock`` (RLock) is held for each FAISS mutation and each FAISS search, so a search
@@ -37,7 +39,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -49,10 +51,12 @@ from deepfeat.index import duplicates
 from deepfeat.index._fs import FileLock
 from deepfeat.index.catalog import Catalog, ImageRecord, NewImage
 from deepfeat.index.errors import (
+    IncompatibleIndexError,
     InvalidArgumentError,
     InvalidIdError,
     InvalidVectorError,
     NotFoundError,
+    SemanticUnavailableError,
     StoreError,
 )
 from deepfeat.index.files import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE
@@ -61,6 +65,7 @@ from deepfeat.index.manifest import GenerationInfo, Manifest, normalize_fingerpr
 from deepfeat.index.opening import LoadedIndex, open_store
 from deepfeat.index.relayout import RelayoutMixin
 from deepfeat.index.replica import ReplicaMixin
+from deepfeat.index.semantic import SemanticIndex
 
 __all__ = [
     "CATALOG_FILE",
@@ -72,11 +77,20 @@ __all__ = [
     "ImageRecord",
     "ImageStore",
     "NewImage",
+    "SIMILARITIES",
 ]
 
 logger = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
+
+SIMILARITIES = ("visual", "semantic")
+"""What :meth:`ImageStore.search` compares: the visual vectors or the semantic ones."""
+
+_ADD_SEMANTIC_HINT = (
+    "run `deepfeat add-semantic` on this data dir to compute them for the stored images "
+    "(then restart the service)"
+)
 
 
 def _check_id(value: object) -> str:
@@ -117,6 +131,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         read_only: bool,
         snapshot_every: int,
         loaded: LoadedIndex,
+        semantic_dim: int | None = None,
     ) -> None:
         """Assemble an opened store (internal: call :meth:`open`)."""
         self._data_dir = data_dir
@@ -136,6 +151,18 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         self._sync_lock = threading.RLock()
         self._index_lock = threading.RLock()
         self._closed = False
+        self._semantic: SemanticIndex | None = None
+        if semantic_dim is not None:
+            recorded = catalog.semantic_dim()
+            if recorded is not None and recorded != semantic_dim:
+                raise IncompatibleIndexError(
+                    f"semantic dimension mismatch: stored {recorded}, given {semantic_dim}",
+                    differences={"semantic_dim": (recorded, semantic_dim)},
+                )
+            semantic = SemanticIndex(semantic_dim)
+            # After the visual index is loaded and reconciled, at the same watermarks.
+            semantic.fill(catalog, upto_seq=loaded.seq_mark, del_mark=loaded.del_mark)
+            self._semantic = semantic
 
     # ================================================================== opening
 
@@ -165,6 +192,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         read_only: bool = False,
         snapshot_every: int = 1000,
         embedder_config: dict[str, Any] | None = None,
+        semantic_dim: int | None = None,
     ) -> ImageStore:
         """Open the store in ``data_dir``, creating it when absent.
 
@@ -186,6 +214,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             embedder_config: The options that made ``fingerprint`` (JSON-able), recorded in the
                 manifest of a new store, and added atomically to the manifest of an older store that
                 lacks them when opened for writing.
+            semantic_dim: The embedder's semantic vector dimension (None: no semantic layer). With it,
+                the store keeps an exact in-memory index of the semantic vectors (filled from the
+                catalog now, n x semantic_dim x 4 bytes) for ``search(similarity="semantic")``.
 
         Returns:
             The open store (also a context manager).
@@ -205,6 +236,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             read_only=read_only,
             snapshot_every=snapshot_every,
             embedder_config=embedder_config,
+            semantic_dim=semantic_dim,
         )
 
     # ================================================================== properties
@@ -230,6 +262,11 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
     def dim(self) -> int:
         """Vector dimension."""
         return self._manifest.dim
+
+    @property
+    def semantic_dim(self) -> int | None:
+        """Dimension of the semantic vectors this instance keeps (None: opened without them)."""
+        return None if self._semantic is None else self._semantic.dim
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -272,6 +309,19 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
                 f"{what} contain NaN or infinite values (row {int(np.flatnonzero(~finite)[0])})"
             )
         return arr
+
+    def _check_semantic(self, vectors: np.ndarray, n: int) -> np.ndarray:
+        dim = self.semantic_dim
+        if dim is None:
+            raise InvalidVectorError(
+                "this store was opened without semantic vectors (semantic_dim=None); cannot store them"
+            )
+        arr = np.asarray(vectors)
+        if arr.ndim != 2 or arr.shape != (n, dim):
+            raise InvalidVectorError(f"semantic vectors must have shape ({n}, {dim}), got {arr.shape}")
+        if arr.dtype not in (np.float32, np.float64) or not np.isfinite(arr).all():
+            raise InvalidVectorError(f"semantic vectors must be finite float32, got dtype {arr.dtype}")
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
     # ================================================================== catching up
 
@@ -319,7 +369,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         self._check_open()
         return self._catalog.all_sha256()
 
-    def add(self, vectors: np.ndarray, images: Sequence[NewImage]) -> list[AddResult]:
+    def add(
+        self, vectors: np.ndarray, images: Sequence[NewImage], semantic: np.ndarray | None = None
+    ) -> list[AddResult]:
         """Add images with their vectors.
 
         The catalog transaction commits first (that is the acknowledgement), then FAISS gets the created
@@ -333,6 +385,8 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
                 image by its best vector). The store never re-normalises: pass L2-normalised vectors
                 to get cosine scores.
             images: n descriptions.
+            semantic: Optional (n, semantic_dim) semantic vectors (from the same forward pass),
+                stored in the same transaction; refused when the store was opened without them.
 
         Returns:
             One result per image, in order.
@@ -358,7 +412,8 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             with self._sync_lock, self._index_lock:
                 if not self._vectors.is_trained:
                     self._vectors.train(x.reshape(-1, self.dim))
-        results = self._catalog.insert_many(images, x)
+        sem = self._check_semantic(semantic, len(images)) if semantic is not None else None
+        results = self._catalog.insert_many(images, x, sem)
         if any(r.created for r in results):
             self._sync(atomic=True)
         self._maybe_auto_snapshot()
@@ -449,25 +504,36 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             raise NotFoundError(f"image {image_id!r} has no thumbnail")
         return data
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, *, similarity: str = "visual") -> list[list[Hit]]:
         """Nearest images by inner product (cosine for L2-normalised vectors), best first.
 
         Args:
-            queries: (m, dim) float32 (float64 is cast), finite. Not re-normalised.
+            queries: (m, dim) float32 (float64 is cast), finite. Not re-normalised. With
+                ``similarity="semantic"``: (m, semantic_dim) semantic vectors.
             k: Hits per query, >= 1; more than the store holds just returns fewer.
+            similarity: ``visual`` (the stored visual vectors, global and regional) or ``semantic``
+                (the semantic vectors; images stored without one are not among the hits).
 
         Returns:
             m lists of hits (empty lists for an empty store).
 
         Raises:
-            InvalidArgumentError: ``k`` is not an integer >= 1.
+            InvalidArgumentError: ``k`` is not an integer >= 1, or an unknown ``similarity``.
             InvalidVectorError: Bad query shape/dtype/values.
+            SemanticUnavailableError: ``semantic`` on a store without semantic vectors.
         """
         self._check_open()
         if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
             raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
-        q = self._check_vectors(queries, "queries")
-        scores, ids = self._search_images(q, int(k))  # (m, k') each, k' <= k
+        if similarity == "visual":
+            q = self._check_vectors(queries, "queries")
+            scores, ids = self._search_images(q, int(k))  # (m, k') each, k' <= k
+        elif similarity == "semantic":
+            scores, ids = self._search_semantic(queries, int(k))
+        else:
+            raise InvalidArgumentError(
+                f"unknown similarity {similarity!r}; choose one of: {', '.join(SIMILARITIES)}"
+            )
         found = ids[ids >= 0]
         records = self._catalog.get_many_by_seq(np.unique(found).tolist()) if found.size else {}
         results: list[list[Hit]] = []
@@ -483,6 +549,56 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
                 hits.append(Hit(id=record.id, score=float(score), record=record))
             results.append(hits)
         return results
+
+    def semantic_index(self) -> SemanticIndex:
+        """The semantic index, or :class:`SemanticUnavailableError` saying how to get one."""
+        semantic = self._semantic
+        if semantic is None:
+            raise SemanticUnavailableError(
+                f"the store at {self._data_dir} has no semantic vectors (it was written before them, or "
+                f"the embedder has semantic_layer=none); {_ADD_SEMANTIC_HINT}"
+            )
+        if semantic.count == 0 and self.count > 0:
+            raise SemanticUnavailableError(
+                f"none of the {self.count} images in {self._data_dir} has a semantic vector yet; "
+                f"{_ADD_SEMANTIC_HINT}"
+            )
+        return semantic
+
+    def _search_semantic(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        semantic = self.semantic_index()
+        arr = np.asarray(queries)
+        if arr.ndim != 2 or arr.shape[1] != semantic.dim:
+            raise InvalidVectorError(f"semantic queries must have shape (m, {semantic.dim}), got {arr.shape}")
+        if arr.dtype not in (np.float32, np.float64) or not np.isfinite(arr).all():
+            raise InvalidVectorError(f"semantic queries must be finite float32, got dtype {arr.dtype}")
+        with self._index_lock:
+            return semantic.search(np.ascontiguousarray(arr, dtype=np.float32), k)
+
+    def set_semantic(self, seqs: Sequence[int], semantic: np.ndarray) -> int:
+        """Store semantic vectors on existing images (``deepfeat add-semantic``), then index them.
+
+        Args:
+            seqs: Internal ids from :meth:`iter_missing_semantic`; deleted ones are skipped.
+            semantic: (len(seqs), semantic_dim) vectors.
+
+        Returns:
+            Images updated.
+
+        Raises:
+            InvalidVectorError: Bad shape or values, or the store was opened without semantic vectors.
+            ReadOnlyStoreError: Opened read-only.
+        """
+        self._check_writable("store semantic vectors")
+        sem = self._check_semantic(semantic, len(seqs))
+        updated = self._catalog.set_semantic(list(seqs), sem)
+        self._sync(atomic=False)
+        return updated
+
+    def iter_missing_semantic(self, *, batch: int = 1000) -> Iterator[list[tuple[int, str, str | None]]]:
+        """Images without a semantic vector, as ``[(seq, sha256, source)]`` chunks in seq order."""
+        self._check_open()
+        return self._catalog.iter_missing_semantic(batch=batch)
 
     def _search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` images per query: each image scores its best vector (global or regional), so
@@ -552,7 +668,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         Returns:
             ``count`` (catalog rows), ``indexed`` (searchable vectors), ``dim``, ``metric``,
             ``index_factory``, ``fingerprint``, ``snapshot`` (manifest snapshot info or None),
-            ``unsnapshotted_changes``, ``read_only``, ``data_dir``, and ``generation``: on a replica
+            ``unsnapshotted_changes``, ``semantic_dim`` (None: opened without semantic vectors),
+            ``semantic_count`` (catalog rows with a semantic vector), ``semantic_indexed`` (in the
+            semantic index), ``read_only``, ``data_dir``, and ``generation``: on a replica
             serving one, its ``number``, ``factory``, ``count``, ``max_seq``, ``hidden`` (rows deleted
             since) and ``delta`` (rows added since, searched exactly), else None.
         """
@@ -572,6 +690,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             "unsnapshotted_changes": self._changes_since_snapshot,
             "whitening": self._manifest.extra.get("whitening"),
             "index_dim": self.index_dim,
+            "semantic_dim": self.semantic_dim,
+            "semantic_count": self._catalog.semantic_count(),
+            "semantic_indexed": None if self._semantic is None else self._semantic.count,
             "read_only": self._read_only,
             "data_dir": str(self._data_dir),
             "generation": None

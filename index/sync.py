@@ -10,6 +10,9 @@ reused, and rows become visible in seq order: :mod:`index.catalog`).
   ``seq_mark`` are added (read back from SQLite, so a row deleted before it was indexed can never come
   back). :meth:`~index.store.ImageStore.add` and :meth:`~index.store.ImageStore.delete` write SQLite
   then call it; :meth:`~index.store.ImageStore.refresh` calls it to pick up other processes' changes.
+* The semantic index (:mod:`index.semantic`), when the store has one, is caught up in the same
+  :meth:`SyncedIndex._sync`, under the same locks, after its own watermarks (a relayout or a replica's
+  generation switch moves the visual ones); it is rebuilt from the catalog at open, never snapshotted.
 * At open, the snapshot is reconciled with the catalog by set difference (FAISS ids not in the
   catalog are removed, catalog rows missing from FAISS are added) and the watermarks are taken from
   the same consistent read, so nothing is missed or applied twice
@@ -42,6 +45,7 @@ from deepfeat.index.errors import ReadOnlyStoreError, StoreError
 from deepfeat.index.files import MANIFEST_FILE, SNAPSHOT_FILE
 from deepfeat.index.generations import Generation
 from deepfeat.index.manifest import Manifest, SnapshotInfo
+from deepfeat.index.semantic import SemanticIndex
 from deepfeat.index.vectors import VectorIndex
 from deepfeat.index.whitening import Whitening
 
@@ -88,6 +92,7 @@ class SyncedIndex:
     _vectors: VectorIndex  # the writer's whole index, or a replica's delta next to _base
     _base: Generation | None  # a replica's published generation (immutable; replaced, never mutated)
     _whitening: Whitening | None
+    _semantic: SemanticIndex | None  # the semantic vectors, exact, in memory (None: no semantic layer)
     _seq_mark: int
     _del_mark: int
     _added_since_snapshot: int
@@ -118,10 +123,14 @@ class SyncedIndex:
                 sees part of the batch); otherwise chunk by chunk (bounded memory for a big catch-up).
 
         Returns:
-            Number of vectors added plus removed.
+            Number of (visual) vectors added plus removed.
         """
         with self._sync_lock:
-            marks = self._catalog.watermarks()
+            all_marks = self._catalog.sync_marks()
+            semantic = self._semantic
+            if semantic is not None and semantic.pending(all_marks):
+                semantic.catch_up(self._catalog, all_marks, self._index_lock)
+            marks = all_marks[:2]
             if marks == (self._seq_mark, self._del_mark):
                 return 0
             removed = self._apply_deletions()
