@@ -18,12 +18,14 @@ from PIL import Image
 
 from deepfeat.app.metrics import Metrics
 from deepfeat.models.batching import MicroBatcher
-from deepfeat.models.embedder import Embedder, Prediction
-from deepfeat.models.errors import Overloaded
+from deepfeat.models.embedder import SIMILARITIES, Embedder, Prediction
+from deepfeat.models.errors import InvalidOptionError, Overloaded
 
 __all__ = ["Inference"]
 
 T = TypeVar("T")
+Vectors = tuple[np.ndarray, np.ndarray | None]
+"""One image's vectors from one forward pass: (m, dim) visual (global first), (d_s,) semantic or None."""
 
 
 class Inference:
@@ -51,7 +53,7 @@ class Inference:
         self.batching = batching
         self._direct = threading.Lock()  # one forward pass at a time: each already uses every core
         self._waiting = threading.BoundedSemaphore(max_queue)
-        self._embedder_batcher: MicroBatcher[torch.Tensor, np.ndarray] | None = None
+        self._embedder_batcher: MicroBatcher[torch.Tensor, Vectors] | None = None
         self._logits_batcher: MicroBatcher[torch.Tensor, torch.Tensor] | None = None
         if batching:
             # Both batchers gather concurrent requests the same way; they differ in what they run.
@@ -76,10 +78,18 @@ class Inference:
     def _observe(self, n: int) -> None:
         self.metrics.batch_size.observe(n)
 
-    def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        # Regional vectors come from the same forward pass for a few pooling ops, so every request
-        # gets them and a search and an add can share a batch.
-        return list(self._timed(lambda: self.embedder.embed_tensors(tensors, regions=True)))
+    def _vectors(self, tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, m, dim) visual and (n, d_s) semantic vectors (None without a semantic layer), from one
+        forward pass per size and scale."""
+        if self.embedder.semantic_dim is None:
+            return self.embedder.embed_tensors(tensors, regions=True), None
+        return self.embedder.embed_tensors(tensors, regions=True, semantic=True)
+
+    def _embed_batch(self, tensors: list[torch.Tensor]) -> list[Vectors]:
+        # Regional and semantic vectors come from the same forward pass for a few pooling ops, so
+        # every request gets them and a search and an add (visual or semantic) can share a batch.
+        visual, semantic = self._timed(lambda: self._vectors(tensors))
+        return [(visual[i], None if semantic is None else semantic[i]) for i in range(len(tensors))]
 
     def _logits_batch(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(self._timed(lambda: self.embedder.logits(tensors)))
@@ -103,21 +113,48 @@ class Inference:
             return self.embedder
         return self.embedder.variant(layer=layer, pooling=pooling)
 
-    def embed(
-        self, images: Sequence[Image.Image], embedder: Embedder | None = None, *, regions: bool = False
-    ) -> np.ndarray:
-        """(n, dim) vectors; ``embedder`` may be a variant (another layer) of the loaded model. With
-        ``regions``, what the store keeps per image: (n, vectors_per_image, dim), global first."""
-        if embedder is not None and embedder is not self.embedder:
-            variant = embedder
-            return self._run_direct(len(images), lambda: variant.embed(images))
+    def vectors(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the store keeps per image, from one forward pass: (n, vectors_per_image, dim) visual
+        vectors (global first) and (n, d_s) semantic ones (None when the model has no semantic layer)."""
         tensors = self.embedder.preprocess(images)
         if self._embedder_batcher is None:
-            return self._run_direct(
-                len(images), lambda: self.embedder.embed_tensors(tensors, regions=regions)
+            return self._run_direct(len(images), lambda: self._vectors(tensors))
+        results = self._embedder_batcher.submit_many(tensors)
+        visual = np.stack([r[0] for r in results])  # (n, m, dim)
+        semantic = [r[1] for r in results]
+        return visual, None if any(x is None for x in semantic) else np.stack(semantic)  # type: ignore[arg-type]
+
+    def embed(
+        self,
+        images: Sequence[Image.Image],
+        embedder: Embedder | None = None,
+        *,
+        regions: bool = False,
+        similarity: str = "visual",
+    ) -> np.ndarray:
+        """(n, dim) vectors; ``embedder`` may be a variant (another layer) of the loaded model. With
+        ``regions``, what the store keeps per image: (n, vectors_per_image, dim), global first. With
+        ``similarity="semantic"``, the (n, d_s) semantic vectors.
+
+        Raises:
+            InvalidOptionError: semantic asked of a model without a semantic layer, or an unknown
+                similarity.
+        """
+        if embedder is not None and embedder is not self.embedder:
+            variant = embedder
+            if similarity == "visual":
+                return self._run_direct(len(images), lambda: variant.embed(images))
+            return self._run_direct(len(images), lambda: variant.embed(images, similarity=similarity))
+        if similarity not in SIMILARITIES:
+            raise InvalidOptionError(
+                f"unknown similarity {similarity!r}; choose one of: {', '.join(SIMILARITIES)}"
             )
-        stacked = np.stack(self._embedder_batcher.submit_many(tensors))  # (n, m, dim)
-        return stacked if regions else stacked[:, 0]
+        if similarity == "semantic" and self.embedder.semantic_dim is None:
+            raise InvalidOptionError("the loaded model has no semantic layer (semantic_layer=none)")
+        visual, semantic = self.vectors(images)
+        if similarity == "semantic" and semantic is not None:
+            return semantic
+        return visual if regions else visual[:, 0]
 
     def classify(self, images: Sequence[Image.Image], *, k: int) -> list[list[Prediction]]:
         tensors = self.embedder.classify_inputs(images)

@@ -179,6 +179,10 @@ class StatsResponse(BaseModel):
     index_factory: str
     data_dir: str
     read_only: bool
+    semantic_dim: int | None = Field(
+        None, description="Dimension of the semantic vectors (similarity=semantic); null: none kept"
+    )
+    semantic_count: int = Field(0, description="Images that have a semantic vector")
     generation: GenerationOut | None = Field(
         None, description="The published index generation a read replica searches, with its delta"
     )

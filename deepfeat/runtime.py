@@ -80,6 +80,7 @@ def open_store(settings: Settings, embedder: Embedder, *, read_only: bool = Fals
         read_only=read_only,
         snapshot_every=settings.snapshot_every,
         embedder_config=embedder.config.model_dump(mode="json"),
+        semantic_dim=embedder.semantic_dim,
     )
 
 

@@ -51,6 +51,8 @@ def stats(state: State) -> StatsResponse:
         index_factory=info["index_factory"],
         data_dir=str(state.settings.data_dir),
         read_only=info["read_only"],
+        semantic_dim=info["semantic_dim"],
+        semantic_count=info["semantic_count"],
         generation=None if generation is None else GenerationOut.model_validate(generation),
     )
 

@@ -59,7 +59,9 @@ def add_image(
     if image.sha256 in existing:
         response.status_code = 200
         return AddImageResponse(id=existing[image.sha256], created=False)
-    vector = state.inference.embed([image.image], regions=True)  # (1, m, dim)
+    vector, semantic = state.inference.vectors([image.image])  # (1, m, dim), (1, d_s) or None
+    if state.store.semantic_dim is None:
+        semantic = None  # a store opened without semantic vectors keeps none
     result = state.store.add(
         vector,
         [
@@ -73,6 +75,7 @@ def add_image(
                 thumbnail=make_thumbnail(image.image),
             )
         ],
+        semantic=semantic,
     )[0]
     if not result.created:
         response.status_code = 200

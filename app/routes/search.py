@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
@@ -13,19 +13,31 @@ router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_
 
 
 @router.post(
-    "/search", response_model=SearchResponse, responses=error_responses(400, 401, 413, 415, 422, 503)
+    "/search",
+    response_model=SearchResponse,
+    responses=error_responses(400, 401, 409, 413, 415, 422, 503),
 )
 def search(
     state: State,
     file: Annotated[UploadFile, File(description="The query image")],
     k: Annotated[int, Query(ge=1, le=10_000, description="Number of results")] = 10,
+    similarity: Annotated[
+        Literal["visual", "semantic"],
+        Query(
+            description="visual: the same scene or object (copies, crops, near-duplicates); semantic: "
+            "the same kind of content (the model's penultimate vector); 409 semantic_unavailable on a "
+            "store without semantic vectors"
+        ),
+    ] = "visual",
 ) -> SearchResponse:
     """Find the indexed images most similar to the uploaded one (cosine similarity, best first)."""
     started = time.perf_counter()
     k = min(k, state.settings.max_k)
+    if similarity == "semantic":
+        state.store.semantic_index()  # refuse before decoding and a forward pass
     image = read_upload(state, file)
-    vector = state.inference.embed([image.image])
-    hits = state.store.search(vector, k)[0]
+    vector = state.inference.embed([image.image], similarity=similarity)
+    hits = state.store.search(vector, k, similarity=similarity)[0]
     return SearchResponse(
         results=[
             SearchHit(
