@@ -31,7 +31,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from deepfeat.index.catalog_db import IN_CHUNK, SCHEMA_VERSION, Database, chunks
-from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, InvalidVectorError
+from deepfeat.index.errors import (
+    CorruptStoreError,
+    InvalidArgumentError,
+    InvalidVectorError,
+    ReadOnlyStoreError,
+)
 from deepfeat.index.ids import MAX_VECTORS_PER_IMAGE
 
 __all__ = ["SCHEMA_VERSION", "Catalog", "CatalogIdentity", "NewImage", "ImageRecord", "InsertResult"]
@@ -613,8 +618,16 @@ class Catalog:
         )
         return int(rows[0][0]) if rows else None
 
+    @property
+    def has_semantic_column(self) -> bool:
+        """False for a catalog of schema version 1 opened read-only (not migrated yet): no semantic
+        vectors, and every semantic read answers "none"."""
+        return self._db.version >= 2
+
     def semantic_count(self) -> int:
         """Images that have a semantic vector."""
+        if not self.has_semantic_column:
+            return 0
         return int(
             self._db.fetchall(
                 "counting semantic vectors", "SELECT COUNT(*) FROM images WHERE semantic IS NOT NULL"
@@ -635,6 +648,8 @@ class Catalog:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream ``(seqs (n,) int64, semantic (n, d_s) float32)`` for rows with ``after_seq`` < seq
         <= ``upto_seq`` that have a semantic vector, in seq order, each chunk its own short read."""
+        if not self.has_semantic_column:
+            return
         last = int(after_seq)
         upper = np.iinfo(np.int64).max if upto_seq is None else int(upto_seq)
         while True:
@@ -655,6 +670,8 @@ class Catalog:
         self, seqs: Sequence[int], *, batch: int = IN_CHUNK
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(seqs, (n, d_s))`` for those of ``seqs`` that exist and have a semantic vector, in seq order."""
+        if not self.has_semantic_column:
+            return
         for chunk in chunks(list(seqs), batch):
             marks = ",".join("?" * len(chunk))
             rows = self._db.fetchall(
@@ -670,6 +687,8 @@ class Catalog:
         self, *, after_seq: int = 0, batch: int = 1000
     ) -> Iterator[list[tuple[int, str, str | None]]]:
         """Rows without a semantic vector, as ``[(seq, sha256, source)]`` chunks in seq order."""
+        if not self.has_semantic_column:
+            raise ReadOnlyStoreError("this catalog predates semantic vectors; open it read-write to migrate")
         last = int(after_seq)
         while True:
             rows = self._db.fetchall(
@@ -693,6 +712,8 @@ class Catalog:
 
     def semantic_updates_since(self, rowid: int) -> tuple[list[int], int]:
         """Semantic vectors set on existing rows after a watermark: ``(seqs, new watermark)``."""
+        if not self.has_semantic_column:
+            return [], int(rowid)
         rows = self._db.fetchall(
             "reading semantic updates",
             "SELECT rowid, seq FROM semantic_updates WHERE rowid > ? ORDER BY rowid",

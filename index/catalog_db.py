@@ -29,7 +29,15 @@ from deepfeat.index.errors import (
     StoreFullError,
 )
 
-__all__ = ["IN_CHUNK", "SCHEMA_VERSION", "Database", "chunks", "is_corruption", "translated"]
+__all__ = [
+    "IN_CHUNK",
+    "READABLE_SINCE",
+    "SCHEMA_VERSION",
+    "Database",
+    "chunks",
+    "is_corruption",
+    "translated",
+]
 
 logger = logging.getLogger(f"{__package__}.catalog")  # the catalog's logger, as before the split
 
@@ -73,6 +81,10 @@ _MIGRATIONS: list[list[str]] = [
     ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
+READABLE_SINCE = 1
+"""The oldest schema a read-only open reads as it is (the migrations after it only add a column and a
+table; :class:`index.catalog.Catalog` answers "no semantic vectors" for them), so a replica of a store
+whose writer has not migrated yet still serves visual search."""
 
 
 class _ThreadConnection:
@@ -151,6 +163,7 @@ class Database:
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        self.version = 0  # the schema version of the file (below SCHEMA_VERSION only when read-only)
         conn = self.conn()
         with translated("opening the catalog"):
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -160,13 +173,17 @@ class Database:
                     "upgrade deepfeat",
                     differences={"schema_version": (version, SCHEMA_VERSION)},
                 )
+            self.version = version
             if version < SCHEMA_VERSION:
+                if read_only and version >= READABLE_SINCE:
+                    return
                 if read_only:
                     raise StoreError(
                         f"catalog {self.path} has schema version {version}, needs {SCHEMA_VERSION}; "
                         "open it once read-write to migrate"
                     )
                 self._migrate(conn)
+                self.version = SCHEMA_VERSION
 
     def _connect(self) -> sqlite3.Connection:
         uri = self.path.resolve().as_uri() + ("?mode=ro" if self.read_only else "?mode=rwc")

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedIndex",
+    "adopt_semantic",
     "check_manifest",
     "check_open_args",
     "load_index",
@@ -126,6 +127,67 @@ def open_store(
         " (read-only)" if read_only else "",
     )
     return store
+
+
+def adopt_semantic(data_dir: Path, *, fingerprint: dict[str, Any], embedder_config: dict[str, Any]) -> bool:
+    """Record in an existing store that it keeps semantic vectors (``deepfeat add-semantic``).
+
+    A store written before semantic vectors has a fingerprint without the ``"semantic"`` key; the
+    same fingerprint with it (and nothing else changed) is adopted in the catalog's ``meta`` and the
+    manifest, under the store's file lock, so the store then opens with ``semantic_dim``. The visual
+    vectors are untouched. (A crash between the two writes leaves them disagreeing, which the next
+    open reports as ``corrupt_store``; re-running this command makes them agree.)
+
+    Args:
+        data_dir: The store's directory.
+        fingerprint: The embedder's fingerprint, with its ``"semantic"`` key.
+        embedder_config: The embedder's options, recorded in the manifest.
+
+    Returns:
+        Whether anything changed (False: the store already records this fingerprint).
+
+    Raises:
+        InvalidArgumentError: ``fingerprint`` has no ``"semantic"`` key.
+        IncompatibleIndexError: The store was made by another embedder, or with another semantic layer.
+        StoreError: No store in ``data_dir``.
+    """
+    given = normalize_fingerprint(fingerprint)
+    if "semantic" not in given:
+        raise InvalidArgumentError("the fingerprint has no semantic layer; nothing to adopt")
+    lock = FileLock(data_dir / LOCK_FILE)
+    try:
+        with lock.hold():
+            manifest = Manifest.load(data_dir / MANIFEST_FILE)
+            if manifest is None:
+                raise StoreError(f"no store in {data_dir}")
+            stored = normalize_fingerprint(manifest.fingerprint)
+            catalog = Catalog(data_dir / CATALOG_FILE, dim=manifest.dim)
+            try:
+                identity = catalog.identity()
+                in_catalog = None if identity is None else normalize_fingerprint(identity.fingerprint)
+                if stored == given and in_catalog == given:
+                    return False
+                without = {k: v for k, v in given.items() if k != "semantic"}
+                if stored != given and ("semantic" in stored or stored != without):
+                    check_compatible(manifest.fingerprint, given)  # raises, naming the differences
+                catalog.set_identity(
+                    fingerprint=given,
+                    dim=(identity.dim if identity is not None else None) or manifest.dim,
+                    index_factory=(identity.index_factory if identity is not None else None)
+                    or manifest.index_factory,
+                )
+            finally:
+                catalog.close()
+            replace(
+                manifest,
+                fingerprint=given,
+                embedder=normalize_fingerprint(embedder_config),
+                updated_at=time.time(),
+            ).save(data_dir / MANIFEST_FILE)
+    finally:
+        lock.close()
+    logger.info("store %s now keeps semantic vectors (%s)", data_dir, given["semantic"])
+    return True
 
 
 def check_open_args(

@@ -62,7 +62,7 @@ from deepfeat.index.errors import (
 from deepfeat.index.files import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE
 from deepfeat.index.ids import MAX_VECTORS_PER_IMAGE, aggregate
 from deepfeat.index.manifest import GenerationInfo, Manifest, normalize_fingerprint
-from deepfeat.index.opening import LoadedIndex, open_store
+from deepfeat.index.opening import LoadedIndex, adopt_semantic, open_store
 from deepfeat.index.relayout import RelayoutMixin
 from deepfeat.index.replica import ReplicaMixin
 from deepfeat.index.semantic import SemanticIndex
@@ -238,6 +238,19 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             embedder_config=embedder_config,
             semantic_dim=semantic_dim,
         )
+
+    @staticmethod
+    def adopt_semantic(
+        data_dir: str | Path, *, fingerprint: dict[str, Any], embedder_config: dict[str, Any]
+    ) -> bool:
+        """Make a store written before semantic vectors keep them from now on (its fingerprint gains
+        the ``"semantic"`` key); see :func:`index.opening.adopt_semantic`. Rows without one are then
+        filled with :meth:`iter_missing_semantic` and :meth:`set_semantic`.
+
+        Returns:
+            Whether the store's identity changed.
+        """
+        return adopt_semantic(Path(data_dir), fingerprint=fingerprint, embedder_config=embedder_config)
 
     # ================================================================== properties
 

@@ -86,9 +86,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
         )
         return 2
     embedder = build_embedder(settings, manifest)
-    query = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
     with open_store(settings, embedder, read_only=True) as store:
-        hits = store.search(embedder.embed([query.image]), args.k)[0]
+        if args.similarity == "semantic":
+            store.semantic_index()  # refuse (semantic_unavailable) before decoding and embedding
+        query = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
+        vector = embedder.embed([query.image], similarity=args.similarity)
+        hits = store.search(vector, args.k, similarity=args.similarity)[0]
     if args.json:
         echo_json(
             {
@@ -360,6 +363,13 @@ def _args_search(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("image")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument(
+        "--similarity",
+        choices=["visual", "semantic"],
+        default="visual",
+        help="visual (default): the same scene or object; semantic: the same kind of content "
+        "(the model's semantic layer; `deepfeat add-semantic` adds it to an older store)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
 
@@ -465,6 +475,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "compare-classifiers": (
         "linear probe vs kNN vs fine-tuning vs the mapped ImageNet head on one held-out split",
         _from_module("deepfeat.scripts.compare_classifiers"),
+    ),
+    "add-semantic": (
+        "compute the semantic vectors (search --similarity semantic) of stored images that lack them",
+        _from_module("deepfeat.scripts.add_semantic", common=True),
     ),
     "whiten": ("learn PCA-whitening for a store (applied to every query automatically)", _args_whiten),
     "duplicates": ("list groups of near-identical images in a store", _args_duplicates),

@@ -371,7 +371,13 @@ def _embed_and_add(
     """Embed one batch of decoded files and commit it to the store."""
     # Tensors may differ in size (full-image mode): the embedder batches equal shapes.
     # (n, vectors_per_image, dim): each image's global vector, then its regional ones
-    vectors = embedder.embed_tensors([item.tensor for item in ok if item.tensor is not None], regions=True)
+    tensors = [item.tensor for item in ok if item.tensor is not None]
+    semantic = None
+    if embedder.semantic_dim is not None and store.semantic_dim is not None:
+        # The semantic vectors (n, d_s) come from the same forward passes.
+        vectors, semantic = embedder.embed_tensors(tensors, regions=True, semantic=True)
+    else:
+        vectors = embedder.embed_tensors(tensors, regions=True)
     summary.embedded += len(ok)
     results = store.add(
         vectors,
@@ -386,6 +392,7 @@ def _embed_and_add(
             )
             for item in ok
         ],
+        semantic=semantic,
     )
     created = sum(result.created for result in results)
     summary.indexed += created

@@ -250,6 +250,8 @@ class EmbedderActor:
         n = len(batch["path"])
         vectors = np.empty(n, dtype=object)
         vectors[:] = [b""] * n
+        semantic = np.empty(n, dtype=object)
+        semantic[:] = [b""] * n
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
         if ok:
             tensors = [
@@ -261,10 +263,18 @@ class EmbedderActor:
                 for i in ok
             ]
             # (len(ok), vectors_per_image, dim) float32, unit L2: global vector first, then regional
-            embedded = self.embedder.embed_tensors(tensors, regions=True)
-            for row, i in enumerate(ok):
-                vectors[i] = embedded[row].tobytes()
+            if self.embedder.semantic_dim is None:
+                embedded = self.embedder.embed_tensors(tensors, regions=True)
+                for row, i in enumerate(ok):
+                    vectors[i] = embedded[row].tobytes()
+            else:
+                # (len(ok), d_s) semantic vectors from the same forward passes
+                embedded, sem = self.embedder.embed_tensors(tensors, regions=True, semantic=True)
+                for row, i in enumerate(ok):
+                    vectors[i] = embedded[row].tobytes()
+                    semantic[i] = sem[row].tobytes()
         out["vector"] = vectors
+        out["semantic"] = semantic
         return out
 
 
@@ -287,6 +297,7 @@ def _shard_schema(dim: int, fingerprint: dict[str, Any]) -> Any:
             ("code", pa.string()),  # failed: the stable error code
             ("reason", pa.string()),
             ("vector", pa.binary()),  # (vectors_per_image, dim) little-endian float32, empty unless ok
+            ("semantic", pa.binary()),  # (d_s,) little-endian float32, empty without a semantic layer
         ],
         metadata={"deepfeat.dim": str(dim), "deepfeat.fingerprint": json.dumps(fingerprint, sort_keys=True)},
     )
@@ -357,6 +368,12 @@ def commit_shards(
             vectors = np.frombuffer(b"".join(row["vector"] for row in ok), dtype="<f4").reshape(
                 len(ok), -1, dim
             )
+            # (n, d_s) when every row has one (shards written before semantic vectors have none)
+            semantic = None
+            if store.semantic_dim is not None and all(row.get("semantic") for row in ok):
+                semantic = np.frombuffer(b"".join(row["semantic"] for row in ok), dtype="<f4").reshape(
+                    len(ok), -1
+                )
             results = store.add(
                 vectors,
                 [
@@ -370,6 +387,7 @@ def commit_shards(
                     )
                     for row in ok
                 ],
+                semantic=semantic,
             )
             created = sum(result.created for result in results)
             summary.indexed += created
@@ -692,7 +710,7 @@ def _write_shards(
     pending_rows = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            table = batch.select([*_COLUMNS, "vector"]).cast(schema)
+            table = batch.select([*_COLUMNS, "vector", "semantic"]).cast(schema)
             if not summary.startup_s:
                 summary.startup_s = time.perf_counter() - started
             summary.embedded += int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)

@@ -81,4 +81,5 @@ def test_from_fingerprint_reads_every_option() -> None:
         max_side=512,
         scales=(1.0,),
         regions=0,  # written before regional descriptors: one vector per image
+        semantic_layer=None,  # and before semantic vectors
     )

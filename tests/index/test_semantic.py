@@ -215,3 +215,23 @@ def test_semantic_dim_mismatch_is_refused(writer: ImageStore, open_store: Opener
 
     with pytest.raises(IncompatibleIndexError, match="semantic dimension"):
         open_store(semantic_dim=SDIM + 8)
+
+
+def test_a_replica_reads_an_unmigrated_catalog(open_store: Opener, data_dir: Path) -> None:
+    """A read-only open cannot migrate: a schema-1 catalog is read as it is, visual search works and
+    semantic search says there is nothing to search."""
+    store = open_store()
+    vectors = unit_vectors(3)
+    store.add(vectors, new_images(3))
+    store.close()
+    conn = sqlite3.connect(data_dir / CATALOG_FILE)
+    conn.execute("ALTER TABLE images DROP COLUMN semantic")
+    conn.execute("DROP TABLE semantic_updates")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    replica = open_store(read_only=True, semantic_dim=SDIM)
+    assert [h[0].record.metadata["i"] for h in replica.search(vectors, 1)] == [0, 1, 2]
+    assert replica.stats()["semantic_count"] == 0 and replica.refresh() == 0
+    with pytest.raises(SemanticUnavailableError):
+        replica.search(unit_vectors(1, SDIM), 1, similarity="semantic")
