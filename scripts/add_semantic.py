@@ -56,22 +56,29 @@ def run(args: argparse.Namespace) -> int:
     )
     limits = image_limits(settings)
     added, missing, changed, unreadable = 0, 0, 0, 0
+    skipped_rows: list[dict[str, str | None]] = []
+
+    def skip(reason: str, source: str | None, detail: str = "") -> None:
+        skipped_rows.append({"source": source, "reason": reason, **({"detail": detail} if detail else {})})
+        if not args.json:  # one line per image, as it comes
+            echo(f"{reason}  {source or '(no source path recorded)'}" + (f": {detail}" if detail else ""))
+
     with open_store(settings, embedder) as store:
         for chunk in store.iter_missing_semantic(batch=max(1, args.batch)):
             seqs, images = [], []
             for seq, sha256, source in chunk:
                 if not source or not os.path.isfile(source):
-                    echo(f"missing  {source or '(no source path recorded)'}")
+                    skip("missing", source)
                     missing += 1
                     continue
                 try:
                     loaded = load_image(source, limits=limits, draft_size=embedder.decode_size)
                 except (ImageError, OSError) as exc:
-                    echo(f"unreadable  {source}: {exc}")
+                    skip("unreadable", source, str(exc))
                     unreadable += 1
                     continue
                 if loaded.sha256 != sha256:
-                    echo(f"changed  {source}")
+                    skip("changed", source)
                     changed += 1
                     continue
                 seqs.append(seq)
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 "unreadable": unreadable,
                 "with_semantic": total,
                 "semantic_layer": embedder.config.semantic_layer,
+                "skipped": skipped_rows,
             }
         )
         return 0

@@ -168,3 +168,68 @@ def test_list_settings_take_the_same_syntax_in_the_environment(
     monkeypatch.delenv("DEEPFEAT_SCALES")
     code, _, err = run(capsys, "search", str(tmp_path / "q.jpg"), "--scales", "5")
     assert code == 2 and err.startswith("error [invalid_setting]: scales") and "[0.1, 2]" in err
+
+
+def test_add_semantic_to_an_older_store(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, photo_dir: Path, photos: dict[str, Image.Image]
+) -> None:
+    """A store without semantic vectors: visual search works, semantic is a coded error; add-semantic
+    fills every image whose file is still there and lists the one moved away; then semantic works."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photo_dir, folder)
+    data = str(tmp_path / "data")
+    flags = [
+        "--data-dir",
+        data,
+        "--layer",
+        "head",
+        "--resize-mode",
+        "crop",
+        "--scales",
+        "1",
+        "--precision",
+        "fp32",
+    ]
+    code, out, _ = run(
+        capsys,
+        "index",
+        str(folder),
+        *flags,
+        "--regions",
+        "0",
+        "--semantic-layer",
+        "none",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
+    assert code == 0 and f"indexed {len(photos)}" in out
+    query = tmp_path / "query.jpg"
+    query.write_bytes(jpeg_bytes(photos["coffee"], quality=70, scale=0.7))
+    code, _, err = run(capsys, "search", str(query), "--data-dir", data, "--similarity", "semantic")
+    assert code == 2 and err.startswith("error [semantic_unavailable]") and "add-semantic" in err
+    code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "-k", "1")
+    assert code == 0 and "coffee.jpg" in out
+
+    moved, edited = sorted(folder.rglob("*.jpg"))[:2]
+    moved.rename(tmp_path / "elsewhere.jpg")
+    edited.write_bytes(jpeg_bytes(photos["rocket"], quality=40))  # other content under the same path
+    code, out, _ = run(capsys, "add-semantic", "--data-dir", data, "--precision", "fp32")
+    assert code == 0, out
+    assert f"missing  {moved}" in out and f"changed  {edited}" in out
+    assert f"to {len(photos) - 2} images" in out and "2 skipped (1 missing, 1 changed" in out
+    assert "deepfeat index" in out
+    code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "--similarity", "semantic", "--json")
+    body = json.loads(out)
+    assert code == 0 and body["results"][0]["source"].endswith("coffee.jpg")
+    assert body["model"]["semantic"] == {"layer": "penultimate", "dim": 1280}
+    assert len(body["results"]) == len(photos) - 2  # the moved and the edited image have none
+    # Nothing left to do that can be done; the visual side is unchanged.
+    code, out, _ = run(capsys, "add-semantic", "--data-dir", data, "--json", "--precision", "fp32")
+    summary = json.loads(out)
+    assert code == 0 and summary["added"] == 0 and summary["missing"] == 1 and summary["changed"] == 1
+    assert {"source": str(moved), "reason": "missing"} in summary["skipped"]
+    code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "-k", "1")
+    assert code == 0 and "coffee.jpg" in out
