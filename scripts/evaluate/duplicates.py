@@ -80,7 +80,10 @@ def measure(paths: Sequence[Path], *, device: str = "cpu") -> dict[str, np.ndarr
         )
         results = store.add(
             stored,
-            [NewImage(sha256=file_sha256(p), source=str(p)) for p in paths],
+            [
+                NewImage(sha256=file_sha256(p), source=str(p), width=None, height=None, nbytes=None)
+                for p in paths
+            ],
         )
         id_of = [r.id for r in results]
         queries = np.concatenate([embedder.embed(copies[i : i + 16]) for i in range(0, len(copies), 16)])
@@ -155,15 +158,15 @@ def main(argv: Sequence[str]) -> int:
     except EvalError as exc:
         sys.stderr.write(f"error [{exc.code}]: {exc}\n")
         return 2
-    report = {
+    v = _summary(validation, threshold)
+    report: dict[str, Any] = {
         "threshold": threshold,
         "tune": _summary(tune, threshold),
-        "validation": _summary(validation, threshold),
+        "validation": v,
         "copies": list(COPIES),
         "seconds": round(time.perf_counter() - started, 1),
         "argv": ["eval", "duplicates", *argv],
     }
-    v = report["validation"]
     sys.stdout.write(
         f"threshold chosen on the tuning part: {threshold}\n"
         f"validation: {v['photos']} photos, copies grouped {v['copies_grouped']:.3f} "

@@ -26,7 +26,7 @@ def test_grid_windows_cover_the_map_with_grid_squared_windows(h: int, w: int, gr
     assert len(windows) == grid * grid  # always: every image of a store has as many vectors
     covered = np.zeros((h, w), dtype=bool)
     for y, x, wh, ww in windows:
-        assert 0 <= y and y + wh <= h and 0 <= x and x + ww <= w and wh >= 1 and ww >= 1
+        assert y >= 0 and y + wh <= h and x >= 0 and x + ww <= w and wh >= 1 and ww >= 1
         assert wh == max(1, round(2 * h / (grid + 1))) and ww == max(1, round(2 * w / (grid + 1)))
         covered[y : y + wh, x : x + ww] = True
     assert covered.all()
