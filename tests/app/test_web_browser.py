@@ -177,6 +177,15 @@ def test_search_classify_stats_and_add(
     expect(classes.get_by_test_id("class-item")).to_have_count(5)
     expect(classes).to_contain_text(re.compile(r"cat", re.IGNORECASE))
 
+    # The similarity toggle re-runs the search with ?similarity=semantic; the cat still comes first.
+    with page.expect_response(lambda r: "similarity=semantic" in r.url and r.status == 200):
+        page.get_by_test_id("similarity-select").select_option("semantic")
+    expect(cards).to_have_count(5)
+    expect(first.get_by_test_id("result-source")).to_have_text("chelsea.jpg")
+    with page.expect_response(lambda r: "similarity=visual" in r.url and r.status == 200):
+        page.get_by_test_id("similarity-select").select_option("visual")
+    expect(cards).to_have_count(5)
+
     add = page.get_by_test_id("add-button")
     result = page.get_by_test_id("add-result")
     page.get_by_label("API key").fill("wrong-key")
