@@ -43,7 +43,7 @@ __all__ = [
 
 # Module-name prefixes of each model's blocks, from the top. ``unfreeze=N`` trains the first N groups.
 _TOP_BLOCKS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "efficientnet_lite0": (
+    "efficientnet_lite": (  # lite0, lite1, lite2: the same block names
         ("conv_head", "bn2", "blocks.6"),
         ("blocks.5",),
         ("blocks.4",),
@@ -64,7 +64,7 @@ def top_blocks(model: str, unfreeze: int) -> tuple[str, ...]:
     Raises:
         HeadError: Unknown model family, or more blocks than the table knows.
     """
-    key = "resnet" if model.startswith("resnet") else model
+    key = next((family for family in ("resnet", "efficientnet_lite") if model.startswith(family)), model)
     if key not in _TOP_BLOCKS:
         raise HeadError(f"fine-tuning does not know the blocks of {model!r}; known: {sorted(_TOP_BLOCKS)}")
     groups = _TOP_BLOCKS[key]

@@ -343,3 +343,11 @@ def test_fine_tune_one_epoch_on_cpu_and_reload(
     with torch.inference_mode():
         torch.testing.assert_close(rebuilt(batch), net(batch))
         assert rebuilt(batch).argmax(1).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("model", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_every_lite_variant_names_its_top_blocks_for_fine_tuning(model: str) -> None:
+    from deepfeat.models.heads.finetune import top_blocks
+
+    assert top_blocks(model, 2) == ("conv_head", "bn2", "blocks.6", "blocks.5")
+    assert top_blocks("resnet50", 1) == ("layer4",)
