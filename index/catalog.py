@@ -268,7 +268,8 @@ class Catalog:
         """Insert images in ONE transaction, deduplicating on sha256.
 
         A sha256 already in the catalog, or repeated within ``rows``, is not inserted again: its result
-        carries the existing id with ``created=False``. Either every new row is committed or none is.
+        carries the existing id with ``created=False`` (with ``semantic`` given, a known row that has no
+        semantic vector gets this one). Either every new row is committed or none is.
 
         Args:
             rows: The images to insert.
@@ -308,6 +309,13 @@ class Catalog:
                 if sha in known:
                     image_id, seq = known[sha]
                     results.append(InsertResult(image_id, seq, False))
+                    if sem is not None:  # known content stored before semantic vectors gets one now
+                        cursor = conn.execute(
+                            "UPDATE images SET semantic = ? WHERE seq = ? AND semantic IS NULL",
+                            (sem[i].tobytes(), seq),
+                        )
+                        if cursor.rowcount:
+                            conn.execute("INSERT INTO semantic_updates(seq) VALUES (?)", (seq,))
                     continue
                 image_id = uuid.uuid4().hex
                 cursor = conn.execute(
@@ -491,10 +499,12 @@ class Catalog:
             ).fetchall()
         return {str(value): int(count) for value, count in rows}
 
-    def all_sha256(self) -> set[str]:
-        """Every stored content hash (64 bytes each: a million images is ~100 MB of Python strings)."""
+    def all_sha256(self, *, with_semantic: bool = False) -> set[str]:
+        """Every stored content hash (64 bytes each: a million images is ~100 MB of Python strings);
+        with ``with_semantic``, only those of images that have a semantic vector."""
+        where = " WHERE semantic IS NOT NULL" if with_semantic and self.has_semantic_column else ""
         with self._db.read("listing hashes") as conn:
-            return {row[0] for row in conn.execute("SELECT sha256 FROM images")}
+            return {row[0] for row in conn.execute("SELECT sha256 FROM images" + where)}
 
     def thumbnail(self, image_id: str) -> bytes | None:
         """The thumbnail bytes, or None when the image or its thumbnail does not exist."""

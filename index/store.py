@@ -377,10 +377,15 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         self._check_open()
         return self._catalog.find_sha256(sha256s)
 
-    def known_sha256(self) -> set[str]:
-        """Every stored content hash, so a batch indexer can skip known files before decoding them."""
+    def known_sha256(self, *, with_semantic: bool = False) -> set[str]:
+        """Every stored content hash, so a batch indexer can skip known files before decoding them.
+
+        Args:
+            with_semantic: Only images that have a semantic vector: an indexer that stores semantic
+                vectors embeds the others again, and :meth:`add` gives them theirs.
+        """
         self._check_open()
-        return self._catalog.all_sha256()
+        return self._catalog.all_sha256(with_semantic=with_semantic)
 
     def add(
         self, vectors: np.ndarray, images: Sequence[NewImage], semantic: np.ndarray | None = None
@@ -399,7 +404,8 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
                 to get cosine scores.
             images: n descriptions.
             semantic: Optional (n, semantic_dim) semantic vectors (from the same forward pass),
-                stored in the same transaction; refused when the store was opened without them.
+                stored in the same transaction; refused when the store was opened without them. Known
+                content stored without one gets it (so re-indexing a folder fills older images).
 
         Returns:
             One result per image, in order.
@@ -427,7 +433,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
                     self._vectors.train(x.reshape(-1, self.dim))
         sem = self._check_semantic(semantic, len(images)) if semantic is not None else None
         results = self._catalog.insert_many(images, x, sem)
-        if any(r.created for r in results):
+        if sem is not None or any(r.created for r in results):
             self._sync(atomic=True)
         self._maybe_auto_snapshot()
         return [AddResult(r.id, r.created) for r in results]

@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         echo(
             "the skipped images keep working for visual search; to give them semantic vectors, re-index "
-            f"their folders: `deepfeat index FOLDER --data-dir {settings.data_dir}`"
+            f"their folders: `deepfeat index FOLDER --data-dir {settings.data_dir}` (a moved file is "
+            "recognised by its content and gets its semantic vector; a changed file is indexed as a new "
+            "image, and its old entry keeps visual search only)"
         )
     echo("restart a running service on this store so it stores semantic vectors for new images too")
     return 0

@@ -264,6 +264,7 @@ def run_end_to_end(
     # The indexer's own figure: images/s from its first file to its last commit (no process start,
     # imports or model load), to tell the steady rate from the start-up cost.
     loop_rate: dict[str, list[float]] = {label: [] for label, _ in configs}
+    stored_bytes: dict[str, int] = {}  # what the store holds per image: SQLite + FAISS + manifest
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             list_file = Path(tmp) / "files.txt"
@@ -289,6 +290,8 @@ def run_end_to_end(
                     )
                 )  # fmt: skip
                 ours_s[label].append(seconds)
+                data_dir = Path(tmp) / f"data-{n}"
+                stored_bytes[label] = sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file())
                 rate = _RATE.search(printed)
                 loop_rate[label].append(float(rate.group(1)) if rate else float("nan"))
     naive = statistics.median(naive_s)
@@ -305,6 +308,7 @@ def run_end_to_end(
                 "naive_img_s": round(len(files) / naive, 2),
                 "deepfeat_img_s": round(len(files) / ours, 2),
                 "indexing_loop_img_s": round(statistics.median(loop_rate[label]), 1),
+                "stored_kib_per_image": round(stored_bytes.get(label, 0) / max(1, len(files)) / 1024, 1),
                 "speedup": round(naive / ours, 2),
                 "repeats": repeats,
             }
@@ -329,6 +333,9 @@ def end_to_end_configs(device: str, *, with_defaults: bool, compile: bool) -> li
                 ("same work, bf16, GPU decode, --compile", [*MATCHED, "--precision", "bf16", "--compile"])
             )
     if with_defaults:
+        # The defaults before regional descriptors and three scales, then today's: their ratio is
+        # what the richer vectors cost.
+        configs.append(("1 scale, no regions (earlier defaults)", ["--scales", "1", "--regions", "0"]))
         configs.append(("retrieval defaults, auto precision", []))
     return configs
 

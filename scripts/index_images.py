@@ -272,7 +272,12 @@ def index_paths(
     loader = _loader(
         files,
         embedder=embedder,
-        known_sha256=frozenset(store.known_sha256()),
+        # A store keeping semantic vectors re-embeds known files that lack one (add() fills it in).
+        known_sha256=frozenset(
+            store.known_sha256(
+                with_semantic=embedder.semantic_dim is not None and store.semantic_dim is not None
+            )
+        ),
         limits=limits,
         batch_size=batch_size,
         workers=workers,

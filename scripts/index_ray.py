@@ -587,7 +587,8 @@ def index_paths_ray(
         if todo:
             ds = _pipeline(
                 ray, todo, embedder=embedder, embedder_options=embedder_options, limits=limits,
-                known=store.known_sha256(), plan=plan, precision=precision, compile=compile,
+                known=store.known_sha256(with_semantic=store.semantic_dim is not None),
+                plan=plan, precision=precision, compile=compile,
                 batch_size=batch_size, actor_cpus=actor_cpus,
             )  # fmt: skip
             _write_shards(

@@ -235,3 +235,21 @@ def test_a_replica_reads_an_unmigrated_catalog(open_store: Opener, data_dir: Pat
     assert replica.stats()["semantic_count"] == 0 and replica.refresh() == 0
     with pytest.raises(SemanticUnavailableError):
         replica.search(unit_vectors(1, SDIM), 1, similarity="semantic")
+
+
+def test_adding_known_content_with_a_semantic_vector_fills_it(open_store: Opener) -> None:
+    """Re-indexing content stored before semantic vectors: no new row, but it gets its semantic vector
+    (and only when it has none), in every process."""
+    writer = open_store(semantic_dim=SDIM)
+    vectors = unit_vectors(4)
+    writer.add(vectors, new_images(4))
+    reader = open_store(semantic_dim=SDIM)
+    assert writer.known_sha256(with_semantic=True) == set()
+    sem = unit_vectors(4, SDIM, seed=7)
+    results = writer.add(vectors[:2], new_images(2), semantic=sem[:2])
+    assert [r.created for r in results] == [False, False] and writer.count == 4
+    assert len(writer.known_sha256(with_semantic=True)) == 2 and len(writer.known_sha256()) == 4
+    assert found(writer, sem[:2], 1) == [[0], [1]]
+    writer.add(vectors[:1], new_images(1), semantic=sem[3:4])  # already has one: kept
+    reader.refresh()
+    assert found(reader, sem[:2], 1) == [[0], [1]] and reader.semantic_index().count == 2

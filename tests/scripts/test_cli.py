@@ -233,3 +233,13 @@ def test_add_semantic_to_an_older_store(
     assert {"source": str(moved), "reason": "missing"} in summary["skipped"]
     code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "-k", "1")
     assert code == 0 and "coffee.jpg" in out
+    manifest = json.loads((Path(data) / "manifest.json").read_text())
+    assert manifest["embedder"]["semantic_layer"] == "penultimate"
+
+    # Re-indexing where the moved file went gives it its semantic vector (same content, no new row).
+    code, out, _ = run(
+        capsys, "index", str(tmp_path / "elsewhere.jpg"), *flags, "--workers", "0", "--no-progress"
+    )
+    assert code == 0 and "indexed 0, already present 1" in out, out
+    code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "--similarity", "semantic", "--json")
+    assert len(json.loads(out)["results"]) == len(photos) - 1
