@@ -268,11 +268,17 @@ class Embedder:
         with _TRACE_LOCK:
             # Hot path (indexing, search): pruned right after the chosen layer.
             self._single: torch.nn.Module | None = build_trunk(net, {self.layer.node: self.layer.node})
+            # The embedding layer and the semantic one from one pass (indexing, the service's batches).
+            self._pair: torch.nn.Module | None = None
+            if self.semantic_layer is not None and self.semantic_layer.node != self.layer.node:
+                self._pair = build_trunk(net, {n: n for n in self._pair_nodes()})
             # Every selectable layer and the logits from one pass: classify, embed+classify, variants.
             self._all = build_trunk(net, {spec.node: spec.node for spec in self.spec.layers})
         self.compiled = bool(compile)
         if self.compiled:
             self._single = compile_trunk(self._single)
+            if self._pair is not None:
+                self._pair = compile_trunk(self._pair)
         log.info(
             "loaded %s (%s) layer=%s pooling=%s dim=%d on %s precision=%s",
             self.spec.name,
@@ -318,7 +324,15 @@ class Embedder:
         other._apply_config(resolve(make_config(self.config, **update)))
         if other.layer.node != self.layer.node:
             other._single = None  # served by the all-layers trunk
+        if other._pair_nodes() != self._pair_nodes():
+            other._pair = None
         return other
+
+    def _pair_nodes(self) -> tuple[str, ...]:
+        """The nodes one embedding pass reads: the embedding layer's, then the semantic layer's."""
+        if self.semantic_layer is None:
+            return (self.layer.node,)
+        return tuple(dict.fromkeys((self.layer.node, self.semantic_layer.node)))
 
     # ---------------------------------------------------------------------------------------------
     # identity
@@ -395,6 +409,8 @@ class Embedder:
     def _trunk(self, nodes: tuple[str, ...]) -> torch.nn.Module:
         if self._single is not None and nodes == (self.layer.node,):
             return self._single
+        if self._pair is not None and nodes == self._pair_nodes():
+            return self._pair
         return self._all
 
     def _autocast(self) -> AbstractContextManager[Any]:

@@ -87,3 +87,18 @@ def test_old_configs_and_fingerprints_have_no_semantic_vectors() -> None:
     assert EmbedderConfig.from_fingerprint(fp_on).semantic_layer == "logits"
     # Reading back reproduces the fingerprint in both cases.
     assert EmbedderConfig.from_fingerprint(fp_on).fingerprint() == fp_on
+
+
+def test_the_pair_trunk_serves_both_layers(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
+    """An embedder built with a conv layer and a semantic layer has a trunk pruned to those two nodes
+    (compiled with ``compile=True``), and it gives what the all-layers trunk gives."""
+    opts = {"layer": "head", "resize_mode": "crop", "scales": (1.0,), "regions": 0}
+    own = Embedder("efficientnet_lite0", device="cpu", precision="fp32", **opts)
+    assert own._pair is not None and own._trunk(own._pair_nodes()) is own._pair
+    shared = lite0.variant(**opts, pooling="gem")  # no pair trunk: served by the all-layers one
+    assert shared._pair is None
+    images = [photos["rocket"], photos["chelsea"]]
+    a = own.embed_tensors(own.preprocess(images), semantic=True)
+    b = shared.embed_tensors(shared.preprocess(images), semantic=True)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-5)
