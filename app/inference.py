@@ -121,8 +121,8 @@ class Inference:
             return self._run_direct(len(images), lambda: self._vectors(tensors))
         results = self._embedder_batcher.submit_many(tensors)
         visual = np.stack([r[0] for r in results])  # (n, m, dim)
-        semantic = [r[1] for r in results]
-        return visual, None if any(x is None for x in semantic) else np.stack(semantic)  # type: ignore[arg-type]
+        semantic = [r[1] for r in results if r[1] is not None]
+        return visual, np.stack(semantic) if semantic and len(semantic) == len(results) else None
 
     def embed(
         self,
