@@ -180,10 +180,13 @@ def evaluate_service(
         add_s = time.perf_counter() - started
         search_times: list[float] = []
 
-        def search(data: bytes, k: int) -> list[dict[str, Any]]:
+        def search(data: bytes, k: int, similarity: str = "visual") -> list[dict[str, Any]]:
             t0 = time.perf_counter()
+            params: dict[str, Any] = {"k": k}
+            if similarity != "visual":
+                params["similarity"] = similarity
             body = _check(
-                client.post("/v1/search", params={"k": k}, files={"file": ("q.jpg", data, "image/jpeg")}),
+                client.post("/v1/search", params=params, files={"file": ("q.jpg", data, "image/jpeg")}),
                 "POST /v1/search",
             )
             search_times.append(time.perf_counter() - t0)
@@ -199,15 +202,18 @@ def evaluate_service(
                 query = apply_transform(image, name, query_rng(seed, oid, name))
                 results = search(_jpeg(query), 1)
                 copy_hits[name].append(int(bool(results) and results[0]["id"] == ids[path]))
-        precision: dict[str, list[float]] = {}
+        modes = ["visual", "semantic"] if stats["model"]["config"].get("semantic_layer") else ["visual"]
+        precision: dict[str, dict[str, list[float]]] = {mode: {} for mode in modes}
         for collection, group, path in categories:
-            results = [r for r in search(path.read_bytes(), P_AT + 1) if r["id"] != ids[path]][:P_AT]
-            same = sum(
-                1
-                for r in results
-                if r["metadata"].get("class") == group and r["metadata"].get("kind") == "category"
-            )
-            precision.setdefault(collection, []).append(same / P_AT)
+            for mode in modes:
+                found = search(path.read_bytes(), P_AT + 1, mode)
+                results = [r for r in found if r["id"] != ids[path]][:P_AT]
+                same = sum(
+                    1
+                    for r in results
+                    if r["metadata"].get("class") == group and r["metadata"].get("kind") == "category"
+                )
+                precision[mode].setdefault(collection, []).append(same / P_AT)
         model = stats["model"]
     every = [h for hits in copy_hits.values() for h in hits]
     hard = [h for t in HARD_TRANSFORMS if t in copy_hits for h in copy_hits[t]]
@@ -223,8 +229,11 @@ def evaluate_service(
             "per_transform": {t: float(np.mean(h)) for t, h in copy_hits.items() if h},
         },
         "category": {
-            f"P@{P_AT}": float(np.mean([p for ps in precision.values() for p in ps])) if precision else None,
-            "per_collection": {c: float(np.mean(ps)) for c, ps in precision.items()},
+            mode: {
+                f"P@{P_AT}": float(np.mean([p for ps in by.values() for p in ps])) if by else None,
+                "per_collection": {c: float(np.mean(ps)) for c, ps in by.items()},
+            }
+            for mode, by in precision.items()
         },
         "add_images_per_s": len(ids) / add_s if add_s else None,
         "search_ms_median": 1000 * float(np.median(search_times)) if search_times else None,
@@ -250,18 +259,23 @@ def run_configurations(
     return results
 
 
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def format_service_report(results: dict[str, Any], transforms: Sequence[str]) -> str:
     """One row per configuration: copy recall@1 overall and per transform, category P@10."""
     head = f"{'configuration':<14} {'recall@1':>8} " + " ".join(f"{t[:16]:>16}" for t in transforms)
-    head += f" {'P@' + str(P_AT):>6} {'add/s':>6} {'search ms':>9}"
+    head += f" {'P@10 visual':>11} {'P@10 semantic':>13} {'add/s':>6} {'search ms':>9}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         per = r["copy"]["per_transform"]
         row = f"{name:<14} {r['copy']['recall@1']:>8.3f} " + " ".join(
             f"{per.get(t, float('nan')):>16.3f}" for t in transforms
         )
-        p = r["category"][f"P@{P_AT}"]
-        row += f" {p if p is not None else float('nan'):>6.3f} {r['add_images_per_s']:>6.1f} {r['search_ms_median']:>9.0f}"
+        vis, sem = (r["category"].get(mode, {}).get(f"P@{P_AT}") for mode in ("visual", "semantic"))
+        row += f" {_number(vis):>11} {_number(sem):>13}"
+        row += f" {r['add_images_per_s']:>6.1f} {r['search_ms_median']:>9.0f}"
         lines.append(row)
     return "\n".join(lines)
 
