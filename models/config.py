@@ -92,7 +92,7 @@ class EmbedderFields(BaseModel):
     )
 
     semantic_layer: str | None = Field(
-        "penultimate",
+        "logits",
         description="The layer whose vector answers similarity=semantic searches, computed in the same "
         "forward pass as the visual vector and stored beside it: a vector layer (penultimate or "
         "logits); none = off",

@@ -68,13 +68,14 @@ def test_semantic_layer_must_be_a_vector_layer(layer: str) -> None:
 
 
 def test_semantic_layer_resolution_and_fingerprint() -> None:
-    assert resolve(EmbedderConfig()).semantic_layer == "penultimate"
+    assert resolve(EmbedderConfig()).semantic_layer == "logits"  # chosen on the tuning parts
+    assert resolve(EmbedderConfig(semantic_layer="penultimate")).semantic_layer == "penultimate"
     assert resolve(EmbedderConfig(semantic_layer="0")).semantic_layer == "logits"
     assert resolve(EmbedderConfig(semantic_layer="Off")).semantic_layer is None
     # VGG16 has no layer named "penultimate": the vector layer below the logits (fc7) answers.
     assert resolve(EmbedderConfig(model="vgg16", semantic_layer="penultimate")).semantic_layer == "fc7"
     fp = EmbedderConfig().fingerprint()
-    assert fp["semantic"] == {"layer": "penultimate", "dim": 1280}
+    assert fp["semantic"] == {"layer": "logits", "dim": 1000}
     assert "semantic" not in EmbedderConfig(semantic_layer=None).fingerprint()
 
 

@@ -224,7 +224,7 @@ def test_add_semantic_to_an_older_store(
     code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "--similarity", "semantic", "--json")
     body = json.loads(out)
     assert code == 0 and body["results"][0]["source"].endswith("coffee.jpg")
-    assert body["model"]["semantic"] == {"layer": "penultimate", "dim": 1280}
+    assert body["model"]["semantic"] == {"layer": "logits", "dim": 1000}
     assert len(body["results"]) == len(photos) - 2  # the moved and the edited image have none
     # Nothing left to do that can be done; the visual side is unchanged.
     code, out, _ = run(capsys, "add-semantic", "--data-dir", data, "--json", "--precision", "fp32")
@@ -234,7 +234,7 @@ def test_add_semantic_to_an_older_store(
     code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "-k", "1")
     assert code == 0 and "coffee.jpg" in out
     manifest = json.loads((Path(data) / "manifest.json").read_text())
-    assert manifest["embedder"]["semantic_layer"] == "penultimate"
+    assert manifest["embedder"]["semantic_layer"] == "logits"
 
     # Re-indexing where the moved file went gives it its semantic vector (same content, no new row).
     code, out, _ = run(
