@@ -11,7 +11,7 @@ from PIL import Image
 from tests.app.conftest import MakeClient, upload
 from tests.conftest import jpeg_bytes
 
-# The last conv block as the visual vector (so the semantic one, the penultimate layer, differs from it),
+# The last conv block as the visual vector (so the semantic one, from the logits, differs from it),
 # on the cheap 224 px crop at one scale.
 HEAD = {"layer": "head", "resize_mode": "crop", "scales": [1.0], "regions": 2}
 
