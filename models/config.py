@@ -91,6 +91,13 @@ class EmbedderFields(BaseModel):
         "0 = one vector per image. Conv layers only; searches are unchanged",
     )
 
+    lowpass: float = Field(
+        0.01,
+        ge=0,
+        le=0.1,
+        description="Also store a vector of the whole image blurred (Gaussian, sigma = this fraction of "
+        "its short side) at half scale, so blurred and low-resolution copies are found; 0 = off",
+    )
     semantic_layer: str | None = Field(
         "logits",
         description="The layer whose vector answers similarity=semantic searches, computed in the same "
@@ -174,7 +181,7 @@ class EmbedderConfig(EmbedderFields):
         """The options a store's manifest recorded. An option added since the store was written takes
         the value that reproduces its vectors, not today's default (regional descriptors: none; no
         semantic vectors)."""
-        return cls.model_validate({"regions": 0, "semantic_layer": None, **recorded})
+        return cls.model_validate({"regions": 0, "lowpass": 0.0, "semantic_layer": None, **recorded})
 
     @classmethod
     def from_fingerprint(cls, fingerprint: dict[str, Any]) -> EmbedderConfig:
@@ -198,6 +205,7 @@ class EmbedderConfig(EmbedderFields):
         if fingerprint.get("scales"):
             values["scales"] = tuple(fingerprint["scales"])
         values["regions"] = int(fingerprint.get("regions", 0))
+        values["lowpass"] = float(fingerprint.get("lowpass", 0.0))
         semantic = fingerprint.get("semantic")
         values["semantic_layer"] = semantic.get("layer") if isinstance(semantic, dict) else None
         from deepfeat.models.registry import weights_argument

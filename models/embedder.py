@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -504,8 +505,24 @@ class Embedder:
 
     @property
     def vectors_per_image(self) -> int:
-        """Vectors a store keeps per image: the global one, plus ``regions``² regional ones."""
-        return 1 + self.config.regions**2
+        """Vectors a store keeps per image: the global one, the low-pass one (when ``lowpass``), then
+        ``regions``² regional ones."""
+        return 1 + int(self.config.lowpass > 0) + self.config.regions**2
+
+    def lowpass_descriptors(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) preprocessed batch -> (n, dim): the whole image blurred (Gaussian, sigma =
+        ``lowpass`` x its short side) at half scale, pooled like the global vector.
+
+        A blurred or heavily downscaled copy has lost what separates the original from smooth,
+        featureless photos, so its global vector drifts towards those; stored beside the global one,
+        this vector is what such a copy still matches.
+        """
+        from torchvision.transforms.v2.functional import gaussian_blur
+
+        sigma = max(0.5, self.config.lowpass * min(batch.shape[2:]))
+        kernel = 2 * math.ceil(3 * sigma) + 1
+        blurred = gaussian_blur(batch, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+        return self.pool(self.forward_intermediates(self.rescale(blurred, 0.5))[self.layer.name])
 
     def _descriptors(
         self, batch: torch.Tensor, *, regions: bool = False, semantic: bool = False
@@ -538,14 +555,16 @@ class Embedder:
         sem = F.normalize(torch.stack(semantics).sum(dim=0), dim=1) if semantics else None
         if not regions:
             return glob, sem
-        if region_map is None or self.config.regions == 0:
-            return glob[:, None], sem
-        h, w = region_map.shape[2:]
-        parts = [
-            self.pool(region_map[:, :, y : y + rh, x : x + rw])
-            for y, x, rh, rw in grid_windows(h, w, self.config.regions)
-        ]
-        return torch.cat([glob[:, None], torch.stack(parts, dim=1)], dim=1), sem  # (n, 1 + g*g, dim)
+        parts = [glob]
+        if self.config.lowpass > 0:
+            parts.append(self.lowpass_descriptors(batch))
+        if region_map is not None and self.config.regions:
+            h, w = region_map.shape[2:]
+            parts += [
+                self.pool(region_map[:, :, y : y + rh, x : x + rw])
+                for y, x, rh, rw in grid_windows(h, w, self.config.regions)
+            ]
+        return torch.stack(parts, dim=1), sem  # (n, vectors_per_image, dim)
 
     @overload
     def embed_tensors(

@@ -110,6 +110,8 @@ def fingerprint_of(config: EmbedderConfig, *, weights_identity: str | None = Non
     # Stores written before regional descriptors have no "regions" key: absent means none. Likewise
     # "semantic": absent in stores written before semantic vectors, and when they are off.
     stored: dict[str, Any] = {"regions": regions} if regions else {}
+    if config.lowpass:
+        stored["lowpass"] = float(config.lowpass)
     semantic = resolve_semantic(spec, config.semantic_layer)
     if semantic is not None:
         stored["semantic"] = {"layer": semantic.name, "dim": semantic.dim}

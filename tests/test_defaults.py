@@ -97,5 +97,5 @@ def test_library_cli_store_and_stats_agree_on_the_defaults(
     assert model["config"] == json.loads(resolved.model_dump_json())
     assert model["precision"] in ("fp32", "bf16")  # what auto resolved to, never "auto"
     assert ready["model"] == model
-    per_image = 1 + resolved.regions**2  # the global vector and the regional grid
+    per_image = 1 + int(resolved.lowpass > 0) + resolved.regions**2  # global, low-pass, regional grid
     assert (stats["count"], stats["vectors_per_image"], stats["vectors"]) == (1, per_image, per_image)

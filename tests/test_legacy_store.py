@@ -81,5 +81,6 @@ def test_from_fingerprint_reads_every_option() -> None:
         max_side=512,
         scales=(1.0,),
         regions=0,  # written before regional descriptors: one vector per image
+        lowpass=0.0,
         semantic_layer=None,  # and before semantic vectors
     )

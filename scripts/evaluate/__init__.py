@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--resize-modes", default="crop,full", help="comma-separated: crop, full")
     parser.add_argument(
+        "--lowpass",
+        default="0,0.01",
+        help="comma-separated blur fractions of a low-pass vector the database keeps per image (0 = none)",
+    )
+    parser.add_argument(
         "--regions",
         default="0,3",
         help="comma-separated regional grid sizes the database keeps per image (0 = none; default 0,3)",
@@ -226,7 +231,18 @@ def _grid_from_args(args: argparse.Namespace) -> list[Config]:
         max_side=args.max_side,
         gem_p=args.gem_p,
         regions=_parse_regions(args.regions),
+        lowpass=_parse_lowpass(args.lowpass),
     )
+
+
+def _parse_lowpass(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in _csv(text)]
+    except ValueError:
+        raise EvalError(f"bad --lowpass {text!r}: comma-separated fractions in [0, 0.1]") from None
+    if not values or any(not 0 <= v <= 0.1 for v in values):
+        raise EvalError(f"bad --lowpass {text!r}: comma-separated fractions in [0, 0.1]")
+    return values
 
 
 def _parse_regions(text: str) -> list[int]:

@@ -65,6 +65,7 @@ class FeatureBank:
     _cache: dict[tuple[str, _PassKey], dict[_Combo, np.ndarray]] = field(default_factory=dict)
     _times: dict[_PassKey, _PassTime] = field(default_factory=dict)
     _sets: dict[str, Sequence[Image.Image]] = field(default_factory=dict)
+    _lowpass: dict[tuple[str, tuple[object, ...]], np.ndarray] = field(default_factory=dict)
 
     def register(self, configs: Iterable[Config]) -> None:
         for cfg in configs:
@@ -103,10 +104,35 @@ class FeatureBank:
             _combo(cfg, cfg.regions)
         ]
 
+    def lowpass_vectors(self, set_name: str, images: Sequence[Image.Image], cfg: Config) -> np.ndarray:
+        """(n, d) low-pass vectors of ``images`` for ``cfg``: ``Embedder.lowpass_descriptors``, the
+        path an indexer takes too."""
+        self.vectors(set_name, images, cfg)  # the bookkeeping of which list the name holds
+        key = (
+            set_name,
+            (cfg.model, cfg.resize_mode, cfg.max_side, cfg.layer, cfg.pooling, cfg.gem_p, cfg.lowpass),
+        )
+        if key not in self._lowpass:
+            emb = self.embedder(cfg.model).variant(
+                resize_mode=cfg.resize_mode,
+                max_side=cfg.max_side,
+                scales=(1.0,),
+                layer=cfg.layer,
+                pooling=None if cfg.pooling == "none" else cfg.pooling,
+                gem_p=cfg.gem_p,
+                lowpass=cfg.lowpass,
+            )
+            out = np.empty((len(images), emb.dim), dtype=np.float32)
+            for rows, batch in self._batches(emb, images):
+                out[rows] = emb.lowpass_descriptors(batch).cpu().numpy()
+            self._lowpass[key] = out
+        return self._lowpass[key]
+
     def release(self, set_name: str) -> None:
         """Forget a set's images and vectors: a run done with a set frees its memory."""
         self._sets.pop(set_name, None)
         self._cache = {k: v for k, v in self._cache.items() if k[0] != set_name}
+        self._lowpass = {k: v for k, v in self._lowpass.items() if k[0] != set_name}
 
     def images_per_second(self, cfg: Config) -> float:
         """Throughput of the forward passes this configuration needs (decode excluded; passes shared)."""

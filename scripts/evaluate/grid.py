@@ -35,6 +35,7 @@ class Config:
     gem_p: float = 3.0
     baseline: bool = False
     regions: int = 0  # the database side keeps a regions x regions grid of regional vectors too
+    lowpass: float = 0.0  # ... and a vector of the whole image blurred by this fraction, at half scale
 
     @property
     def scales_label(self) -> str:
@@ -56,12 +57,13 @@ class Config:
     @property
     def name(self) -> str:
         regions = f"/r{self.regions}" if self.regions else ""
+        lowpass = f"/lp{self.lowpass:g}" if self.lowpass else ""
         return (
             f"{self.model}/{self.layer}/{self.pooling_label}/{self.resize_label}/s{self.scales_label}"
-            f"/w{self.whitening}{regions}"
+            f"/w{self.whitening}{regions}{lowpass}"
         )
 
-    def embed_key(self) -> tuple[str, str, str, str, int, tuple[float, ...], int]:
+    def embed_key(self) -> tuple[str, str, str, str, int, tuple[float, ...], int, float]:
         """What the raw (unwhitened) vectors depend on."""
         return (
             self.model,
@@ -71,6 +73,7 @@ class Config:
             self.max_side,
             self.scales,
             self.regions,
+            self.lowpass,
         )
 
     def fields(self) -> dict[str, Any]:
@@ -113,6 +116,7 @@ def build_grid(
     max_side: int = 512,
     gem_p: float = 3.0,
     regions: Sequence[int] = (0,),
+    lowpass: Sequence[float] = (0.0,),
 ) -> list[Config]:
     """Every combination (vector layers take no pooling), plus the naive baseline of each model first.
 
@@ -133,8 +137,8 @@ def build_grid(
         for layer in chosen:
             pools = ["none"] if layer.kind == "vector" else list(poolings)
             grids = list(regions) if layer.kind == "conv" else [0]  # a vector layer has no map
-            for pooling, resize, scales, white, grid_size in itertools.product(
-                pools, resize_modes, scale_sets, whitening, grids
+            for pooling, resize, scales, white, grid_size, blur in itertools.product(
+                pools, resize_modes, scale_sets, whitening, grids, lowpass
             ):
                 cfg = Config(
                     model,
@@ -146,6 +150,7 @@ def build_grid(
                     max_side,
                     gem_p,
                     regions=grid_size,
+                    lowpass=blur,
                 )
                 if not same_point(cfg, baseline):
                     grid.append(cfg)

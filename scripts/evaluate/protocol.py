@@ -93,6 +93,7 @@ def default_config() -> Config:
         max_side=c.max_side,
         gem_p=c.gem_p,
         regions=c.regions,
+        lowpass=c.lowpass,
     )
 
 

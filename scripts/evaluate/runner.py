@@ -121,11 +121,21 @@ def _apply_whitening(
 def _regional(
     bank: FeatureBank, cfg: Config, parts: Sequence[tuple[str, Sequence[Image.Image]]]
 ) -> np.ndarray | None:
-    """The database's regional vectors for ``cfg``, (n, regions², d) over the named image lists in
-    order; None when ``cfg`` keeps none."""
-    if not cfg.regions:
+    """The database's other vectors for ``cfg`` (its low-pass one, then its regional ones), (n, r, d)
+    over the named image lists in order; None when ``cfg`` keeps none."""
+    if not cfg.regions and not cfg.lowpass:
         return None
-    return np.concatenate([bank.region_vectors(name, images, cfg) for name, images in parts if images])
+    blocks = []
+    for name, images in parts:
+        if not images:
+            continue
+        own = []
+        if cfg.lowpass:
+            own.append(bank.lowpass_vectors(name, images, cfg)[:, None])
+        if cfg.regions:
+            own.append(bank.region_vectors(name, images, cfg))
+        blocks.append(np.concatenate(own, axis=1))
+    return np.concatenate(blocks)
 
 
 def _scores(queries: np.ndarray, database: np.ndarray, regions: np.ndarray | None) -> np.ndarray:

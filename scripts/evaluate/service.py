@@ -50,6 +50,7 @@ BASELINE_ENV = {
     "DEEPFEAT_RESIZE_MODE": "crop",
     "DEEPFEAT_SCALES": "1",
     "DEEPFEAT_REGIONS": "0",
+    "DEEPFEAT_LOWPASS": "0",
 }
 """The naive baseline as a server's settings: penultimate layer, centre crop, one scale."""
 

@@ -16,7 +16,13 @@ from deepfeat.models.pooling import grid_windows
 def regional() -> Embedder:
     """lite0's last conv block on the whole image at 320 px, one scale: regions as shipped, cheaply."""
     return Embedder(
-        "efficientnet_lite0", device="cpu", precision="fp32", max_side=320, scales=(1.0,), regions=3
+        "efficientnet_lite0",
+        device="cpu",
+        precision="fp32",
+        max_side=320,
+        scales=(1.0,),
+        regions=3,
+        lowpass=0,
     )
 
 
@@ -45,11 +51,15 @@ def test_regions_come_after_the_global_vector(regional: Embedder, photos: dict[s
 
 
 def test_a_vector_layer_has_no_regions(photos: dict[str, Image.Image]) -> None:
-    embedder = Embedder("efficientnet_lite0", device="cpu", precision="fp32", layer="penultimate", regions=3)
+    embedder = Embedder(
+        "efficientnet_lite0", device="cpu", precision="fp32", layer="penultimate", regions=3, lowpass=0
+    )
     assert embedder.config.regions == 0 and embedder.vectors_per_image == 1
     assert "regions" not in embedder.fingerprint
     out = embedder.embed_tensors(embedder.preprocess([photos["coffee"]]), regions=True)
     assert out.shape == (1, 1, embedder.dim)
+    # the low-pass vector needs no map: a vector layer keeps it
+    assert embedder.variant(lowpass=0.01).vectors_per_image == 2
 
 
 def test_a_quarter_crop_matches_a_window_over_it(regional: Embedder, photos: dict[str, Image.Image]) -> None:
@@ -79,3 +89,25 @@ def test_regions_are_part_of_what_a_vector_is() -> None:
     assert "regions" not in EmbedderConfig(regions=0).fingerprint()
     with pytest.raises(ValueError, match="grid size from 2 to 7"):
         EmbedderConfig(regions=1)
+
+
+def test_the_low_pass_vector_comes_second_and_is_what_a_blurred_copy_matches(
+    regional: Embedder, photos: dict[str, Image.Image]
+) -> None:
+    """Layout [global, low-pass, regions...]; at the shipped scales, a copy blurred by 1.5% of its short
+    side is closer to the stored low-pass vector than to the global one, for six real photos."""
+    from PIL import ImageFilter
+
+    assert regional.variant(lowpass=0.01).vectors_per_image == 11
+    embedder = regional.variant(lowpass=0.01, max_side=512, scales=(1.0, 0.7071, 0.5))
+    assert embedder.fingerprint["lowpass"] == 0.01
+    images = list(photos.values())
+    stored = embedder.embed_tensors(embedder.preprocess(images), regions=True)  # (6, 11, d)
+    np.testing.assert_allclose(stored[:, 0], embedder.embed(images), atol=1e-5)
+    no_lowpass = embedder.variant(lowpass=0).embed_tensors(embedder.preprocess(images), regions=True)
+    np.testing.assert_allclose(stored[:, 2:], no_lowpass[:, 1:], atol=1e-5)  # the regions follow it
+    blurred = [img.filter(ImageFilter.GaussianBlur(0.015 * min(img.size))) for img in images]
+    queries = embedder.embed(blurred)
+    to_lowpass = np.einsum("nd,nd->n", queries, stored[:, 1])
+    to_global = np.einsum("nd,nd->n", queries, stored[:, 0])
+    assert (to_lowpass > to_global).all()

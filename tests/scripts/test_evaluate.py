@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -294,10 +295,14 @@ def test_bank_regional_vectors_are_the_ones_a_store_keeps(
     images = [_small(photos[name], 300) for name in ("chelsea", "rocket")]
     bank.register([cfg])
     regions = bank.region_vectors("database", images, cfg)
-    embedder = Embedder(cfg.model, device="cpu", precision="fp32", max_side=256, scales=cfg.scales, regions=3)
-    stored = embedder.embed_tensors(embedder.preprocess(images), regions=True)  # (2, 10, d)
+    embedder = Embedder(
+        cfg.model, device="cpu", precision="fp32", max_side=256, scales=cfg.scales, regions=3, lowpass=0.01
+    )
+    stored = embedder.embed_tensors(embedder.preprocess(images), regions=True)  # (2, 11, d)
     assert regions.shape == (2, 9, 1280)
-    assert float(np.einsum("nrd,nrd->nr", regions, stored[:, 1:]).min()) >= 0.999
+    assert float(np.einsum("nrd,nrd->nr", regions, stored[:, 2:]).min()) >= 0.999
+    lowpass = bank.lowpass_vectors("database", images, replace(cfg, lowpass=0.01))
+    assert float(np.einsum("nd,nd->n", lowpass, stored[:, 1]).min()) >= 0.999
     assert float(np.einsum("nd,nd->n", bank.vectors("database", images, cfg), stored[:, 0]).min()) >= 0.999
 
 
@@ -342,6 +347,8 @@ SMALL_GRID = [
     "crop",
     "--regions",
     "0,2",
+    "--lowpass",
+    "0",
 ]
 
 
@@ -582,6 +589,7 @@ def test_validation_rows_run_each_configuration_once() -> None:
         scale_sets=[default.scales],
         resize_modes=[default.resize_mode],
         regions=[default.regions],
+        lowpass=[default.lowpass],
     )
     chosen = next(c for c in grid if not c.baseline)
     rows = ev.validation_rows(grid, chosen, default)
