@@ -31,6 +31,10 @@ logger = logging.getLogger(f"{__package__}.store")
 REPLAY_BATCH = 10_000
 
 
+QUERY_EXPANSION = 5
+"""Stored neighbours each semantic query is expanded with (alpha-QE); 0 searches the query as it is."""
+
+
 class SemanticIndex:
     """An exact ``IndexIDMap(IndexFlatIP)`` of semantic vectors and its three catalog watermarks.
 
@@ -42,7 +46,7 @@ class SemanticIndex:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise InvalidVectorError(f"semantic dim must be a positive integer, got {dim!r}")
         self.dim = dim
-        self._index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))  # IDMap2: a hit's vector by its id
         self.seq_mark = 0
         self.del_mark = 0
         self.upd_mark = 0
@@ -116,10 +120,28 @@ class SemanticIndex:
         self.upd_mark = upd_mark
         return changes
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(m, d_s) queries -> ``(scores, seqs)``, (m, min(k, count)) each, best first."""
+    def search(
+        self, queries: np.ndarray, k: int, *, expansion: int = QUERY_EXPANSION
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(m, d_s) queries -> ``(scores, seqs)``, (m, min(k, count)) each, best first.
+
+        With ``expansion`` n > 0 (alpha-query expansion, alpha = 1): each query is replaced by the
+        normalised sum of itself and its n nearest stored vectors weighted by their similarity, then
+        searched again; scores are against that expanded query. On the category collections' tuning
+        parts n = 5 lifted semantic P@10 from 0.707 to 0.770 (docs/quality.md); the second search
+        costs what the first does.
+        """
         if queries.shape[1] != self.dim:
             raise InvalidVectorError(f"semantic queries must have shape (m, {self.dim}), got {queries.shape}")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if expansion > 0 and self.count:
+            scores, ids = self._index.search(q, min(int(expansion), self.count))  # (m, n)
+            expanded = q.copy()
+            for row in range(q.shape[0]):
+                for score, seq in zip(scores[row], ids[row], strict=True):
+                    if seq >= 0 and score > 0:
+                        expanded[row] += float(score) * self._index.reconstruct(int(seq))
+            q = expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
         kk = max(1, min(int(k), self.count))
-        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), kk)
+        scores, ids = self._index.search(q, kk)
         return scores, ids

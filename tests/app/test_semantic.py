@@ -37,7 +37,7 @@ def test_semantic_search_through_the_api(make_client: MakeClient, photos: dict[s
     ids = _fill(client, photos)
     stats = client.get("/v1/stats").json()
     assert stats["count"] == len(photos) and stats["semantic_count"] == len(photos)
-    assert stats["semantic_dim"] == 1280
+    assert stats["semantic_dim"] == 1000  # the logits
     query = jpeg_bytes(photos["coffee"], quality=60, scale=0.5)
     visual = client.post("/v1/search?k=3", files=upload(query)).json()
     semantic = client.post("/v1/search?k=3&similarity=semantic", files=upload(query)).json()

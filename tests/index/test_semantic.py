@@ -15,6 +15,7 @@ import pytest
 from deepfeat.index.build import build_generation, process_rss_bytes
 from deepfeat.index.catalog_db import SCHEMA_VERSION
 from deepfeat.index.errors import InvalidArgumentError, InvalidVectorError, SemanticUnavailableError
+from deepfeat.index.semantic import QUERY_EXPANSION, SemanticIndex
 from deepfeat.index.store import CATALOG_FILE, ImageStore
 from tests.index._helpers import DIM, new_images, unit_vectors
 
@@ -26,9 +27,17 @@ N = 60
 def semantic_top(
     semantic: np.ndarray, queries: np.ndarray, k: int, alive: np.ndarray | None = None
 ) -> list[list[int]]:
-    scores = queries @ semantic.T
-    if alive is not None:
-        scores[:, ~alive] = -np.inf
+    """Brute force of what the store does: alpha-query expansion (each query plus its QUERY_EXPANSION
+    nearest live vectors weighted by similarity, normalised), then the top k."""
+    live = np.ones(len(semantic), dtype=bool) if alive is None else alive
+    first = queries @ semantic.T
+    first[:, ~live] = -np.inf
+    near = np.argsort(-first, axis=1, kind="stable")[:, :QUERY_EXPANSION]
+    weights = np.take_along_axis(first, near, axis=1).clip(min=0)
+    expanded = queries + np.einsum("qn,qnd->qd", weights, semantic[near])
+    expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
+    scores = expanded @ semantic.T
+    scores[:, ~live] = -np.inf
     return [list(map(int, row)) for row in np.argsort(-scores, axis=1, kind="stable")[:, :k]]
 
 
@@ -72,7 +81,8 @@ def test_semantic_search_equals_brute_force(writer: ImageStore, semantic: np.nda
         13,
     ]
     hits = writer.search(queries[:1], 3, similarity="semantic")[0]
-    np.testing.assert_allclose([h.score for h in hits], np.sort(queries[0] @ semantic.T)[::-1][:3], rtol=1e-5)
+    scores = [h.score for h in hits]  # cosines to the expanded query: best first, never above 1
+    assert scores == sorted(scores, reverse=True) and all(-1 <= x <= 1 + 1e-6 for x in scores)
     # Visual search is untouched, and more hits than images just gives fewer.
     assert len(writer.search(unit_vectors(1, seed=3), 5)[0]) == 5
     assert len(writer.search(queries[:1], 1000, similarity="semantic")[0]) == N
@@ -253,3 +263,13 @@ def test_adding_known_content_with_a_semantic_vector_fills_it(open_store: Opener
     writer.add(vectors[:1], new_images(1), semantic=sem[3:4])  # already has one: kept
     reader.refresh()
     assert found(reader, sem[:2], 1) == [[0], [1]] and reader.semantic_index().count == 2
+
+
+def test_without_expansion_the_search_is_plain_cosine(semantic: np.ndarray) -> None:
+    index = SemanticIndex(SDIM)
+    index._add(np.arange(1, N + 1, dtype=np.int64), semantic)
+    queries = unit_vectors(5, SDIM, seed=3)
+    scores, seqs = index.search(queries, 4, expansion=0)
+    expected = np.argsort(-(queries @ semantic.T), axis=1, kind="stable")[:, :4] + 1
+    assert seqs.tolist() == expected.tolist()
+    np.testing.assert_allclose(scores, np.sort(queries @ semantic.T, axis=1)[:, ::-1][:, :4], atol=1e-5)
