@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_REGIONS",
     "DEFAULT_SCALES",
+    "DUPLICATE_THRESHOLD",
     "POOLINGS",
     "RESIZE_MODES",
     "EmbedderConfig",
@@ -30,6 +31,9 @@ __all__ = [
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_SCALES = (1.0, 0.7071, 0.5)
 DEFAULT_REGIONS = 3
+DUPLICATE_THRESHOLD = 0.82
+"""``deepfeat duplicates``' default: chosen by ``deepfeat eval duplicates`` between the scores of true
+copies (JPEG re-saves, small copies) and of distinct photos at the retrieval defaults (docs/quality.md)."""
 Pooling = Literal["avg", "max", "gem", "rmac", "none"]
 POOLINGS = ("avg", "max", "gem", "rmac")
 """Poolings for conv layers (``none`` is what a vector layer records); models/pooling.py implements

@@ -405,7 +405,15 @@ def _args_whiten(p: argparse.ArgumentParser) -> None:
 
 def _args_duplicates(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
-    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    from deepfeat.models.config import DUPLICATE_THRESHOLD
+
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DUPLICATE_THRESHOLD,
+        help=f"cosine similarity of an image's best vector (default {DUPLICATE_THRESHOLD}, measured: re-saves "
+        "and small copies score above it, distinct photos below; 0.9 for exact re-encodes only)",
+    )
     p.add_argument("--neighbours", type=int, default=10, help="neighbours examined per image (default 10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_duplicates)
