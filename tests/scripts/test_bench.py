@@ -48,7 +48,8 @@ def test_end_to_end_configs_do_the_baselines_work() -> None:
     assert all("--layer" in args for label, args in cuda.items() if label.startswith("same work"))
     assert cuda["retrieval defaults, auto precision"] == []
     # the cost of the richer defaults, in the same run: the earlier single-vector, one-scale setting
-    assert cuda["1 scale, no regions (earlier defaults)"] == ["--scales", "1", "--regions", "0"]
+    earlier = cuda["1 vector, 1 scale (earlier defaults)"]
+    assert earlier == ["--scales", "1", "--regions", "0", "--lowpass", "0", "--semantic-layer", "none"]
 
 
 def test_flop_count_matches_the_published_figure() -> None:
