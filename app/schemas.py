@@ -165,7 +165,7 @@ class ReadyResponse(BaseModel):
 class GenerationOut(BaseModel):
     number: int
     factory: str
-    count: int = Field(description="Vectors in the generation")
+    count: int = Field(description="Images in the generation")
     hidden: int = Field(description="Of those, deleted since it was built (filtered out)")
     delta: int = Field(description="Images added since it was built (searched exactly, in memory)")
 

@@ -719,7 +719,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             else {
                 "number": base.info.number,
                 "factory": base.info.factory,
-                "count": base.info.count,
+                "count": base.index.images,  # images (the generation holds vectors_per_image each)
                 "max_seq": base.info.max_seq,
                 "hidden": int(base.hidden.size),
                 "delta": self._vectors.images,
