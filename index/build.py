@@ -30,10 +30,12 @@ refused before anything is written.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import socket
 import time
@@ -52,6 +54,7 @@ from deepfeat.index.choose import estimate_memory_bytes, min_train_vectors
 from deepfeat.index.errors import InvalidArgumentError, MemoryBudgetError, StoreError
 from deepfeat.index.files import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE
 from deepfeat.index.generations import (
+    CLAIM_PREFIX,
     GENERATIONS_DIR,
     OWNER_FILE,
     data_name,
@@ -407,21 +410,30 @@ def _merge_lists(shards: list[tuple[Path, np.ndarray]], out: Path, *, code_size:
 
 
 def _reserve(gen_dir: Path, manifest: Manifest) -> tuple[int, Path]:
-    """Claim the next generation number by creating its build directory (``mkdir`` is atomic)."""
+    """Claim the next generation number: its build directory appears, by an atomic rename, with its
+    owner file already inside, so a build killed at any moment never leaves a directory that looks
+    like a live build's (a bare ``mkdir`` then a write would, for ten minutes)."""
     gen_dir.mkdir(exist_ok=True)
     taken = used_numbers(gen_dir)
     if manifest.generation is not None:
         taken.add(manifest.generation.number)
     number = max(taken, default=0) + 1
+    claim = gen_dir / f"{CLAIM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    claim.mkdir()
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
+    (claim / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
     while True:
         partial = gen_dir / partial_name(number)
         try:
-            partial.mkdir()
-        except FileExistsError:
+            # Fails on a non-empty directory of that name (another build's); replaces an empty one,
+            # which only a build killed right after a bare mkdir (older versions) leaves.
+            os.rename(claim, partial)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                shutil.rmtree(claim, ignore_errors=True)
+                raise
             number += 1
             continue
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
-        (partial / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
         return number, partial
 
 

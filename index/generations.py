@@ -73,6 +73,7 @@ from deepfeat.index.manifest import GenerationInfo
 from deepfeat.index.vectors import VectorIndex
 
 __all__ = [
+    "CLAIM_PREFIX",
     "GENERATIONS_DIR",
     "Generation",
     "data_name",
@@ -89,6 +90,8 @@ logger = logging.getLogger(__name__)
 GENERATIONS_DIR = "generations"
 OWNER_FILE = "owner.json"
 _NAME_RE = re.compile(r"gen-(\d{6,})\.(faiss|ivfdata|partial)")
+CLAIM_PREFIX = ".claim-"
+"""A build's directory while it writes its owner file, before it is renamed to ``gen-N.partial``."""
 _STALE_UNOWNED_S = 600.0  # a .partial without owner.json (crash right after mkdir) is stale after this
 
 
@@ -338,6 +341,11 @@ def remove_unreferenced(gen_dir: Path, keep: Iterable[int]) -> list[str]:
     if not gen_dir.is_dir():
         return removed
     for path in sorted(gen_dir.iterdir()):
+        if path.name.startswith(CLAIM_PREFIX) and path.is_dir():
+            if not _owner_alive(path):  # a build killed between its claim and the rename
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+            continue
         m = _NAME_RE.fullmatch(path.name)
         if m is None or int(m.group(1)) in kept:
             continue

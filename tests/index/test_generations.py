@@ -619,3 +619,29 @@ def _no_stray_faiss_output(capfd: pytest.CaptureFixture[str]) -> Iterator[None]:
     """Nothing a build does prints to stdout (FAISS's own on-disk merge would: "resizing ...")."""
     yield
     assert "resizing" not in capfd.readouterr().out
+
+
+def test_a_claim_left_by_a_killed_build_is_swept(writer: ImageStore) -> None:
+    """A build killed between writing its owner file and renaming its claim to gen-N.partial leaves a
+    .claim- directory; the next publish removes it once its owner is gone, never a live one's."""
+    import json
+    import socket
+
+    from deepfeat.index.generations import CLAIM_PREFIX, OWNER_FILE, remove_unreferenced
+
+    gen_dir = writer.data_dir / GENERATIONS_DIR
+    gen_dir.mkdir(exist_ok=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale, live = (
+        gen_dir / f"{CLAIM_PREFIX}{dead.stdout.strip()}-abcd",
+        gen_dir / f"{CLAIM_PREFIX}{os.getpid()}-ef01",
+    )
+    for path, pid in ((stale, int(dead.stdout)), (live, os.getpid())):
+        path.mkdir()
+        (path / OWNER_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    assert remove_unreferenced(gen_dir, keep=[]) == [stale.name]
+    assert live.exists()
+    info = build(writer.data_dir)  # its own claim became gen-000001.partial, then was published
+    assert info.number == 1 and [p.name for p in gen_dir.glob(f"{CLAIM_PREFIX}*")] == [live.name]
