@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from deepfeat.scripts.cli_common import echo, echo_json, settings_from_args
+from deepfeat.scripts.cli_common import echo, echo_json, existing_manifest, settings_from_args
 
 __all__ = ["add_arguments", "run"]
 
@@ -32,14 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from deepfeat.models.embedder import Embedder
     from deepfeat.models.errors import ImageError
     from deepfeat.models.images import load_image
-    from deepfeat.runtime import embedder_config, image_limits, open_store, read_manifest
+    from deepfeat.runtime import embedder_config, image_limits, open_store
 
     settings = settings_from_args(args)
-    manifest = read_manifest(settings)
+    manifest = existing_manifest(settings)
     if manifest is None:
-        echo(
-            f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first"
-        )
         return 2
     config = embedder_config(settings, manifest)
     if config.semantic_layer is None:

@@ -23,7 +23,13 @@ from pydantic import ValidationError
 
 from deepfeat.index.errors import StoreError
 from deepfeat.models.errors import ModelError
-from deepfeat.scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
+from deepfeat.scripts.cli_common import (
+    add_common_arguments,
+    echo,
+    echo_json,
+    existing_manifest,
+    settings_from_args,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -76,14 +82,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from deepfeat.models.images import load_image
-    from deepfeat.runtime import build_embedder, image_limits, open_store, read_manifest
+    from deepfeat.runtime import build_embedder, image_limits, open_store
 
     settings = settings_from_args(args)
-    manifest = read_manifest(settings)
+    manifest = existing_manifest(settings)
     if manifest is None:
-        echo(
-            f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first"
-        )
         return 2
     embedder = build_embedder(settings, manifest)
     with open_store(settings, embedder, read_only=True) as store:
@@ -222,14 +225,11 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 def _open_existing(args: argparse.Namespace, *, read_only: bool) -> tuple[Any, Any] | None:
     """Embedder + store for a command that needs an existing store (None, after a message, if absent)."""
-    from deepfeat.runtime import build_embedder, open_store, read_manifest
+    from deepfeat.runtime import build_embedder, open_store
 
     settings = settings_from_args(args)
-    manifest = read_manifest(settings)
+    manifest = existing_manifest(settings)
     if manifest is None:
-        echo(
-            f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first"
-        )
         return None
     embedder = build_embedder(settings, manifest)
     return embedder, open_store(settings, embedder, read_only=read_only)

@@ -113,3 +113,16 @@ def echo(text: str = "") -> None:
 
 def echo_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def existing_manifest(settings: Settings) -> Any:
+    """The manifest of the store at ``settings.data_dir``; None, after the one-line error, when there is
+    no store there (every command that works on an existing store says it the same way)."""
+    from deepfeat.runtime import read_manifest
+
+    manifest = read_manifest(settings)
+    if manifest is None:
+        echo(
+            f"error [no_store]: no store in {settings.data_dir}; run `deepfeat index PATH --data-dir DIR` first"
+        )
+    return manifest
