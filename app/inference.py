@@ -53,7 +53,7 @@ class Inference:
         self.batching = batching
         self._direct = threading.Lock()  # one forward pass at a time: each already uses every core
         self._waiting = threading.BoundedSemaphore(max_queue)
-        self._embedder_batcher: MicroBatcher[tuple[torch.Tensor, bool, bool], Vectors] | None = None
+        self._embedder_batcher: MicroBatcher[torch.Tensor, Vectors] | None = None
         self._logits_batcher: MicroBatcher[torch.Tensor, torch.Tensor] | None = None
         if batching:
             # Both batchers gather concurrent requests the same way; they differ in what they run.
@@ -78,28 +78,18 @@ class Inference:
     def _observe(self, n: int) -> None:
         self.metrics.batch_size.observe(n)
 
-    def _vectors(
-        self, tensors: Sequence[torch.Tensor], *, stored: bool, semantic: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n, m, dim) visual vectors, m = vectors_per_image when ``stored`` (an add needs the
-        low-pass and regional ones, and the low-pass one costs a forward pass of its own) else 1 (a
-        search needs the global one only); and (n, d_s) semantic vectors when ``semantic`` and the
-        model has a semantic layer, else None. One forward pass per size and scale."""
-        semantic = semantic and self.embedder.semantic_dim is not None
-        if semantic:
-            visual, sem = self.embedder.embed_tensors(tensors, regions=stored, semantic=True)
-        else:
-            visual, sem = self.embedder.embed_tensors(tensors, regions=stored), None
-        return (visual if stored else visual[:, None]), sem
+    def _vectors(self, tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, m, dim) visual and (n, d_s) semantic vectors (None without a semantic layer), from one
+        forward pass per size and scale."""
+        if self.embedder.semantic_dim is None:
+            return self.embedder.embed_tensors(tensors, regions=True), None
+        return self.embedder.embed_tensors(tensors, regions=True, semantic=True)
 
-    def _embed_batch(self, items: list[tuple[torch.Tensor, bool, bool]]) -> list[Vectors]:
-        # A batch computes what its most demanding request needs: a search sharing a batch with an
-        # add gets the add's extra vectors for free, a batch of searches pays for none of them.
-        tensors = [tensor for tensor, _, _ in items]
-        stored = any(s for _, s, _ in items)
-        semantic = any(m for _, _, m in items)
-        visual, sem = self._timed(lambda: self._vectors(tensors, stored=stored, semantic=semantic))
-        return [(visual[i], None if sem is None else sem[i]) for i in range(len(items))]
+    def _embed_batch(self, tensors: list[torch.Tensor]) -> list[Vectors]:
+        # Regional and semantic vectors come from the same forward pass for a few pooling ops, so
+        # every request gets them and a search and an add (visual or semantic) can share a batch.
+        visual, semantic = self._timed(lambda: self._vectors(tensors))
+        return [(visual[i], None if semantic is None else semantic[i]) for i in range(len(tensors))]
 
     def _logits_batch(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(self._timed(lambda: self.embedder.logits(tensors)))
@@ -123,22 +113,16 @@ class Inference:
             return self.embedder
         return self.embedder.variant(layer=layer, pooling=pooling)
 
-    def vectors(
-        self, images: Sequence[Image.Image], *, stored: bool = True, semantic: bool = True
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """From one forward pass: (n, m, dim) visual vectors, global first (m = vectors_per_image
-        with ``stored``, what the store keeps per image; else 1), and with ``semantic`` the (n, d_s)
-        semantic ones (None when the model has no semantic layer)."""
+    def vectors(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the store keeps per image, from one forward pass: (n, vectors_per_image, dim) visual
+        vectors (global first) and (n, d_s) semantic ones (None when the model has no semantic layer)."""
         tensors = self.embedder.preprocess(images)
         if self._embedder_batcher is None:
-            return self._run_direct(
-                len(images), lambda: self._vectors(tensors, stored=stored, semantic=semantic)
-            )
-        results = self._embedder_batcher.submit_many([(t, stored, semantic) for t in tensors])
-        # (n, m, dim); a search's item may have shared a batch with an add's and got its extra vectors
-        visual = np.stack([r[0] if stored else r[0][:1] for r in results])
-        found = [r[1] for r in results if r[1] is not None]
-        return visual, np.stack(found) if found and len(found) == len(results) else None
+            return self._run_direct(len(images), lambda: self._vectors(tensors))
+        results = self._embedder_batcher.submit_many(tensors)
+        visual = np.stack([r[0] for r in results])  # (n, m, dim)
+        semantic = [r[1] for r in results if r[1] is not None]
+        return visual, np.stack(semantic) if semantic and len(semantic) == len(results) else None
 
     def embed(
         self,
@@ -167,7 +151,7 @@ class Inference:
             )
         if similarity == "semantic" and self.embedder.semantic_dim is None:
             raise InvalidOptionError("the loaded model has no semantic layer (semantic_layer=none)")
-        visual, semantic = self.vectors(images, stored=regions, semantic=similarity == "semantic")
+        visual, semantic = self.vectors(images)
         if similarity == "semantic" and semantic is not None:
             return semantic
         return visual if regions else visual[:, 0]
