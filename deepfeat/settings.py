@@ -52,8 +52,8 @@ class Settings(BaseSettings, EmbedderFields):
         None,
         ge=0,
         le=64,
-        description="Decode worker processes (0 = decode in the main process; default: half the CPUs, "
-        "the other half run the model; all but one when the model runs on CUDA)",
+        description="Decode worker processes (0 = decode in threads of the indexing process, the "
+        "default on CPU; default with CUDA: all CPUs but one, at most 8)",
     )
 
     # --- service ---

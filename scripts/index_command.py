@@ -172,6 +172,12 @@ def echo_summary(summary: IndexSummary, *, total: int, report_path: Path, detail
         f"of {summary.files} files in {summary.seconds:.1f}s ({summary.images_per_s:.1f} images/s embedded"
         f"{detail}); store now holds {total} images"
     )
+    stages = summary.stages
+    if summary.embedded and any(stages.values()):
+        echo(
+            f"time in the loop: waiting for decoded images {stages['decode_wait']:.1f}s, "
+            f"model {stages['model']:.1f}s, store {stages['commit']:.1f}s"
+        )
     if summary.failed:
         echo(f"failures listed in {report_path}")
 

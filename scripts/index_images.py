@@ -1,8 +1,8 @@
-"""Batch indexer: files and folders -> decode in worker processes -> batched embeddings -> the store.
+"""Batch indexer: files and folders -> decode in threads -> batched embeddings -> the store.
 
-A reader -> mapper -> writer pipeline (after clip-retrieval): a torch DataLoader's worker processes
-read, hash, decode (at the size the model needs) and preprocess each file; the main process embeds
-full batches and commits each batch to the store, so a crash loses at most the batch in flight and a
+A reader -> mapper -> writer pipeline (after clip-retrieval): a pool of threads (or, when asked, a
+torch DataLoader's worker processes) reads, hashes, decodes (at the size the model needs) and
+preprocesses each file; the main thread embeds full batches and commits each batch to the store, so a crash loses at most the batch in flight and a
 re-run skips everything already committed without decoding or embedding it again.
 
 Bad files never stop a run: each is logged, counted and written to a JSON-lines report with its
@@ -11,6 +11,7 @@ stable error code and reason.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -18,7 +19,9 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +53,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+STAGES = ("decode_wait", "model", "commit")
+"""Where the indexing loop's main thread spends its time (:attr:`IndexSummary.stages`)."""
 
 
 def iter_image_files(
@@ -202,6 +208,8 @@ class IndexSummary:
     seconds: float = 0.0
     report: str | None = None
     failures: list[dict[str, str]] = field(default_factory=list)
+    # Seconds of the loop's main thread: waiting for decoded batches, in the model, in store.add.
+    stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     @property
     def images_per_s(self) -> float:
@@ -210,6 +218,7 @@ class IndexSummary:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["images_per_s"] = round(self.images_per_s, 2)
+        out["stages"] = {name: round(seconds, 3) for name, seconds in self.stages.items()}
         out.pop("failures")
         return out
 
@@ -222,13 +231,13 @@ def _cpu_count() -> int:
 
 
 def default_workers(device_type: str) -> int:
-    """Decode workers when none are asked for: on CPU half the cores decode and half run the model
-    (the model is the heavier half with DCT-scaled decoding); with CUDA the GPU is the model, so all
-    cores but the one feeding it decode (capped: past ~8, one GPU no longer waits for JPEGs)."""
-    cores = _cpu_count()
+    """Decode worker processes when none are asked for. On CPU none: every core decodes a batch in
+    threads of this process, then every core runs the model on it (see :class:`ThreadLoader`). With
+    CUDA the GPU is the model, so all cores but the one feeding it decode in processes (capped: past
+    ~8, one GPU no longer waits for JPEGs)."""
     if device_type == "cuda":
-        return max(1, min(8, cores - 1))
-    return max(1, cores // 2) if cores > 1 else 0
+        return max(1, min(8, _cpu_count() - 1))
+    return 0
 
 
 def index_paths(
@@ -252,7 +261,7 @@ def index_paths(
         store: an open, writable ImageStore.
         limits: the same image limits the service applies, so a file that indexes is one that searches.
         batch_size: images per forward pass and per store commit.
-        workers: decode worker processes (0 decodes in this process; None: see ``default_workers``).
+        workers: decode worker processes (0: threads of this process decode; None: see ``default_workers``).
         extensions: which files a folder walk picks up.
         report_path: JSON-lines file listing each failed file with its code and reason.
         progress: show a progress bar on stderr.
@@ -281,13 +290,20 @@ def index_paths(
         limits=limits,
         batch_size=batch_size,
         workers=workers,
+        threads=_cpu_count(),
         gpu_decode=gpu_decode,
     )
     report = report_path.open("w", encoding="utf-8") if report_path is not None else None
     bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     try:
         with _model_threads(embedder, workers=workers):
-            for items in loader:
+            batches = iter(loader)
+            while True:
+                waited = time.perf_counter()
+                items = next(batches, None)
+                summary.stages["decode_wait"] += time.perf_counter() - waited
+                if items is None:
+                    break
                 if gpu_decode:
                     _decode_on_gpu(items, embedder=embedder, limits=limits)
                 _tally_skipped(items, summary, report)
@@ -318,9 +334,11 @@ def _loader(
     limits: ImageLimits,
     batch_size: int,
     workers: int,
+    threads: int,
     gpu_decode: bool,
-) -> DataLoader[_Item]:
-    """Batches of prepared files (lists of :class:`_Item`), read and decoded in ``workers`` processes."""
+) -> Iterable[list[_Item]]:
+    """Batches of prepared files (lists of :class:`_Item`): decoded by ``workers`` processes when
+    there are any, else by ``threads`` threads of this process."""
     prepare = functools.partial(
         prepare_file,
         transform=embedder.transform,
@@ -329,6 +347,12 @@ def _loader(
         known_sha256=known_sha256,
         gpu_decode=gpu_decode,
     )
+    if workers == 0:
+        # The next batch decodes while the model runs this one. With a CPU model the decoders run
+        # at idle priority: they take the cores the model leaves idle (between its parallel
+        # regions, during commits) and all of them when the model waits for its batch.
+        cpu = embedder.device.type == "cpu"
+        return ThreadLoader(files, prepare, batch_size=batch_size, threads=threads, ahead=1, idle=cpu)
     return DataLoader(
         _FileDataset(files, prepare),
         batch_size=batch_size,
@@ -339,14 +363,84 @@ def _loader(
     )
 
 
+class ThreadLoader:
+    """Batches of ``prepare(file)`` results in file order, prepared by a pool of threads in this
+    process (Pillow, hashlib and torch release the GIL while they decode, hash and convert).
+
+    ``ahead``: batches prepared while the caller works on the current one (0: the phases
+    alternate, every thread decoding a batch and then the caller's model having every core).
+
+    ``idle``: the threads run at the scheduler's idle priority. A decoder sharing a core on equal
+    terms with an OpenMP team stalls the whole team at each barrier; at idle priority it only gets
+    the cycles the team leaves, so the split of the cores between decoding and the model follows
+    their costs as the run goes, with no fixed share for either (docs/performance.md has the
+    measurements against alternating phases, equal priority and decode processes).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        prepare: Callable[[Path], _Item],
+        *,
+        batch_size: int,
+        threads: int,
+        ahead: int = 0,
+        idle: bool = False,
+    ) -> None:
+        self.files = files
+        self.idle = idle
+        self.prepare = prepare
+        self.batch_size = batch_size
+        self.threads = max(1, threads)
+        self.ahead = max(0, ahead)
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[_Item]]:
+        starts = iter(range(0, len(self.files), self.batch_size))
+        pool = ThreadPoolExecutor(
+            self.threads,
+            thread_name_prefix="deepfeat-decode",
+            initializer=_idle_thread if self.idle else None,
+        )
+        pending: deque[list[Future[_Item]]] = deque()
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                batch = self.files[start : start + self.batch_size]
+                pending.append([pool.submit(self.prepare, path) for path in batch])
+
+        try:
+            for _ in range(self.ahead + 1):
+                submit()
+            while pending:
+                items = [future.result() for future in pending.popleft()]
+                if self.ahead:
+                    submit()
+                yield items
+                if not self.ahead:
+                    submit()
+        finally:
+            # Stopped early (an error, Ctrl-C): drop what has not started; running decodes finish.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _idle_thread() -> None:
+    """Run the calling thread only on cores nothing else wants (Linux ``SCHED_IDLE``, per thread)."""
+    # Not Linux, or not allowed: the thread stays an ordinary one.
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 @contextmanager
 def _model_threads(embedder: Embedder, *, workers: int) -> Iterator[None]:
-    """On CPU with decode workers, fewer torch threads for the run; restored after it."""
+    """On CPU with decode worker processes, fewer torch threads for the run; restored after it."""
     threads = torch.get_num_threads()
     if embedder.device.type == "cpu" and workers > 0:
         # Leave the decode workers their cores: oneDNN's threads spin while they wait, so a model
-        # thread sharing a core with a decoder slows both (measured: 1.5x faster end to end on 2 cores
-        # with one worker and one model thread than with two model threads).
+        # thread sharing a core with a decoder slows both.
         torch.set_num_threads(max(1, _cpu_count() - workers))
     try:
         yield
@@ -374,6 +468,7 @@ def _embed_and_add(
     ok: Sequence[_Item], *, embedder: Embedder, store: ImageStore, summary: IndexSummary
 ) -> None:
     """Embed one batch of decoded files and commit it to the store."""
+    started = time.perf_counter()
     # Tensors may differ in size (full-image mode): the embedder batches equal shapes.
     # (n, vectors_per_image, dim): each image's global vector, then its regional ones
     tensors = [item.tensor for item in ok if item.tensor is not None]
@@ -383,6 +478,8 @@ def _embed_and_add(
         vectors, semantic = embedder.embed_tensors(tensors, regions=True, semantic=True)
     else:
         vectors = embedder.embed_tensors(tensors, regions=True)
+    embedded = time.perf_counter()
+    summary.stages["model"] += embedded - started
     summary.embedded += len(ok)
     results = store.add(
         vectors,
@@ -399,6 +496,7 @@ def _embed_and_add(
         ],
         semantic=semantic,
     )
+    summary.stages["commit"] += time.perf_counter() - embedded
     created = sum(result.created for result in results)
     summary.indexed += created
     # The same content twice in one run: the second copy maps to the first id.
