@@ -318,6 +318,7 @@ _BENCHES = {
     "build": "deepfeat.scripts.bench_build",
     "ray": "deepfeat.scripts.bench_ray",
     "cli": "deepfeat.scripts.bench_cli",
+    "engines": "deepfeat.scripts.bench_engines",
 }
 
 
