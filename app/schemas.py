@@ -49,6 +49,9 @@ class ModelInfo(BaseModel):
     dim: int
     device: str
     precision: str = Field(description="The precision in use (what `auto` resolved to): fp32, bf16 or fp16")
+    backend: str = Field(
+        description="What runs the embedding trunk (what `auto` resolved to): torch or openvino"
+    )
     config: EmbedderConfig = Field(
         description="Every option that defines the vectors, as the store records them"
     )

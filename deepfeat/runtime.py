@@ -66,6 +66,7 @@ def build_embedder(settings: Settings, manifest: Manifest | None = None) -> Embe
         device=settings.device,
         precision=settings.precision,
         compile=settings.compile,
+        backend=settings.backend,
     )
 
 

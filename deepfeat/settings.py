@@ -38,6 +38,11 @@ class Settings(BaseSettings, EmbedderFields):
         description="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16",
     )
     compile: bool = Field(False, description="torch.compile the embedding trunk (batch indexing)")
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        "auto",
+        description="What runs the embedding trunk: auto (the faster one measured for this model and "
+        "CPU class, else torch), torch, or openvino (CPU; pip install 'deepfeat[engines]')",
+    )
     max_pixels: int = Field(
         40_000_000, gt=0, description="Reject images with more pixels (decompression bombs)"
     )

@@ -37,6 +37,7 @@ COMMON_FIELDS = (
     "device",
     "precision",
     "compile",
+    "backend",
     "index_factory",
     "max_pixels",
 )

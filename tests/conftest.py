@@ -81,6 +81,14 @@ def make_rng() -> Callable[[int], np.random.Generator]:
     return np.random.default_rng
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Converted models (the OpenVINO backend) go to a cache of this run, never the user's, in this
+    process and the CLI processes tests start."""
+    import tempfile
+
+    os.environ["DEEPFEAT_CACHE_DIR"] = tempfile.mkdtemp(prefix="deepfeat-test-cache-")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU tests skip cleanly where CUDA is absent (CI never has a GPU)."""
     if torch.cuda.is_available():

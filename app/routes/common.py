@@ -19,6 +19,7 @@ def model_info(embedder: Embedder) -> ModelInfo:
         dim=embedder.dim,
         device=str(embedder.device),
         precision=embedder.precision_in_use,
+        backend=embedder.backend,
         config=embedder.config,
     )
 

@@ -1,0 +1,256 @@
+"""Inference backends for the embedding trunk: PyTorch (everywhere) and OpenVINO (CPU), chosen by
+measurement per CPU class and model.
+
+``deepfeat bench engines`` measures every engine on the trunk with the agreement of its vectors with
+fp32 PyTorch; a backend becomes the ``auto`` choice for a (CPU class, model) only where it was at least
+1.3x faster than PyTorch as deepfeat runs it there (eager, channels-last, ``auto`` precision) and its
+vectors agreed at cosine >= 0.999 (docs/performance.md, "Inference engines"). Everywhere else, and
+whenever OpenVINO is not installed, ``auto`` is PyTorch.
+
+The converted model is cached on disk, keyed by everything that shapes it (the model's fingerprint,
+the nodes it returns, OpenVINO's and torch's versions), so a process converts once per model and
+version, never per run; OpenVINO's own compiled-blob cache sits beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepfeat.models.errors import InvalidOptionError
+
+__all__ = [
+    "BACKENDS",
+    "ADOPTED",
+    "MIXES_WITH_TORCH",
+    "OpenVinoTrunk",
+    "cache_dir",
+    "cpu_class",
+    "mixes_with_torch",
+    "openvino_version",
+    "resolve_backend",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "openvino")
+
+ADOPTED: dict[tuple[str, str], str] = {
+    # resnet50, 224 px, batch 16, bf16: OpenVINO 1.67x eager PyTorch (101.9 against 61.0 img/s),
+    # cosine >= 0.99999 with fp32 PyTorch. efficientnet_lite0 stays on PyTorch there: OpenVINO fp32
+    # agrees but is 1.21x, OpenVINO bf16 is faster but agrees only to cosine 0.984.
+    ("avx512_bf16", "resnet50"): "openvino",
+}
+"""(CPU class, model) -> the backend ``auto`` picks there; absent pairs run PyTorch."""
+
+MIXES_WITH_TORCH: frozenset[tuple[str, str]] = frozenset(
+    {
+        # (model, precision) whose OpenVINO vectors agree with fp32 PyTorch at cosine >= 0.999 on real
+        # photos (min over 64; bench engines): a store takes them beside PyTorch's.
+        ("efficientnet_lite0", "fp32"),
+        ("resnet50", "fp32"),
+        ("resnet50", "bf16"),
+    }
+)
+
+
+def cpu_class() -> str:
+    """The CPU class a measured choice applies to: ``amx``, ``avx512_bf16``, ``avx512``, ``avx2`` or
+    ``other`` (x86 flags from /proc/cpuinfo; anything else is ``other``)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore").split())
+    except OSError:
+        return "other"
+    for name, needs in (
+        ("amx", "amx_bf16"),
+        ("avx512_bf16", "avx512_bf16"),
+        ("avx512", "avx512f"),
+        ("avx2", "avx2"),
+    ):
+        if needs in flags:
+            return name
+    return "other"
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, or None when it is not installed (no import needed)."""
+    try:
+        return importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def resolve_backend(backend: str, *, model: str, device: torch.device) -> str:
+    """What ``backend`` means for this model on this machine: ``torch`` or ``openvino``.
+
+    Raises:
+        InvalidOptionError: an unknown backend, or OpenVINO asked for where it cannot run (a CUDA
+            device, or the package not installed).
+    """
+    if backend not in BACKENDS:
+        raise InvalidOptionError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type != "cpu" or openvino_version() is None:
+            return "torch"
+        return ADOPTED.get((cpu_class(), model), "torch")
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise InvalidOptionError("the openvino backend runs on CPU; use device=cpu or backend=torch")
+        if openvino_version() is None:
+            raise InvalidOptionError(
+                "the openvino backend needs the openvino package: pip install 'deepfeat[engines]'"
+            )
+    return backend
+
+
+def mixes_with_torch(model: str, precision: str) -> bool:
+    """Whether OpenVINO's vectors for ``model`` at ``precision`` may share a store with PyTorch's."""
+    return (model, precision) in MIXES_WITH_TORCH
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``DEEPFEAT_CACHE_DIR``, else ``$XDG_CACHE_HOME/deepfeat``
+    (``~/.cache/deepfeat``)."""
+    explicit = os.environ.get("DEEPFEAT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "deepfeat"
+
+
+class _Outputs(torch.nn.Module):
+    """A trunk returning {node: tensor} as a tuple in ``nodes`` order (what a converter can export)."""
+
+    def __init__(self, trunk: torch.nn.Module, nodes: Sequence[str]) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.nodes = tuple(nodes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.trunk(x)
+        return tuple(out[node] for node in self.nodes)
+
+
+class OpenVinoTrunk:
+    """A trunk run by OpenVINO's CPU plugin: called like the torch trunk it replaces, with a
+    (n, 3, H, W) batch, it returns {node: float32 tensor}. Batch size, height and width are dynamic,
+    so full-image mode's sizes need no reconversion.
+
+    One inference request per calling thread: a request is not safe to share, the compiled model is.
+    """
+
+    def __init__(
+        self,
+        trunk: torch.nn.Module,
+        nodes: Sequence[str],
+        *,
+        key: dict[str, Any],
+        precision: str,
+        threads: int,
+        example: torch.Tensor,
+        cache: Path | None = None,
+    ) -> None:
+        import openvino as ov
+
+        self.nodes = tuple(nodes)
+        self.precision = precision
+        root = cache_dir() if cache is None else cache
+        identity = {**key, "nodes": self.nodes, "openvino": openvino_version(), "torch": torch.__version__}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        folder = root / "openvino" / digest
+        xml = folder / "model.xml"
+        core = ov.Core()
+        if xml.exists():
+            model = core.read_model(str(xml))
+            self.converted = False
+        else:
+            model = self._convert(trunk, example)
+            self._save(model, folder, identity)
+            self.converted = True
+        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, -1, -1])})
+        self._compiled = core.compile_model(
+            model,
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": max(1, threads),
+                "CACHE_DIR": str(root / "openvino" / "blobs"),
+            },
+        )
+        self._local = threading.local()
+
+    @staticmethod
+    def _convert(trunk: torch.nn.Module, example: torch.Tensor) -> Any:
+        import openvino as ov
+
+        # A contiguous fp32 copy: the converter traces the module, and the caller's copy may be
+        # channels-last or on its way to another precision.
+        module = copy.deepcopy(trunk).float().to(memory_format=torch.contiguous_format).eval()
+        with torch.inference_mode(False), torch.no_grad():
+            return ov.convert_model(module, example_input=example.float().contiguous())
+
+    @staticmethod
+    def _save(model: Any, folder: Path, identity: dict[str, Any]) -> None:
+        """Written to a temp folder beside it and renamed, so a crash never leaves half an IR."""
+        import openvino as ov
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            ov.save_model(model, str(tmp / "model.xml"))
+            (tmp / "identity.json").write_text(json.dumps(identity, sort_keys=True, default=str))
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process finished first: theirs is the same model
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        x = np.ascontiguousarray(batch.float().numpy())
+        request.infer({0: x})
+        return {
+            node: torch.from_numpy(np.array(request.get_output_tensor(i).data, copy=True))
+            for i, node in enumerate(self.nodes)
+        }
+
+
+def openvino_trunk(
+    trunk: torch.nn.Module,
+    nodes: Sequence[str],
+    *,
+    key: dict[str, Any],
+    precision: str,
+    example: torch.Tensor,
+    cache: Path | None = None,
+) -> OpenVinoTrunk:
+    """``trunk`` (returning {node: tensor}) converted for OpenVINO's CPU plugin, or read from the cache.
+
+    Args:
+        key: what identifies the weights and the graph (the embedder's fingerprint).
+        precision: ``fp32`` or ``bf16`` (OpenVINO's inference-precision hint).
+        example: one input batch to trace with.
+        cache: the cache root (default :func:`cache_dir`).
+    """
+    return OpenVinoTrunk(
+        _Outputs(trunk, nodes), nodes, key=key, precision=precision,
+        threads=torch.get_num_threads(), example=example, cache=cache,
+    )  # fmt: skip

@@ -1,0 +1,119 @@
+"""The OpenVINO backend: vectors that agree with PyTorch's, a conversion cached once, the measured
+choice of ``auto``, and stores that refuse vectors that would not mix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepfeat.index.errors import IncompatibleIndexError
+from deepfeat.index.store import ImageStore
+from deepfeat.models import backends
+from deepfeat.models.backends import ADOPTED, cpu_class, resolve_backend
+from deepfeat.models.embedder import Embedder
+from deepfeat.models.errors import InvalidOptionError
+
+pytest.importorskip("openvino")
+
+CHEAP = {"resize_mode": "full", "max_side": 256, "scales": (1.0,)}
+"""Full-image mode (sizes vary per image, so the converted model must take any size), regions and
+the semantic logits on (what the store keeps), at a small side to stay fast."""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+@pytest.fixture(scope="module")
+def torch_fp32() -> Embedder:
+    return Embedder("efficientnet_lite0", device="cpu", precision="fp32", backend="torch", **CHEAP)
+
+
+@pytest.fixture(scope="module")
+def ov_fp32(cache: Path) -> Embedder:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPFEAT_CACHE_DIR", str(cache))
+        return Embedder("efficientnet_lite0", device="cpu", precision="fp32", backend="openvino", **CHEAP)
+
+
+def test_openvino_vectors_agree_with_pytorch_on_real_photos(
+    photos: dict[str, Image.Image], torch_fp32: Embedder, ov_fp32: Embedder
+) -> None:
+    assert ov_fp32.backend == "openvino" and torch_fp32.backend == "torch"
+    images = list(photos.values())
+    tensors = torch_fp32.preprocess(images)
+    assert len({tuple(t.shape) for t in tensors}) > 1  # several sizes in one call
+    ref, ref_sem = torch_fp32.embed_tensors(tensors, regions=True, semantic=True)
+    got, got_sem = ov_fp32.embed_tensors(tensors, regions=True, semantic=True)
+    assert got.shape == ref.shape and got_sem.shape == ref_sem.shape
+    assert (got * ref).sum(-1).min() >= 0.999  # every vector of every photo: global, low-pass, regions
+    assert (got_sem * ref_sem).sum(-1).min() >= 0.999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
+    # Mixing is allowed for this pair (measured), so the store sees the same fingerprint.
+    assert ov_fp32.fingerprint == torch_fp32.fingerprint
+
+
+def test_the_conversion_is_cached_and_reused(
+    cache: Path, ov_fp32: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = sorted(p.name for p in (cache / "openvino").iterdir() if p.name != "blobs")
+    assert saved and not any(name.startswith(".") for name in saved)  # no temp folder left
+    monkeypatch.setenv("DEEPFEAT_CACHE_DIR", str(cache))
+    again = Embedder("efficientnet_lite0", device="cpu", precision="fp32", backend="openvino", **CHEAP)
+    assert again._pair is not None and again._pair.converted is False  # type: ignore[union-attr]
+    assert sorted(p.name for p in (cache / "openvino").iterdir() if p.name != "blobs") == saved
+
+
+def test_vectors_that_would_not_mix_are_refused_by_the_store(
+    tmp_path: Path, cache: Path, torch_fp32: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenVINO bf16 lite0 vectors agree with fp32 PyTorch only to cosine ~0.98 (bench engines): a
+    store made with PyTorch refuses them, and one made with them refuses PyTorch's."""
+    monkeypatch.setenv("DEEPFEAT_CACHE_DIR", str(cache))
+    ov_bf16 = Embedder("efficientnet_lite0", device="cpu", precision="bf16", backend="openvino", **CHEAP)
+    assert ov_bf16.fingerprint["numerics"] == "openvino-bf16"
+    ImageStore.open(tmp_path / "a", fingerprint=torch_fp32.fingerprint, dim=torch_fp32.dim).close()
+    with pytest.raises(IncompatibleIndexError, match="numerics"):
+        ImageStore.open(tmp_path / "a", fingerprint=ov_bf16.fingerprint, dim=ov_bf16.dim)
+    ImageStore.open(tmp_path / "b", fingerprint=ov_bf16.fingerprint, dim=ov_bf16.dim).close()
+    with pytest.raises(IncompatibleIndexError, match="numerics"):
+        ImageStore.open(tmp_path / "b", fingerprint=torch_fp32.fingerprint, dim=torch_fp32.dim)
+
+
+def test_auto_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    # The default model: PyTorch on every CPU class measured so far.
+    assert resolve_backend("auto", model="efficientnet_lite0", device=cpu) == "torch"
+    expected = ADOPTED.get((cpu_class(), "resnet50"), "torch")
+    assert resolve_backend("auto", model="resnet50", device=cpu) == expected
+    monkeypatch.setattr(backends, "cpu_class", lambda: "avx512_bf16")
+    assert resolve_backend("auto", model="resnet50", device=cpu) == "openvino"
+    monkeypatch.setattr(backends, "cpu_class", lambda: "avx2")
+    assert resolve_backend("auto", model="resnet50", device=cpu) == "torch"
+    # Never on a GPU, and never without the package.
+    monkeypatch.setattr(backends, "cpu_class", lambda: "avx512_bf16")
+    assert resolve_backend("auto", model="resnet50", device=torch.device("cuda")) == "torch"
+    monkeypatch.setattr(backends, "openvino_version", lambda: None)
+    assert resolve_backend("auto", model="resnet50", device=cpu) == "torch"
+
+
+def test_bad_backend_requests_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(
+        InvalidOptionError, match="unknown backend 'onnx'; choose one of: auto, torch, openvino"
+    ):
+        resolve_backend("onnx", model="resnet50", device=cpu)
+    with pytest.raises(InvalidOptionError, match="runs on CPU"):
+        resolve_backend("openvino", model="resnet50", device=torch.device("cuda"))
+    monkeypatch.setattr(backends, "openvino_version", lambda: None)
+    with pytest.raises(InvalidOptionError, match=r"pip install 'deepfeat\[engines\]'"):
+        resolve_backend("openvino", model="resnet50", device=cpu)
+
+
+def test_cpu_class_reads_the_flags() -> None:
+    assert cpu_class() in ("amx", "avx512_bf16", "avx512", "avx2", "other")
