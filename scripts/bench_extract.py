@@ -188,6 +188,7 @@ def model_throughput(
     channels_last: bool,
     device: str = "cpu",
     compile: bool = False,
+    backend: str = "torch",
     batch: int = 32,
     repeats: int = 5,
 ) -> float:
@@ -201,7 +202,8 @@ def model_throughput(
     # three scales, which would be ~1.75x the work per image).
     emb = Embedder(
         model_name, weights="none", layer=0, device=device, precision=precision,
-        channels_last=channels_last, compile=compile, resize_mode="crop", scales=(1.0,),
+        channels_last=channels_last, compile=compile, backend=backend, resize_mode="crop", scales=(1.0,),
+        regions=0, lowpass=0.0, semantic_layer="none",
     )  # fmt: skip
     x = torch.randn(batch, 3, emb.spec.preprocess.crop, emb.spec.preprocess.crop, device=device)
     emb.embed_tensors(x)
@@ -244,7 +246,10 @@ def _peak_rss_kib(cmd: list[str]) -> int:
     return int(usage.ru_maxrss)
 
 
-MATCHED = ["--layer", "1", "--resize-mode", "crop", "--scales", "1"]
+MATCHED = [
+    "--layer", "1", "--resize-mode", "crop", "--scales", "1",
+    "--regions", "0", "--lowpass", "0", "--semantic-layer", "none",
+]  # fmt: skip
 EARLIER_DEFAULTS = ["--scales", "1", "--regions", "0", "--lowpass", "0", "--semantic-layer", "none"]
 """The retrieval defaults before regional, low-pass and semantic vectors and three scales: one vector
 per image from the whole image at 512 px."""
@@ -322,8 +327,17 @@ def run_end_to_end(
 def end_to_end_configs(device: str, *, with_defaults: bool, compile: bool) -> list[tuple[str, list[str]]]:
     """deepfeat's side: the baseline's own work (MATCHED) at the automatic precision; on CUDA each
     precision with nvJPEG decoding, and bf16 with the decode left to CPU workers for comparison."""
+    from deepfeat.models.backends import openvino_version
+
     if device == "cpu":
-        configs = [("same work, auto precision", [*MATCHED])]
+        configs = [("same work, auto precision, auto backend", [*MATCHED])]
+        if openvino_version() is not None:
+            configs += [
+                (f"same work, auto precision, --backend {b}", [*MATCHED, "--backend", b])
+                for b in ("torch", "openvino")
+            ]
+        # The earlier split of the cores: one decode process, the model on the others.
+        configs.append(("same work, auto, decode in 1 worker process", [*MATCHED, "--workers", "1"]))
         if compile:
             configs.append(("same work, auto precision, --compile", [*MATCHED, "--compile"]))
     else:
@@ -411,33 +425,38 @@ def _device_report(device: str) -> dict[str, Any]:
 
 
 def _model_only(models: list[str], device: str, *, compile: bool) -> dict[str, Any]:
-    """Forward-pass throughput per model and precision against this machine's matmul ceiling."""
+    """Forward-pass throughput per model, backend and precision against this machine's matmul ceiling."""
+    from deepfeat.models.backends import openvino_version
+
     cuda = device.startswith("cuda")
     ceiling = matmul_ceiling(device=device)
     echo("matmul ceiling: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceiling.items()))
     echo()
     # fp32 convolutions use TF32 tensor cores on CUDA by default: hold them to that ceiling.
     ceiling_of = {"fp32": "tf32" if cuda else "fp32", "bf16": "bf16", "fp16": "fp16"}
-    variants: list[tuple[str, bool, bool]] = (
-        [(p, True, False) for p in ("fp32", "bf16", "fp16")] + [("fp32", False, False)]
+    variants: list[tuple[str, bool, bool, str]] = (
+        [(p, True, False, "torch") for p in ("fp32", "bf16", "fp16")] + [("fp32", False, False, "torch")]
         if cuda
-        else [(p, cl, False) for p in ("fp32", "bf16") for cl in (False, True)]
+        else [(p, cl, False, "torch") for p in ("fp32", "bf16") for cl in (False, True)]
     )
     if compile:
-        variants.append(("bf16", True, True))
+        variants.append(("bf16", True, True, "torch"))
+    if not cuda and openvino_version() is not None:
+        variants += [(p, False, False, "openvino") for p in ("fp32", "bf16")]
     batch = 256 if cuda else 32
     rows = []
     for model in models:
         flops = model_flops(model)
-        for precision, channels_last, compiled in variants:
+        for precision, channels_last, compiled, backend in variants:
             ips = model_throughput(
                 model, precision=precision, channels_last=channels_last, device=device,
-                compile=compiled, batch=batch,
+                compile=compiled, backend=backend, batch=batch,
             )  # fmt: skip
             achieved = flops * ips / 1e9
             rows.append(
                 {
                     "model": model,
+                    "backend": backend,
                     "precision": precision,
                     "channels_last": channels_last,
                     "compiled": compiled,

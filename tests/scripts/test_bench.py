@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from deepfeat.models.backends import openvino_version
 from deepfeat.scripts.bench_extract import (
+    MATCHED,
     _write_photos,
     end_to_end_configs,
     make_photo_set,
@@ -38,11 +40,16 @@ def test_photo_set_is_the_same_whichever_process_writes_it(tmp_path: Path) -> No
 
 
 def test_end_to_end_configs_do_the_baselines_work() -> None:
-    cpu = end_to_end_configs("cpu", with_defaults=False, compile=True)
-    assert [label for label, _ in cpu] == [
-        "same work, auto precision",
-        "same work, auto precision, --compile",
-    ]
+    cpu = dict(end_to_end_configs("cpu", with_defaults=False, compile=True))
+    # The naive loop's work exactly: one crop, one scale, the penultimate vector and nothing more.
+    for flags in cpu.values():
+        assert flags[: len(MATCHED)] == MATCHED
+    assert {"--lowpass", "--regions", "--semantic-layer"} <= set(MATCHED)
+    assert cpu["same work, auto precision, auto backend"] == MATCHED
+    assert cpu["same work, auto, decode in 1 worker process"][-2:] == ["--workers", "1"]
+    assert cpu["same work, auto precision, --compile"][-1] == "--compile"
+    if openvino_version() is not None:
+        assert cpu["same work, auto precision, --backend openvino"][-2:] == ["--backend", "openvino"]
     cuda = dict(end_to_end_configs("cuda", with_defaults=True, compile=False))
     assert "--no-gpu-decode" in cuda["same work, bf16, CPU decode"]
     assert all("--layer" in args for label, args in cuda.items() if label.startswith("same work"))
