@@ -73,7 +73,7 @@ def build_embedder(settings: Settings, manifest: Manifest | None = None) -> Embe
 def open_store(settings: Settings, embedder: Embedder, *, read_only: bool = False) -> ImageStore:
     from deepfeat.index.store import ImageStore
 
-    return ImageStore.open(
+    store = ImageStore.open(
         settings.data_dir,
         fingerprint=embedder.fingerprint,
         dim=embedder.dim,
@@ -83,6 +83,9 @@ def open_store(settings: Settings, embedder: Embedder, *, read_only: bool = Fals
         embedder_config=embedder.config.model_dump(mode="json"),
         semantic_dim=embedder.semantic_dim,
     )
+    if not read_only:
+        store.record_writer(embedder.numerics)
+    return store
 
 
 def image_limits(settings: Settings) -> ImageLimits:

@@ -246,6 +246,18 @@ class RelayoutMixin(SyncedIndex):
             self._write_snapshot(whitening_changed=True)
         return desired
 
+    def record_writer(self, info: dict[str, Any]) -> None:
+        """Note in the manifest what computes the vectors this process adds (backend, precision,
+        device: what the fingerprint leaves out where vectors mix); written with the next snapshot.
+
+        Raises:
+            ReadOnlyStoreError: Opened read-only.
+        """
+        self._check_writable("record its writer")
+        with self._sync_lock:
+            extra = {**self._manifest.extra, "written_by": dict(info)}
+            self._manifest = replace(self._manifest, extra=extra)
+
     def set_whitening(self, whitening: Whitening | None) -> None:
         """Apply (or with None remove) a whitening: re-projects every stored vector from the raw ones
         kept in the catalog, then writes the whitening, the snapshot and the manifest.

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,10 @@ class OpenVinoTrunk:
         # A contiguous fp32 copy: the converter traces the module, and the caller's copy may be
         # channels-last or on its way to another precision.
         module = copy.deepcopy(trunk).float().to(memory_format=torch.contiguous_format).eval()
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # The converter traces with torch.jit, which warns of its own deprecation on every call.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return ov.convert_model(module, example_input=example.float().contiguous())
 
     @staticmethod

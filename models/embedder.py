@@ -413,6 +413,13 @@ class Embedder:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._autocast_dtype]
 
     @property
+    def numerics(self) -> dict[str, str]:
+        """How the vectors are computed, beyond what they are: backend, precision in use, device. The
+        fingerprint carries it only where vectors would not mix; a store's manifest notes it always
+        (``written_by``)."""
+        return {"backend": self.backend, "precision": self.precision_in_use, "device": str(self.device)}
+
+    @property
     def fingerprint(self) -> dict[str, Any]:
         """What makes two vectors comparable. Stored in an index's manifest and compared on open
         (see :func:`deepfeat.models.identity.fingerprint_of`)."""
