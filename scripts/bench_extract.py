@@ -293,7 +293,9 @@ def run_end_to_end(
             for n, (label, extra) in enumerate(configs):
                 seconds, printed = _timed_process(
                     deepfeat_command(
-                        "index", str(photos), "--data-dir", str(Path(tmp) / f"data-{n}"), "--model", model,
+                        # The same files as the baseline (the folder may hold more from an earlier run).
+                        "index", "--from-list", str(list_file), "--data-dir", str(Path(tmp) / f"data-{n}"),
+                        "--model", model,
                         "--weights", "none", "--device", device, "--no-progress", *extra,
                     )
                 )  # fmt: skip
