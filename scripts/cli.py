@@ -336,7 +336,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return int(evaluate.main(args.rest))
 
 
+SERVER_OMP_WAIT_POLICY = "PASSIVE"
+"""The server's OpenMP threads sleep as soon as a parallel region ends instead of spinning. Request
+threads preprocess with torch while the batcher thread runs the model, each with its own OpenMP team;
+spinning teams take the cores from each other (measured on 2 cores: 1.33x throughput at 8 clients
+and 1.35x at one, docs/performance.md, "Serving"). Read once, when torch loads: set before it."""
+
+
+def server_environment() -> None:
+    """What the server's process needs set before torch loads (an explicit setting wins)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", SERVER_OMP_WAIT_POLICY)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    server_environment()
     import uvicorn
 
     from deepfeat.app.main import create_app

@@ -243,3 +243,17 @@ def test_add_semantic_to_an_older_store(
     assert code == 0 and "indexed 0, already present 1" in out, out
     code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "--similarity", "semantic", "--json")
     assert len(json.loads(out)["results"]) == len(photos) - 1
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_server_sleeps_its_openmp_threads_unless_told_otherwise(given: str | None, expected: str) -> None:
+    """Set before torch loads (OpenMP reads it once), in a fresh interpreter as `deepfeat serve` is."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = (
+        "import os, sys; from deepfeat.scripts.cli import server_environment; "
+        "assert 'torch' not in sys.modules; server_environment(); print(os.environ['OMP_WAIT_POLICY'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
