@@ -231,12 +231,15 @@ class EmbedderActor:
         fingerprint: dict[str, Any],
         threads: int,
         compile: bool = False,
+        backend: str = "auto",
     ) -> None:
         import torch
 
         if device == "cpu":
             torch.set_num_threads(threads)
-        self.embedder = Embedder(**options, device=device, precision=precision, compile=compile)
+        self.embedder = Embedder(
+            **options, device=device, precision=precision, compile=compile, backend=backend
+        )
         if self.embedder.fingerprint != fingerprint:
             raise InvalidOptionError(
                 f"this worker's embedder {self.embedder.fingerprint} differs from the store's {fingerprint}; "
@@ -525,6 +528,7 @@ def index_paths_ray(
     device: str = "auto",
     precision: str = "fp32",
     compile: bool = False,
+    backend: str = "auto",
     batch_size: int = 32,
     actors: int | None = None,
     actor_cpus: int = 1,
@@ -546,6 +550,7 @@ def index_paths_ray(
         device: auto / cpu / cuda: GPU actors when the cluster has GPUs (auto) or must (cuda).
         precision: the actors' autocast precision.
         compile: ``torch.compile`` each actor's trunk.
+        backend: what runs each actor's trunk (``auto`` resolves on the actor's own machine).
         batch_size: images per forward pass, per actor.
         actors: embedder actors (default: one per GPU, else cluster CPUs / actor_cpus).
         actor_cpus: CPUs each actor reserves (its torch threads on CPU).
@@ -588,7 +593,7 @@ def index_paths_ray(
             ds = _pipeline(
                 ray, todo, embedder=embedder, embedder_options=embedder_options, limits=limits,
                 known=store.known_sha256(with_semantic=store.semantic_dim is not None),
-                plan=plan, precision=precision, compile=compile,
+                plan=plan, precision=precision, compile=compile, backend=backend,
                 batch_size=batch_size, actor_cpus=actor_cpus,
             )  # fmt: skip
             _write_shards(
@@ -627,6 +632,7 @@ def _pipeline(
     plan: _Plan,
     precision: str,
     compile: bool,
+    backend: str,
     batch_size: int,
     actor_cpus: int,
 ) -> Any:
@@ -672,6 +678,7 @@ def _pipeline(
             "fingerprint": embedder.fingerprint,
             "threads": actor_cpus,
             "compile": compile,
+            "backend": backend,
         },
         udf_modifying_row_count=False,
         **plan.resources,
@@ -742,7 +749,15 @@ def run(args: argparse.Namespace, paths: Sequence[str]) -> int:
     settings = settings_from_args(args)
     options = embedder_config(settings).model_dump(mode="json")
     # This process only needs the fingerprint and the preprocessing: the actors do the forward passes.
-    embedder = Embedder(**options, device="cpu", precision="fp32")
+    # "auto" only ever picks a backend whose vectors mix with PyTorch's (same fingerprint), so that
+    # needs no conversion here; a forced backend and precision may change the fingerprint.
+    forced = settings.backend != "auto"
+    embedder = Embedder(
+        **options,
+        device="cpu",
+        precision=settings.precision if forced else "fp32",
+        backend=settings.backend if forced else "torch",
+    )
     report_path = args.report or settings.data_dir / "index-report.jsonl"
     verbose = logging.getLogger().isEnabledFor(logging.INFO)
     with open_store(settings, embedder) as store:
@@ -762,6 +777,7 @@ def run(args: argparse.Namespace, paths: Sequence[str]) -> int:
                 device=settings.device,
                 precision=settings.precision,
                 compile=settings.compile,
+                backend=settings.backend,
                 batch_size=settings.batch_size,
                 actors=args.actors,
                 actor_cpus=args.actor_cpus,

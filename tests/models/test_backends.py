@@ -102,6 +102,14 @@ def test_auto_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend("auto", model="resnet50", device=cpu) == "torch"
 
 
+def test_every_adopted_backend_mixes_with_pytorch_at_the_precision_auto_gives_there() -> None:
+    """So ``auto`` never changes a fingerprint: stores and Ray actors on other machines agree."""
+    for (cpu, model), backend in ADOPTED.items():
+        assert backend == "openvino"
+        precision = "bf16" if cpu in ("amx", "avx512_bf16") else "fp32"
+        assert backends.mixes_with_torch(model, precision), (cpu, model)
+
+
 def test_bad_backend_requests_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     with pytest.raises(
