@@ -144,6 +144,14 @@ class ImageInfo(BaseModel):
     thumbnail_url: str
 
 
+class ImagePage(BaseModel):
+    items: list[ImageInfo] = Field(description="Images in the order they were added")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last one. Stable while images "
+        "are added and deleted: no image is returned twice, none that existed throughout is skipped"
+    )
+
+
 class DeleteResponse(BaseModel):
     id: str
     deleted: bool

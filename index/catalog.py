@@ -424,6 +424,24 @@ class Catalog:
         )
         return self._record(rows[0]) if rows else None
 
+    def seq_of(self, image_id: str) -> int | None:
+        """An image's internal sequence number by public id, or None."""
+        rows = self._db.fetchall("reading an image", "SELECT seq FROM images WHERE id = ?", (image_id,))
+        return int(rows[0][0]) if rows else None
+
+    def page(self, *, after_seq: int, limit: int) -> list[tuple[int, ImageRecord]]:
+        """Up to ``limit`` records with seq > ``after_seq``, in seq order (the primary key: no scan).
+
+        Seqs only grow and are never reused, so paging by the last seq seen never repeats an image
+        and never skips one that existed throughout, whatever is added or deleted between pages.
+        """
+        rows = self._db.fetchall(
+            "listing images",
+            f"SELECT seq, {_RECORD_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?",
+            (int(after_seq), int(limit)),
+        )
+        return [(int(row[0]), self._record(row[1:])) for row in rows]
+
     def get_many_by_seq(self, seqs: Iterable[int]) -> dict[int, ImageRecord]:
         """Records for FAISS hits.
 

@@ -569,6 +569,68 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             results.append(hits)
         return results
 
+    def similar(self, id: str, k: int, *, similarity: str = "visual") -> list[Hit]:
+        """The images most like a stored one, searched with its stored vector (no re-decoding); the
+        image itself is never among the hits.
+
+        Args:
+            id: Public image id.
+            k: Hits wanted, >= 1.
+            similarity: ``visual`` (its global vector against every stored vector) or ``semantic``.
+
+        Returns:
+            Up to ``k`` hits, best first.
+
+        Raises:
+            InvalidIdError, NotFoundError: No such image.
+            SemanticUnavailableError: ``semantic`` on a store without semantic vectors, or for an
+                image stored without one.
+            InvalidArgumentError: Bad ``k`` or ``similarity``.
+        """
+        image_id = _check_id(id)
+        self._check_open()
+        seq = self._catalog.seq_of(image_id)
+        if seq is None:
+            raise NotFoundError(f"no image with id {image_id!r}")
+        if similarity == "semantic":
+            self.semantic_index()  # raises when the store keeps no semantic vectors
+            found = list(self._catalog.semantic_for_seqs([seq]))
+            if not found:
+                raise SemanticUnavailableError(
+                    f"image {image_id!r} has no semantic vector; run `deepfeat add-semantic` to compute it"
+                )
+            query = found[0][1][:1]
+        else:
+            found = list(self._catalog.vectors_for_seqs([seq], global_only=True))
+            if not found:  # deleted between the two reads
+                raise NotFoundError(f"no image with id {image_id!r}")
+            query = found[0][1][:1]
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+            raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
+        hits = self.search(query, int(k) + 1, similarity=similarity)[0]
+        return [hit for hit in hits if hit.id != image_id][: int(k)]
+
+    def list_images(self, *, limit: int, after_seq: int = 0) -> tuple[list[ImageRecord], int | None]:
+        """One page of the catalog in insertion order, and where the next page starts.
+
+        Args:
+            limit: Records per page, >= 1.
+            after_seq: The position returned with the previous page (0: from the start).
+
+        Returns:
+            ``(records, next_after_seq)``; ``next_after_seq`` is None on the last page.
+
+        Raises:
+            InvalidArgumentError: ``limit`` < 1 or a negative ``after_seq``.
+        """
+        self._check_open()
+        if limit < 1 or after_seq < 0:
+            raise InvalidArgumentError(f"limit must be >= 1 and after_seq >= 0, got {limit}, {after_seq}")
+        rows = self._catalog.page(after_seq=after_seq, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [record for _, record in rows], (rows[-1][0] if more else None)
+
     def semantic_index(self) -> SemanticIndex:
         """The semantic index, or :class:`SemanticUnavailableError` saying how to get one."""
         semantic = self._semantic

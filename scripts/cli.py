@@ -84,21 +84,27 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from deepfeat.models.images import load_image
     from deepfeat.runtime import build_embedder, image_limits, open_store
 
+    if (args.image is None) == (args.image_id is None):
+        sys.stderr.write("error [usage]: give a query image or --id ID (one of them)\n")
+        return 2
     settings = settings_from_args(args)
     manifest = existing_manifest(settings)
     if manifest is None:
         return 2
     embedder = build_embedder(settings, manifest)
     with open_store(settings, embedder, read_only=True) as store:
-        if args.similarity == "semantic":
-            store.semantic_index()  # refuse (semantic_unavailable) before decoding and embedding
-        query = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
-        vector = embedder.embed([query.image], similarity=args.similarity)
-        hits = store.search(vector, args.k, similarity=args.similarity)[0]
+        if args.image_id is not None:  # more like this: the stored vector, no decoding
+            hits = store.similar(args.image_id, args.k, similarity=args.similarity)
+        else:
+            if args.similarity == "semantic":
+                store.semantic_index()  # refuse (semantic_unavailable) before decoding and embedding
+            query = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
+            vector = embedder.embed([query.image], similarity=args.similarity)
+            hits = store.search(vector, args.k, similarity=args.similarity)[0]
     if args.json:
         echo_json(
             {
-                "query": args.image,
+                "query": args.image if args.image_id is None else {"id": args.image_id},
                 "results": [
                     {
                         "id": h.id,
@@ -376,7 +382,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _args_search(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
-    p.add_argument("image")
+    p.add_argument("image", nargs="?", help="the query image (or --id)")
+    p.add_argument("--id", dest="image_id", help="search with an indexed image's stored vector instead")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument(
         "--similarity",

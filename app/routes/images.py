@@ -1,14 +1,24 @@
 from __future__ import annotations
 
+import base64
 import json
-from typing import Annotated, Any
+import time
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile
 
 from deepfeat.app.deps import State, read_upload, require_read, require_write
 from deepfeat.app.errors import APIError
 from deepfeat.app.routes.common import image_info
-from deepfeat.app.schemas import AddImageResponse, DeleteResponse, ImageInfo, error_responses
+from deepfeat.app.routes.search import check_k, search_response
+from deepfeat.app.schemas import (
+    AddImageResponse,
+    DeleteResponse,
+    ImageInfo,
+    ImagePage,
+    SearchResponse,
+    error_responses,
+)
 from deepfeat.index.store import NewImage
 from deepfeat.models.images import make_thumbnail
 
@@ -80,6 +90,71 @@ def add_image(
     if not result.created:
         response.status_code = 200
     return AddImageResponse(id=result.id, created=result.created)
+
+
+@router.get(
+    "",
+    response_model=ImagePage,
+    responses=error_responses(401, 422, 503),
+    dependencies=[Depends(require_read)],
+)
+def list_images(
+    state: State,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Images per page")] = 100,
+    cursor: Annotated[
+        str | None, Query(max_length=64, description="`next_cursor` of the previous page")
+    ] = None,
+) -> ImagePage:
+    """Page through the indexed images in the order they were added."""
+    records, next_seq = state.store.list_images(limit=limit, after_seq=_decode_cursor(cursor))
+    return ImagePage(
+        items=[image_info(record) for record in records],
+        next_cursor=None if next_seq is None else _encode_cursor(next_seq),
+    )
+
+
+_CURSOR_PREFIX = "after:"
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> int:
+    """The position a cursor stands for (opaque to clients: it may change form between versions)."""
+    if not cursor:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        if text.startswith(_CURSOR_PREFIX) and text[len(_CURSOR_PREFIX) :].isdigit():
+            return int(text[len(_CURSOR_PREFIX) :])
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise APIError(422, "invalid_cursor", "cursor is not one this server returned as next_cursor")
+
+
+@router.get(
+    "/{image_id}/similar",
+    response_model=SearchResponse,
+    responses=error_responses(401, 404, 409, 422, 503),
+    dependencies=[Depends(require_read)],
+)
+def similar_images(
+    state: State,
+    image_id: ImageId,
+    k: Annotated[
+        int, Query(ge=1, le=10_000, description="Number of results (at most the server's max_k)")
+    ] = 10,
+    min_score: Annotated[
+        float | None, Query(ge=-1, le=1, description="Drop results scoring below this")
+    ] = None,
+    similarity: Annotated[Literal["visual", "semantic"], Query(description="As for /v1/search")] = "visual",
+) -> SearchResponse:
+    """More like this: search with an indexed image's stored vector; the image itself is not returned."""
+    started = time.perf_counter()
+    check_k(state, k)
+    hits = state.store.similar(image_id, k, similarity=similarity)
+    return search_response(state, hits, min_score=min_score, started=started)
 
 
 @router.get(

@@ -6,8 +6,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from deepfeat.app.deps import State, read_upload, require_read
+from deepfeat.app.errors import APIError
 from deepfeat.app.routes.common import model_info, thumbnail_url
 from deepfeat.app.schemas import SearchHit, SearchResponse, error_responses
+from deepfeat.index.store import Hit
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
 
@@ -20,7 +22,13 @@ router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_
 def search(
     state: State,
     file: Annotated[UploadFile, File(description="The query image")],
-    k: Annotated[int, Query(ge=1, le=10_000, description="Number of results")] = 10,
+    k: Annotated[
+        int, Query(ge=1, le=10_000, description="Number of results (at most the server's max_k)")
+    ] = 10,
+    min_score: Annotated[
+        float | None,
+        Query(ge=-1, le=1, description='Drop results scoring below this ("no match" is an empty list)'),
+    ] = None,
     similarity: Annotated[
         Literal["visual", "semantic"],
         Query(
@@ -32,12 +40,29 @@ def search(
 ) -> SearchResponse:
     """Find the indexed images most similar to the uploaded one (cosine similarity, best first)."""
     started = time.perf_counter()
-    k = min(k, state.settings.max_k)
+    check_k(state, k)
     if similarity == "semantic":
         state.store.semantic_index()  # refuse before decoding and a forward pass
     image = read_upload(state, file)
     vector = state.inference.embed([image.image], similarity=similarity)
     hits = state.store.search(vector, k, similarity=similarity)[0]
+    return search_response(state, hits, min_score=min_score, started=started)
+
+
+def check_k(state: State, k: int) -> None:
+    """More results than the server allows is an error that names the limit, never a silent cut."""
+    if k > state.settings.max_k:
+        raise APIError(
+            422,
+            "k_too_large",
+            f"k={k} is above this server's limit of {state.settings.max_k} (DEEPFEAT_MAX_K)",
+        )
+
+
+def search_response(
+    state: State, hits: list[Hit], *, min_score: float | None, started: float
+) -> SearchResponse:
+    """Hits (best first) as the search routes answer them, cut at ``min_score``."""
     return SearchResponse(
         results=[
             SearchHit(
@@ -48,6 +73,7 @@ def search(
                 thumbnail_url=thumbnail_url(hit.id),
             )
             for hit in hits
+            if min_score is None or hit.score >= min_score
         ],
         model=model_info(state.inference.embedder),
         took_ms=round((time.perf_counter() - started) * 1000, 2),

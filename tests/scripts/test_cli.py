@@ -55,6 +55,17 @@ def test_index_search_classify(
     code, out, _ = run(capsys, "search", str(query), "-k", "1", "--data-dir", data)
     assert code == 0 and "rocket.jpg" in out
 
+    # More like this by id: the stored vector, the image itself left out.
+    rocket_id = body["results"][0]["id"]
+    code, out, _ = run(capsys, "search", "--id", rocket_id, "-k", "3", "--data-dir", data, "--json")
+    similar = json.loads(out)
+    assert code == 0 and similar["query"] == {"id": rocket_id} and len(similar["results"]) == 3
+    assert rocket_id not in [r["id"] for r in similar["results"]]
+    code, _, err = run(capsys, "search", "--id", "0" * 32, "--data-dir", data)
+    assert code == 2 and err.startswith("error [not_found]")
+    code, _, err = run(capsys, "search", str(query), "--id", rocket_id, "--data-dir", data)
+    assert code == 2 and err.startswith("error [usage]")
+
     cat = tmp_path / "cat.jpg"
     cat.write_bytes(jpeg_bytes(photos["chelsea"]))
     code, out, _ = run(capsys, "classify", str(cat), "-k", "3", "--json")
