@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
 from deepfeat.app.deps import AppState, Runtime
+from deepfeat.app.docs import install_docs
 from deepfeat.app.errors import install_error_handlers
 from deepfeat.app.inference import Inference
 from deepfeat.app.metrics import Metrics, MetricsMiddleware
@@ -109,9 +110,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Search images by image, classify them, and get their deep CNN features.",
         lifespan=lifespan,
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": 64 * 1024},
+        docs_url=None,  # served by install_docs, from local assets
+        redoc_url=None,  # ReDoc's script would come from a CDN
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.deepfeat = state
     install_error_handlers(app)
+    install_docs(app)
     for module in (search, classify, classifiers, embed, images, health):
         app.include_router(module.router)
 

@@ -242,3 +242,27 @@ def test_phone_width_fits_without_horizontal_scroll(
     overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the page scrolls sideways by {overflow}px at phone width"
     _screenshot(page, tmp_path / "page-phone.png", "/tmp/deepfeat-page-phone.png")
+
+
+def test_api_docs_render_with_the_network_blocked(page: Any, server: dict[str, Any]) -> None:
+    """/docs loads Swagger UI from the service itself: every request leaving loopback is refused, and
+    the operations still render."""
+    from playwright.sync_api import expect
+
+    base = server["base"]
+    outside: list[str] = []
+
+    def only_loopback(route: Any) -> None:
+        if route.request.url.startswith(base):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.goto(f"{base}/docs")
+    expect(page.locator(".opblock-summary-path", has_text="/v1/search").first).to_be_visible()
+    expect(
+        page.locator(".opblock-summary-path", has_text="/v1/images/{image_id}/similar").first
+    ).to_be_visible()
+    assert outside == []
