@@ -263,7 +263,8 @@ def test_the_server_sleeps_its_openmp_threads_unless_told_otherwise(given: str |
     if given is not None:
         env["OMP_WAIT_POLICY"] = given
     code = (
-        "import os, sys; from deepfeat.scripts.cli import server_environment; "
+        "import os, sys; from deepfeat.scripts.cli import server_environment, _cap_malloc_arenas; "
+        "assert _cap_malloc_arenas(2); "
         "assert 'torch' not in sys.modules; server_environment(); print(os.environ['OMP_WAIT_POLICY'])"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
