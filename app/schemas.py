@@ -142,6 +142,9 @@ class ImageInfo(BaseModel):
     metadata: dict[str, Any]
     added_at: float
     thumbnail_url: str
+    vector: list[float] | None = Field(
+        None, description="The stored global vector (unit L2 norm), only with `include=vector`"
+    )
 
 
 class ImagePage(BaseModel):

@@ -610,6 +610,21 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         hits = self.search(query, int(k) + 1, similarity=similarity)[0]
         return [hit for hit in hits if hit.id != image_id][: int(k)]
 
+    def vector(self, id: str) -> np.ndarray:
+        """An image's stored global vector, (dim,) float32, as the embedder computed it (before any
+        whitening the store applies at search time).
+
+        Raises:
+            InvalidIdError, NotFoundError: No such image.
+        """
+        image_id = _check_id(id)
+        self._check_open()
+        seq = self._catalog.seq_of(image_id)
+        found = [] if seq is None else list(self._catalog.vectors_for_seqs([seq], global_only=True))
+        if not found:
+            raise NotFoundError(f"no image with id {image_id!r}")
+        return found[0][1][0]
+
     def list_images(self, *, limit: int, after_seq: int = 0) -> tuple[list[ImageRecord], int | None]:
         """One page of the catalog in insertion order, and where the next page starts.
 

@@ -95,6 +95,7 @@ def add_image(
 @router.get(
     "",
     response_model=ImagePage,
+    response_model_exclude_unset=True,  # no "vector": null in every item
     responses=error_responses(401, 422, 503),
     dependencies=[Depends(require_read)],
 )
@@ -160,12 +161,22 @@ def similar_images(
 @router.get(
     "/{image_id}",
     response_model=ImageInfo,
+    response_model_exclude_unset=True,  # "vector" only when asked for
     responses=error_responses(401, 404, 422, 503),
     dependencies=[Depends(require_read)],
 )
-def get_image(state: State, image_id: ImageId) -> ImageInfo:
-    """What the store knows about one image."""
-    return image_info(state.store.get(image_id))
+def get_image(
+    state: State,
+    image_id: ImageId,
+    include: Annotated[
+        Literal["vector"] | None, Query(description="`vector`: add the stored global vector")
+    ] = None,
+) -> ImageInfo:
+    """What the store knows about one image (with `include=vector`, its stored vector too)."""
+    info = image_info(state.store.get(image_id))
+    if include == "vector":
+        info.vector = state.store.vector(image_id).tolist()
+    return info
 
 
 @router.get(

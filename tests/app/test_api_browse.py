@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -94,6 +95,7 @@ def test_listing_pages_through_everything_once(client: TestClient, indexed: dict
             break
     assert seen == list(indexed.values())  # insertion order, each once
     first = client.get("/v1/images?limit=1").json()["items"][0]
+    assert "vector" not in first
     assert first["metadata"] == {"name": next(iter(indexed))} and first["thumbnail_url"].endswith(
         "/thumbnail"
     )
@@ -130,3 +132,19 @@ def test_bad_cursor_and_limit_are_422(client: TestClient, cursor: str) -> None:
 def test_bad_limit_is_422(client: TestClient) -> None:
     _error(client.get("/v1/images?limit=0"), 422, "invalid_request")
     _error(client.get("/v1/images?limit=1001"), 422, "invalid_request")
+
+
+def test_get_image_with_its_vector(
+    client: TestClient, indexed: dict[str, str], photos: dict[str, Image.Image]
+) -> None:
+    plain = client.get(f"/v1/images/{indexed['rocket']}").json()
+    assert "vector" not in plain and plain["source"] == "rocket.jpg"
+    full = client.get(f"/v1/images/{indexed['rocket']}?include=vector").json()
+    vector = np.array(full["vector"], dtype=np.float32)
+    assert {k: v for k, v in full.items() if k != "vector"} == plain
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+    # The very vector /v1/embed computes for the same upload at the store's layer.
+    embedded = np.array(client.post("/v1/embed", files=upload(photos["rocket"])).json()["vector"])
+    assert float(vector @ embedded) > 0.999
+    _error(client.get(f"/v1/images/{indexed['rocket']}?include=thumbnail"), 422, "invalid_request")
+    _error(client.get(f"/v1/images/{'0' * 32}?include=vector"), 404, "not_found")
