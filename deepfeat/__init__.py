@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 __all__ = [
+    "Client",
+    "DeepfeatAPIError",
     "Embedder",
     "EmbedderConfig",
     "ImageLimits",
@@ -32,6 +34,8 @@ __all__ = [
 ]
 
 _LAZY = {
+    "Client": "deepfeat.client",
+    "DeepfeatAPIError": "deepfeat.client",
     "Embedder": "deepfeat.models.embedder",
     "EmbedderConfig": "deepfeat.models.config",
     "ImageLimits": "deepfeat.models.images",
@@ -47,6 +51,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from deepfeat.client import Client, DeepfeatAPIError
     from deepfeat.index.errors import IncompatibleIndexError, StoreError
     from deepfeat.index.store import ImageStore, NewImage
     from deepfeat.models.config import EmbedderConfig

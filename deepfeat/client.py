@@ -1,0 +1,290 @@
+"""A Python client for the deepfeat HTTP API, on httpx.
+
+It needs only httpx, not torch or the server's stack, so it runs anywhere a script talks to a
+deepfeat service:
+
+>>> from deepfeat import Client
+>>> with Client("http://127.0.0.1:8000", api_key="...") as client:
+...     added = client.add("cat.jpg", source="cats/1.jpg", metadata={"album": "2024"})
+...     hits = client.search("query.jpg", k=5).results
+...     more = client.similar(added.id, k=5, min_score=0.5)
+
+Every API error is raised as :class:`DeepfeatAPIError` carrying the API's stable ``code``. A 503
+``overloaded`` (or ``not_ready``) answer is retried after its ``Retry-After``, up to ``retries`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+__all__ = [
+    "AddResult",
+    "Client",
+    "DeepfeatAPIError",
+    "Embedding",
+    "Hit",
+    "ImageInfo",
+    "ImagePage",
+    "Prediction",
+    "SearchResult",
+]
+
+Image = str | Path | bytes | IO[bytes]
+"""A file path, the file's bytes, or an open binary file."""
+
+_RETRIED_CODES = ("overloaded", "not_ready")
+
+
+class DeepfeatAPIError(Exception):
+    """An error answer of the API: ``status`` (HTTP), ``code`` (stable, for programs), ``detail``."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    source: str | None
+    metadata: dict[str, Any]
+    thumbnail_url: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    results: list[Hit]
+    model: dict[str, Any]
+    took_ms: float
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    sha256: str
+    source: str | None
+    width: int | None
+    height: int | None
+    nbytes: int | None
+    metadata: dict[str, Any]
+    added_at: float
+    thumbnail_url: str
+    vector: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class ImagePage:
+    items: list[ImageInfo]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class AddResult:
+    id: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    class_index: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class Embedding:
+    vector: list[float]
+    dim: int
+    layer: str
+    pooling: str
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+def _image_info(data: dict[str, Any]) -> ImageInfo:
+    return ImageInfo(**{k: data.get(k) for k in ImageInfo.__dataclass_fields__})  # type: ignore[arg-type]
+
+
+def _search_result(data: dict[str, Any]) -> SearchResult:
+    return SearchResult(
+        results=[Hit(**hit) for hit in data["results"]], model=data["model"], took_ms=data["took_ms"]
+    )
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+class Client:
+    """Args:
+    base_url: the service, e.g. ``http://127.0.0.1:8000``.
+    api_key: sent as ``X-API-Key`` (the write key also reads).
+    timeout: seconds per request.
+    retries: times a 503 ``overloaded``/``not_ready`` answer is retried after its ``Retry-After``.
+    transport: an httpx transport (tests, proxies).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = 3,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.retries = retries
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def _request(self, method: str, url: str, *, image: Image | None = None, **kwargs: Any) -> httpx.Response:
+        content = None if image is None else _read(image)
+        for attempt in range(self.retries + 1):
+            if content is not None:  # a fresh multipart body per attempt
+                kwargs["files"] = {"file": ("image", content, "application/octet-stream")}
+            response = self._http.request(method, url, **kwargs)
+            if response.is_success:
+                return response
+            error = _error(response)
+            if error.code in _RETRIED_CODES and attempt < self.retries:
+                time.sleep(_retry_after(response))
+                continue
+            raise error
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, url: str, **kwargs: Any) -> Any:
+        return self._request(method, url, **kwargs).json()
+
+    # -- search ----------------------------------------------------------------------------------
+
+    def search(
+        self, image: Image, *, k: int = 10, similarity: str = "visual", min_score: float | None = None
+    ) -> SearchResult:
+        """``POST /v1/search``: the indexed images most similar to ``image``, best first."""
+        params = _params(k=k, similarity=similarity, min_score=min_score)
+        return _search_result(self._json("POST", "/v1/search", image=image, params=params))
+
+    def similar(
+        self, image_id: str, *, k: int = 10, similarity: str = "visual", min_score: float | None = None
+    ) -> SearchResult:
+        """``GET /v1/images/{id}/similar``: more like an indexed image (itself left out)."""
+        params = _params(k=k, similarity=similarity, min_score=min_score)
+        return _search_result(self._json("GET", f"/v1/images/{image_id}/similar", params=params))
+
+    def classify(self, image: Image, *, k: int = 5, classifier: str | None = None) -> list[Prediction]:
+        """``POST /v1/classify``: the top-k classes (ImageNet, ``knn`` or a trained head)."""
+        data = self._json("POST", "/v1/classify", image=image, params=_params(k=k, classifier=classifier))
+        return [Prediction(**p) for p in data["predictions"]]
+
+    def embed(self, image: Image, *, layer: str | None = None, pooling: str | None = None) -> Embedding:
+        """``POST /v1/embed``: the image's features at the store's layer, or another one."""
+        data = self._json("POST", "/v1/embed", image=image, params=_params(layer=layer, pooling=pooling))
+        return Embedding(
+            vector=data["vector"], dim=data["dim"], layer=data["layer"], pooling=data["pooling"],
+            model=data.get("model", {}),
+        )  # fmt: skip
+
+    # -- images ----------------------------------------------------------------------------------
+
+    def add(
+        self, image: Image, *, source: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> AddResult:
+        """``POST /v1/images``: index an image (``created`` False when the content was already there)."""
+        form = _params(source=source, metadata=None if metadata is None else json.dumps(metadata))
+        return AddResult(**self._json("POST", "/v1/images", image=image, data=form))
+
+    def get(self, image_id: str, *, include_vector: bool = False) -> ImageInfo:
+        """``GET /v1/images/{id}``, with its stored vector when asked."""
+        params = {"include": "vector"} if include_vector else None
+        return _image_info(self._json("GET", f"/v1/images/{image_id}", params=params))
+
+    def thumbnail(self, image_id: str) -> bytes:
+        """``GET /v1/images/{id}/thumbnail``: JPEG bytes."""
+        return self._request("GET", f"/v1/images/{image_id}/thumbnail").content
+
+    def delete(self, image_id: str) -> None:
+        """``DELETE /v1/images/{id}``."""
+        self._request("DELETE", f"/v1/images/{image_id}")
+
+    def list_images(self, *, limit: int = 100, cursor: str | None = None) -> ImagePage:
+        """``GET /v1/images``: one page in insertion order."""
+        data = self._json("GET", "/v1/images", params=_params(limit=limit, cursor=cursor))
+        return ImagePage(items=[_image_info(i) for i in data["items"]], next_cursor=data["next_cursor"])
+
+    def iter_images(self, *, page_size: int = 100) -> Iterator[ImageInfo]:
+        """Every indexed image, page by page (stable while others add and delete)."""
+        cursor: str | None = None
+        while True:
+            page = self.list_images(limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    # -- service ---------------------------------------------------------------------------------
+
+    def classifiers(self) -> dict[str, Any]:
+        """``GET /v1/classifiers``: ``default``, ``classifiers`` and the ``refused`` heads."""
+        return dict(self._json("GET", "/v1/classifiers"))
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /v1/stats``."""
+        return dict(self._json("GET", "/v1/stats"))
+
+    def ready(self) -> dict[str, Any]:
+        """``GET /ready``: the readiness report, whether ready (200) or not (503), never retried."""
+        response = self._http.get("/ready")
+        if response.status_code not in (200, 503):
+            raise _error(response)
+        return dict(response.json())
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``."""
+        return dict(self._json("GET", "/health"))
+
+    def metrics(self) -> str:
+        """``GET /metrics``: Prometheus text."""
+        return self._request("GET", "/metrics").text
+
+
+def _read(image: Image) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, str | Path):
+        return Path(image).read_bytes()
+    return image.read()
+
+
+def _error(response: httpx.Response) -> DeepfeatAPIError:
+    try:
+        body = response.json()
+        return DeepfeatAPIError(response.status_code, str(body["code"]), str(body["detail"]))
+    except (ValueError, KeyError, TypeError):
+        return DeepfeatAPIError(response.status_code, "http_error", response.text[:500])
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return min(30.0, max(0.0, float(response.headers.get("Retry-After", "1"))))
+    except ValueError:
+        return 1.0
