@@ -148,3 +148,18 @@ def test_get_image_with_its_vector(
     assert float(vector @ embedded) > 0.999
     _error(client.get(f"/v1/images/{indexed['rocket']}?include=thumbnail"), 422, "invalid_request")
     _error(client.get(f"/v1/images/{'0' * 32}?include=vector"), 404, "not_found")
+
+
+def test_similar_by_semantic_vector(client: TestClient, indexed: dict[str, str]) -> None:
+    hits = client.get(f"/v1/images/{indexed['chelsea']}/similar?k=3&similarity=semantic").json()["results"]
+    assert len(hits) == 3 and indexed["chelsea"] not in [h["id"] for h in hits]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_similar_semantic_on_a_store_without_semantic_vectors_is_409(
+    make_client: MakeClient, photos: dict[str, Image.Image]
+) -> None:
+    client = make_client(semantic_layer="none")
+    image_id = client.post("/v1/images", files=upload(photos["coffee"])).json()["id"]
+    _error(client.get(f"/v1/images/{image_id}/similar?similarity=semantic"), 409, "semantic_unavailable")
+    assert client.get(f"/v1/images/{image_id}/similar").json()["results"] == []  # nothing else indexed
