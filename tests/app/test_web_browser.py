@@ -266,3 +266,51 @@ def test_api_docs_render_with_the_network_blocked(page: Any, server: dict[str, A
         page.locator(".opblock-summary-path", has_text="/v1/images/{image_id}/similar").first
     ).to_be_visible()
     assert outside == []
+
+
+def test_result_details_and_search_with_this(
+    page: Any, server: dict[str, Any], photo_files: dict[str, Path]
+) -> None:
+    """Click a result: its larger view, id and metadata; "Search with this" runs more-like-this. A long
+    source keeps its file name visible, shortened in the middle."""
+    from playwright.sync_api import expect
+
+    long_source = "archive/2024/summer-holidays/camera-roll/day-03/beach/IMG_20240703_1542.jpg"
+    rotated = io.BytesIO()
+    with Image.open(photo_files["coffee.jpg"]) as img:
+        img.transpose(Image.Transpose.ROTATE_90).save(rotated, "JPEG", quality=90)
+    with httpx.Client(base_url=server["base"], headers={"X-API-Key": API_KEY}, timeout=30) as http:
+        added = http.post(
+            "/v1/images",
+            files={"file": ("beach.jpg", rotated.getvalue(), "image/jpeg")},
+            data={"source": long_source, "metadata": '{"album": "summer"}'},
+        ).json()["id"]
+    try:
+        page.goto(server["base"] + "/")
+        page.get_by_test_id("file-input").set_input_files(str(photo_files["coffee.jpg"]))
+        cards = page.get_by_test_id("results-grid").get_by_test_id("result-card")
+        expect(cards).to_have_count(6)
+        expect(page.get_by_test_id("score-legend")).to_contain_text("0.80")
+        card = page.locator(f"[data-testid=result-card][data-id='{added}']")
+        source = card.get_by_test_id("result-source")
+        expect(source).to_have_attribute("title", long_source)
+        shown = source.inner_text()
+        assert "…" in shown and shown.endswith("/IMG_20240703_1542.jpg") and len(shown) < len(long_source)
+
+        card.click()
+        dialog = page.get_by_test_id("detail")
+        expect(dialog).to_be_visible()
+        expect(page.get_by_test_id("detail-id")).to_have_text(added)
+        expect(page.get_by_test_id("detail-source")).to_have_text(long_source)
+        expect(page.get_by_test_id("detail-meta")).to_contain_text('"album": "summer"')
+
+        with page.expect_response(lambda r: f"/v1/images/{added}/similar" in r.url and r.status == 200):
+            page.get_by_test_id("search-with-this").click()
+        expect(dialog).to_be_hidden()
+        expect(cards).to_have_count(5)  # every other image, the one searched with left out
+        assert added not in [c.get_attribute("data-id") for c in cards.all()]
+        expect(cards.first).to_have_attribute("data-id", server["ids"]["coffee.jpg"])  # its original
+        expect(page.get_by_test_id("error")).to_be_hidden()
+    finally:
+        with httpx.Client(base_url=server["base"], headers={"X-API-Key": API_KEY}, timeout=30) as http:
+            assert http.delete(f"/v1/images/{added}").status_code == 200
