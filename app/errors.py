@@ -16,7 +16,14 @@ from deepfeat.index import errors as store_errors
 from deepfeat.models import errors as model_errors
 from deepfeat.models.heads import errors as head_errors
 
-__all__ = ["APIError", "install_error_handlers", "error_response", "STATUS_BY_ERROR", "HEADERS_BY_ERROR"]
+__all__ = [
+    "APIError",
+    "install_error_handlers",
+    "error_response",
+    "status_of",
+    "STATUS_BY_ERROR",
+    "HEADERS_BY_ERROR",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,16 @@ _CODE_BY_STATUS = {
     422: "invalid_request",
     503: "not_ready",
 }
+
+
+def status_of(exc: Exception) -> int:
+    """The HTTP status a domain error answers with (batch items carry it per item)."""
+    if isinstance(exc, StarletteHTTPException):
+        return exc.status_code
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    raise exc
 
 
 def error_response(

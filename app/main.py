@@ -23,7 +23,7 @@ from deepfeat.app.errors import install_error_handlers
 from deepfeat.app.inference import Inference
 from deepfeat.app.metrics import Metrics, MetricsMiddleware
 from deepfeat.app.middleware import BodyLimitMiddleware
-from deepfeat.app.routes import classifiers, classify, embed, health, images, search
+from deepfeat.app.routes import batch, classifiers, classify, embed, health, images, search
 from deepfeat.classifiers import CLASSIFIERS_DIR, ClassifierRegistry
 from deepfeat.index.errors import StoreError
 from deepfeat.models.errors import ModelError
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.deepfeat = state
     install_error_handlers(app)
     install_docs(app)
-    for module in (search, classify, classifiers, embed, images, health):
+    for module in (batch, search, classify, classifiers, embed, images, health):
         app.include_router(module.router)
 
     page = resources.files("deepfeat.app").joinpath("web", "index.html").read_text(encoding="utf-8")

@@ -155,6 +155,17 @@ class ImagePage(BaseModel):
     )
 
 
+class BatchItem(BaseModel):
+    status: int = Field(description="The single route's status for this image (200/201, or 4xx)")
+    result: dict[str, Any] | None = Field(None, description="The single route's response (2xx)")
+    code: str | None = Field(None, description="The error code (4xx)")
+    detail: str | None = Field(None, description="The error message (4xx)")
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItem] = Field(description="One item per uploaded file, in upload order")
+
+
 class DeleteResponse(BaseModel):
     id: str
     deleted: bool

@@ -26,6 +26,7 @@ import httpx
 
 __all__ = [
     "AddResult",
+    "BatchItem",
     "Client",
     "DeepfeatAPIError",
     "Embedding",
@@ -102,6 +103,21 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class BatchItem:
+    """One file of a batch: ``status`` and the single route's ``result`` (2xx), or ``code`` and
+    ``detail`` (4xx)."""
+
+    status: int
+    result: Any = None
+    code: str | None = None
+    detail: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
 class Embedding:
     vector: list[float]
     dim: int
@@ -157,11 +173,23 @@ class Client:
 
     # -- transport -------------------------------------------------------------------------------
 
-    def _request(self, method: str, url: str, *, image: Image | None = None, **kwargs: Any) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        image: Image | None = None,
+        images: list[Image] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         content = None if image is None else _read(image)
+        many = None if images is None else [_read(i) for i in images]
         for attempt in range(self.retries + 1):
             if content is not None:  # a fresh multipart body per attempt
                 kwargs["files"] = {"file": ("image", content, "application/octet-stream")}
+            if many is not None:
+                kwargs["files"] = [("files", (_name(img, n), data, "application/octet-stream"))
+                                   for n, (img, data) in enumerate(zip(images or [], many, strict=True))]  # fmt: skip
             response = self._http.request(method, url, **kwargs)
             if response.is_success:
                 return response
@@ -203,6 +231,37 @@ class Client:
             vector=data["vector"], dim=data["dim"], layer=data["layer"], pooling=data["pooling"],
             model=data.get("model", {}),
         )  # fmt: skip
+
+    # -- batches: one item per image, in order; a bad image fails alone ---------------------------
+
+    def _batch(self, url: str, images: list[Image], **kwargs: Any) -> list[BatchItem]:
+        data = self._json("POST", url, images=images, **kwargs)
+        return [BatchItem(**item) for item in data["items"]]
+
+    def search_batch(
+        self, images: list[Image], *, k: int = 10, similarity: str = "visual", min_score: float | None = None
+    ) -> list[BatchItem]:
+        """``POST /v1/search/batch``: each item's ``result`` is a /v1/search response (a dict)."""
+        return self._batch(
+            "/v1/search/batch", images, params=_params(k=k, similarity=similarity, min_score=min_score)
+        )
+
+    def embed_batch(
+        self, images: list[Image], *, layer: str | None = None, pooling: str | None = None
+    ) -> list[BatchItem]:
+        """``POST /v1/embed/batch``."""
+        return self._batch("/v1/embed/batch", images, params=_params(layer=layer, pooling=pooling))
+
+    def classify_batch(
+        self, images: list[Image], *, k: int = 5, classifier: str | None = None
+    ) -> list[BatchItem]:
+        """``POST /v1/classify/batch``."""
+        return self._batch("/v1/classify/batch", images, params=_params(k=k, classifier=classifier))
+
+    def add_batch(self, images: list[Image], *, metadata: dict[str, Any] | None = None) -> list[BatchItem]:
+        """``POST /v1/images/batch``: each file's name (a path's) becomes its source."""
+        form = _params(metadata=None if metadata is None else json.dumps(metadata))
+        return self._batch("/v1/images/batch", images, data=form)
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -273,6 +332,12 @@ def _read(image: Image) -> bytes:
     if isinstance(image, str | Path):
         return Path(image).read_bytes()
     return image.read()
+
+
+def _name(image: Image, n: int) -> str:
+    """The file name sent with an image (a path's or an open file's; else ``image-N``)."""
+    name = str(image) if isinstance(image, str | Path) else getattr(image, "name", None)
+    return Path(name).name if isinstance(name, str) and name else f"image-{n}"
 
 
 def _error(response: httpx.Response) -> DeepfeatAPIError:

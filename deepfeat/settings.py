@@ -70,6 +70,9 @@ class Settings(BaseSettings, EmbedderFields):
         20 * 1024 * 1024, ge=1024, description="Largest request body (the whole multipart upload)"
     )
     max_k: int = Field(100, ge=1, le=10_000, description="Most results one search may ask for")
+    max_batch_files: int = Field(
+        32, ge=1, le=256, description="Most images one request to a /batch route may carry"
+    )
     body_timeout_s: float | None = Field(
         60.0, gt=0, description="Seconds the whole request body may take; slower uploads get 408"
     )

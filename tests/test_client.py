@@ -68,6 +68,17 @@ def test_every_route(base_url: str, photos: dict[str, Image.Image], tmp_path: Pa
         assert client.stats()["count"] == 4
         assert "deepfeat_requests_total" in client.metrics()
 
+        batch = client.search_batch([cat, b"not an image", jpeg_bytes(photos["rocket"])], k=1)
+        assert [i.status for i in batch] == [200, 415, 200] and batch[1].code == "unsupported_format"
+        assert batch[0].ok and batch[0].result["results"][0]["id"] == ids["chelsea"]
+        assert [i.status for i in client.embed_batch([cat])] == [200]
+        assert client.classify_batch([cat], k=1)[0].result["predictions"][0]["class_index"] in (281, 282, 285)
+        astro = tmp_path / "astronaut.jpg"
+        astro.write_bytes(jpeg_bytes(photos["astronaut"]))
+        added_batch = client.add_batch([astro, cat], metadata={"album": "b"})
+        assert [(i.status, i.result["created"]) for i in added_batch] == [(201, True), (200, False)]
+        assert client.get(added_batch[0].result["id"]).source == "astronaut.jpg"
+
         client.delete(ids["hopper"])
         with pytest.raises(DeepfeatAPIError) as err:
             client.get(ids["hopper"])

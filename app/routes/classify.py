@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
+from PIL import Image
 
 from deepfeat.app.deps import State, read_upload, require_read
 from deepfeat.app.routes.common import model_info, thumbnail_url
@@ -33,28 +34,41 @@ def classify(
     ] = DEFAULT_CLASSIFIER,
 ) -> ClassifyResponse:
     """Top-k classes of the uploaded image: ImageNet's, kNN over labelled images, or a trained head's."""
-    neighbours = None
+    if classifier not in (DEFAULT_CLASSIFIER, "knn"):
+        state.classifiers.get(classifier)  # before decoding: an unknown name costs nothing
+    image = read_upload(state, file)
+    return classify_images(state, [image.image], k=k, classifier=classifier)[0]
+
+
+def classify_images(
+    state: State, images: list[Image.Image], *, k: int, classifier: str
+) -> list[ClassifyResponse]:
+    """The classify route's answer for each image; ImageNet and heads in one forward pass for all."""
+    neighbours: list[list[NeighbourOut] | None] = [None] * len(images)
     if classifier == DEFAULT_CLASSIFIER:
-        image = read_upload(state, file)
-        predictions: list[Prediction] = state.inference.classify([image.image], k=k)[0]
+        predictions: list[list[Prediction]] = state.inference.classify(images, k=k)
     elif classifier == "knn":
-        image = read_upload(state, file)
-        vector = state.inference.embed([image.image])
-        predictions, voters = knn_classify(state.store, vector, k=k)
-        neighbours = [
-            NeighbourOut(id=n.id, score=n.score, label=n.label, thumbnail_url=thumbnail_url(n.id))
-            for n in voters
-        ]
+        vectors = state.inference.embed(images)
+        predictions = []
+        for i in range(len(images)):
+            voted, voters = knn_classify(state.store, vectors[i : i + 1], k=k)
+            predictions.append(voted)
+            neighbours[i] = [
+                NeighbourOut(id=n.id, score=n.score, label=n.label, thumbnail_url=thumbnail_url(n.id))
+                for n in voters
+            ]
     else:
-        head = state.classifiers.get(classifier)  # before decoding: an unknown name costs nothing
-        image = read_upload(state, file)
-        predictions = head.predict([image.image], embed=state.inference.embed, k=k)[0]
-    return ClassifyResponse(
-        predictions=[
-            PredictionOut(label=p.label, class_index=p.class_index, probability=p.probability)
-            for p in predictions
-        ],
-        model=model_info(state.inference.embedder),
-        classifier=classifier,
-        neighbours=neighbours,
-    )
+        head = state.classifiers.get(classifier)
+        predictions = head.predict(images, embed=state.inference.embed, k=k)
+    return [
+        ClassifyResponse(
+            predictions=[
+                PredictionOut(label=p.label, class_index=p.class_index, probability=p.probability)
+                for p in preds
+            ],
+            model=model_info(state.inference.embedder),
+            classifier=classifier,
+            neighbours=near,
+        )
+        for preds, near in zip(predictions, neighbours, strict=True)
+    ]
