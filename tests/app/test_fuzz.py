@@ -63,7 +63,18 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @SETTINGS
 def test_every_operation(case: Any, base_url: str) -> None:
     with_key(case)
-    case.call_and_validate(base_url=base_url, checks=CHECKS)
+    case.call_and_validate(base_url=base_url, checks=checks_for(case))
+
+
+BATCH_CHECKS = [check for check in CHECKS if check is not oa.negative_data_rejection]
+
+
+def checks_for(case: Any) -> list[Any]:
+    """A batch route answers a bad file inside its 200, as that file's item (status, code), by
+    contract; a "type-violating" file part is only bytes in multipart, so the rejection check cannot
+    apply there. tests/app/test_batch.py asserts each bad file's item code instead. Every other check
+    still runs on the batch routes."""
+    return BATCH_CHECKS if case.path.endswith("/batch") else CHECKS
 
 
 def with_key(case: Any) -> None:
