@@ -182,14 +182,14 @@ class Client:
         images: list[Image] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        content = None if image is None else _read(image)
-        many = None if images is None else [_read(i) for i in images]
+        if image is not None:
+            kwargs["files"] = {"file": ("image", _read(image), "application/octet-stream")}
+        if images is not None:
+            kwargs["files"] = [
+                ("files", (_name(img, n), _read(img), "application/octet-stream"))
+                for n, img in enumerate(images)
+            ]
         for attempt in range(self.retries + 1):
-            if content is not None:  # a fresh multipart body per attempt
-                kwargs["files"] = {"file": ("image", content, "application/octet-stream")}
-            if many is not None:
-                kwargs["files"] = [("files", (_name(img, n), data, "application/octet-stream"))
-                                   for n, (img, data) in enumerate(zip(images or [], many, strict=True))]  # fmt: skip
             response = self._http.request(method, url, **kwargs)
             if response.is_success:
                 return response

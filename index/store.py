@@ -66,6 +66,7 @@ from deepfeat.index.opening import LoadedIndex, adopt_semantic, open_store
 from deepfeat.index.relayout import RelayoutMixin
 from deepfeat.index.replica import ReplicaMixin
 from deepfeat.index.semantic import SemanticIndex
+from deepfeat.index.vectors import check_k
 
 __all__ = [
     "CATALOG_FILE",
@@ -542,13 +543,12 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             SemanticUnavailableError: ``semantic`` on a store without semantic vectors.
         """
         self._check_open()
-        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
-            raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
+        k = check_k(k)
         if similarity == "visual":
             q = self._check_vectors(queries, "queries")
-            scores, ids = self._search_images(q, int(k))  # (m, k') each, k' <= k
+            scores, ids = self._search_images(q, k)  # (m, k') each, k' <= k
         elif similarity == "semantic":
-            scores, ids = self._search_semantic(queries, int(k))
+            scores, ids = self._search_semantic(queries, k)
         else:
             raise InvalidArgumentError(
                 f"unknown similarity {similarity!r}; choose one of: {', '.join(SIMILARITIES)}"
@@ -589,26 +589,13 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         """
         image_id = _check_id(id)
         self._check_open()
-        seq = self._catalog.seq_of(image_id)
-        if seq is None:
-            raise NotFoundError(f"no image with id {image_id!r}")
+        seq = self._seq_of(image_id)
         if similarity == "semantic":
             self.semantic_index()  # raises when the store keeps no semantic vectors
-            found = list(self._catalog.semantic_for_seqs([seq]))
-            if not found:
-                raise SemanticUnavailableError(
-                    f"image {image_id!r} has no semantic vector; run `deepfeat add-semantic` to compute it"
-                )
-            query = found[0][1][:1]
-        else:
-            found = list(self._catalog.vectors_for_seqs([seq], global_only=True))
-            if not found:  # deleted between the two reads
-                raise NotFoundError(f"no image with id {image_id!r}")
-            query = found[0][1][:1]
-        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
-            raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
-        hits = self.search(query, int(k) + 1, similarity=similarity)[0]
-        return [hit for hit in hits if hit.id != image_id][: int(k)]
+        query = self._stored_vector(image_id, seq, semantic=similarity == "semantic")
+        k = check_k(k)
+        hits = self.search(query[None], k + 1, similarity=similarity)[0]
+        return [hit for hit in hits if hit.id != image_id][:k]
 
     def vector(self, id: str) -> np.ndarray:
         """An image's stored global vector, (dim,) float32, as the embedder computed it (before any
@@ -619,11 +606,28 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         """
         image_id = _check_id(id)
         self._check_open()
+        return self._stored_vector(image_id, self._seq_of(image_id))
+
+    def _seq_of(self, image_id: str) -> int:
         seq = self._catalog.seq_of(image_id)
-        found = [] if seq is None else list(self._catalog.vectors_for_seqs([seq], global_only=True))
-        if not found:
+        if seq is None:
             raise NotFoundError(f"no image with id {image_id!r}")
-        return found[0][1][0]
+        return seq
+
+    def _stored_vector(self, image_id: str, seq: int, *, semantic: bool = False) -> np.ndarray:
+        """The catalog's global (or semantic) vector of an image, (d,) float32."""
+        if semantic:
+            rows = self._catalog.semantic_for_seqs([seq])
+        else:
+            rows = self._catalog.vectors_for_seqs([seq], global_only=True)
+        found = next(iter(rows), None)
+        if found is not None:
+            return found[1][0]
+        if semantic:
+            raise SemanticUnavailableError(
+                f"image {image_id!r} has no semantic vector; run `deepfeat add-semantic` to compute it"
+            )
+        raise NotFoundError(f"no image with id {image_id!r}")  # deleted between the two reads
 
     def list_images(self, *, limit: int, after_seq: int = 0) -> tuple[list[ImageRecord], int | None]:
         """One page of the catalog in insertion order, and where the next page starts.

@@ -93,6 +93,13 @@ def _ivf_of(index: Any) -> Any | None:
     return None
 
 
+def check_k(k: object) -> int:
+    """``k`` as an int, or InvalidArgumentError unless it is an integer >= 1 (a bool is not)."""
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+        raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
 class VectorIndex:
     """FAISS index + explicit int64 ids, inner-product metric.
 
@@ -406,9 +413,7 @@ class VectorIndex:
             InvalidArgumentError: ``k`` < 1.
         """
         q = self._check_vectors(queries, "queries")
-        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
-            raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
-        k_eff = min(int(k), self.ntotal)
+        k_eff = min(check_k(k), self.ntotal)
         if q.shape[0] == 0 or k_eff == 0:
             m = q.shape[0]
             return np.empty((m, k_eff), dtype=np.float32), np.empty((m, k_eff), dtype=np.int64)

@@ -15,6 +15,7 @@ version, never per run; OpenVINO's own compiled-blob cache sits beside it.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -40,6 +41,7 @@ __all__ = [
     "OpenVinoTrunk",
     "cache_dir",
     "cpu_class",
+    "cpu_flags",
     "mixes_with_torch",
     "openvino_version",
     "resolve_backend",
@@ -68,13 +70,19 @@ MIXES_WITH_TORCH: frozenset[tuple[str, str]] = frozenset(
 )
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read), read once."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore").split())
+    except OSError:
+        return frozenset()
+
+
 def cpu_class() -> str:
     """The CPU class a measured choice applies to: ``amx``, ``avx512_bf16``, ``avx512``, ``avx2`` or
     ``other`` (x86 flags from /proc/cpuinfo; anything else is ``other``)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore").split())
-    except OSError:
-        return "other"
+    flags = cpu_flags()
     for name, needs in (
         ("amx", "amx_bf16"),
         ("avx512_bf16", "avx512_bf16"),
@@ -167,7 +175,6 @@ class OpenVinoTrunk:
         import openvino as ov
 
         self.nodes = tuple(nodes)
-        self.precision = precision
         root = cache_dir() if cache is None else cache
         identity = {**key, "nodes": self.nodes, "openvino": openvino_version(), "torch": torch.__version__}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]

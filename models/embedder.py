@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -25,7 +24,13 @@ from PIL import Image
 from pydantic import ValidationError
 from torchvision.transforms import v2 as T
 
-from deepfeat.models.backends import OpenVinoTrunk, mixes_with_torch, openvino_trunk, resolve_backend
+from deepfeat.models.backends import (
+    OpenVinoTrunk,
+    cpu_flags,
+    mixes_with_torch,
+    openvino_trunk,
+    resolve_backend,
+)
 from deepfeat.models.config import POOLINGS, RESIZE_MODES, EmbedderConfig
 from deepfeat.models.errors import InvalidOptionError, UnknownPoolingError, WeightsUnavailableError
 from deepfeat.models.identity import FINGERPRINT_VERSION, fingerprint_of, resolve
@@ -90,11 +95,7 @@ def cpu_has_native_bf16() -> bool:
     bf16 but emulates it, which is slower than fp32, so "supported" is not enough.)"""
     if not torch.backends.mkldnn.is_available():
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -308,7 +309,7 @@ class Embedder:
         variants) stays on PyTorch."""
         side = self.spec.preprocess.crop
         example = torch.zeros(1, 3, side, side)
-        key = {"fingerprint": self.fingerprint, "weights": self.weights_identity}
+        key = {"fingerprint": self.fingerprint}  # it names the weights, the layer and every option
         precision = self.precision_in_use
         single = self._single
         if single is not None:

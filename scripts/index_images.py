@@ -2,8 +2,9 @@
 
 A reader -> mapper -> writer pipeline (after clip-retrieval): a pool of threads (or, when asked, a
 torch DataLoader's worker processes) reads, hashes, decodes (at the size the model needs) and
-preprocesses each file; the main thread embeds full batches and commits each batch to the store, so a crash loses at most the batch in flight and a
-re-run skips everything already committed without decoding or embedding it again.
+preprocesses each file; the main thread embeds full batches and commits each batch to the store, so
+a crash loses at most the batch in flight and a re-run skips everything already committed without
+decoding or embedding it again.
 
 Bad files never stop a run: each is logged, counted and written to a JSON-lines report with its
 stable error code and reason.
@@ -231,9 +232,9 @@ def _cpu_count() -> int:
 
 
 def default_workers(device_type: str) -> int:
-    """Decode worker processes when none are asked for. On CPU none: every core decodes a batch in
-    threads of this process, then every core runs the model on it (see :class:`ThreadLoader`). With
-    CUDA the GPU is the model, so all cores but the one feeding it decode in processes (capped: past
+    """Decode worker processes when none are asked for. On CPU none: threads of this process decode
+    the next batch at idle priority while the model, with every core, runs this one (see
+    :class:`ThreadLoader`). With CUDA the GPU is the model, so all cores but the one feeding it decode in processes (capped: past
     ~8, one GPU no longer waits for JPEGs)."""
     if device_type == "cuda":
         return max(1, min(8, _cpu_count() - 1))
@@ -290,7 +291,6 @@ def index_paths(
         limits=limits,
         batch_size=batch_size,
         workers=workers,
-        threads=_cpu_count(),
         gpu_decode=gpu_decode,
     )
     report = report_path.open("w", encoding="utf-8") if report_path is not None else None
@@ -334,11 +334,10 @@ def _loader(
     limits: ImageLimits,
     batch_size: int,
     workers: int,
-    threads: int,
     gpu_decode: bool,
 ) -> Iterable[list[_Item]]:
     """Batches of prepared files (lists of :class:`_Item`): decoded by ``workers`` processes when
-    there are any, else by ``threads`` threads of this process."""
+    there are any, else by a thread per core in this process."""
     prepare = functools.partial(
         prepare_file,
         transform=embedder.transform,
@@ -352,7 +351,7 @@ def _loader(
         # at idle priority: they take the cores the model leaves idle (between its parallel
         # regions, during commits) and all of them when the model waits for its batch.
         cpu = embedder.device.type == "cpu"
-        return ThreadLoader(files, prepare, batch_size=batch_size, threads=threads, ahead=1, idle=cpu)
+        return ThreadLoader(files, prepare, batch_size=batch_size, threads=_cpu_count(), ahead=1, idle=cpu)
     return DataLoader(
         _FileDataset(files, prepare),
         batch_size=batch_size,

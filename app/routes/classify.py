@@ -34,10 +34,15 @@ def classify(
     ] = DEFAULT_CLASSIFIER,
 ) -> ClassifyResponse:
     """Top-k classes of the uploaded image: ImageNet's, kNN over labelled images, or a trained head's."""
-    if classifier not in (DEFAULT_CLASSIFIER, "knn"):
-        state.classifiers.get(classifier)  # before decoding: an unknown name costs nothing
+    check_classifier(state, classifier)
     image = read_upload(state, file)
     return classify_images(state, [image.image], k=k, classifier=classifier)[0]
+
+
+def check_classifier(state: State, classifier: str) -> None:
+    """Refuse an unknown classifier before any upload is decoded: an unknown name costs nothing."""
+    if classifier not in (DEFAULT_CLASSIFIER, "knn"):
+        state.classifiers.get(classifier)
 
 
 def classify_images(

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, Uploa
 from deepfeat.app.deps import State, read_upload, require_read, require_write
 from deepfeat.app.errors import APIError
 from deepfeat.app.routes.common import image_info
-from deepfeat.app.routes.search import check_k, search_response
+from deepfeat.app.routes.search import K, MinScore, SimilarityParam, check_k, search_response
 from deepfeat.app.schemas import (
     AddImageResponse,
     DeleteResponse,
@@ -20,7 +20,7 @@ from deepfeat.app.schemas import (
     error_responses,
 )
 from deepfeat.index.store import NewImage
-from deepfeat.models.images import make_thumbnail
+from deepfeat.models.images import LoadedImage, make_thumbnail
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -64,32 +64,45 @@ def add_image(
 ) -> AddImageResponse:
     """Index an image; 201 when new, 200 with created=false when the same content is already indexed."""
     meta = _parse_metadata(metadata)
-    image = read_upload(state, file)
-    existing = state.store.find_existing([image.sha256])
-    if image.sha256 in existing:
-        response.status_code = 200
-        return AddImageResponse(id=existing[image.sha256], created=False)
-    vector, semantic = state.inference.vectors([image.image])  # (1, m, dim), (1, d_s) or None
-    if state.store.semantic_dim is None:
-        semantic = None  # a store opened without semantic vectors keeps none
-    result = state.store.add(
-        vector,
-        [
-            NewImage(
-                sha256=image.sha256,
-                source=source,
-                width=image.upright_size[0],
-                height=image.upright_size[1],
-                nbytes=image.nbytes,
-                metadata=meta,
-                thumbnail=make_thumbnail(image.image),
-            )
-        ],
-        semantic=semantic,
-    )[0]
+    result = add_images(state, [read_upload(state, file)], sources=[source], metadata=meta)[0]
     if not result.created:
         response.status_code = 200
-    return AddImageResponse(id=result.id, created=result.created)
+    return result
+
+
+def add_images(
+    state: State, images: list[LoadedImage], *, sources: list[str | None], metadata: dict[str, Any]
+) -> list[AddImageResponse]:
+    """Add decoded uploads (content already indexed answers with its id and created=false); the new
+    ones go through the model in one call."""
+    existing = state.store.find_existing([image.sha256 for image in images])
+    new = [i for i, image in enumerate(images) if image.sha256 not in existing]
+    out = [AddImageResponse(id=existing.get(image.sha256, ""), created=False) for image in images]
+    if not new:
+        return out
+    # (n, m, dim) visual and (n, d_s) semantic vectors (None without a semantic layer)
+    vectors, semantic = state.inference.vectors([images[i].image for i in new])
+    if state.store.semantic_dim is None:
+        semantic = None  # a store opened without semantic vectors keeps none
+    results = state.store.add(
+        vectors,
+        [
+            NewImage(
+                sha256=images[i].sha256,
+                source=sources[i],
+                width=images[i].upright_size[0],
+                height=images[i].upright_size[1],
+                nbytes=images[i].nbytes,
+                metadata=metadata,
+                thumbnail=make_thumbnail(images[i].image),
+            )
+            for i in new
+        ],
+        semantic=semantic,
+    )
+    for i, result in zip(new, results, strict=True):
+        out[i] = AddImageResponse(id=result.id, created=result.created)
+    return out
 
 
 @router.get(
@@ -143,13 +156,9 @@ def _decode_cursor(cursor: str | None) -> int:
 def similar_images(
     state: State,
     image_id: ImageId,
-    k: Annotated[
-        int, Query(ge=1, le=10_000, description="Number of results (at most the server's max_k)")
-    ] = 10,
-    min_score: Annotated[
-        float | None, Query(ge=-1, le=1, description="Drop results scoring below this")
-    ] = None,
-    similarity: Annotated[Literal["visual", "semantic"], Query(description="As for /v1/search")] = "visual",
+    k: K = 10,
+    min_score: MinScore = None,
+    similarity: SimilarityParam = "visual",
 ) -> SearchResponse:
     """More like this: search with an indexed image's stored vector; the image itself is not returned."""
     started = time.perf_counter()

@@ -13,6 +13,21 @@ from deepfeat.index.store import Hit
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
 
+# The query parameters every search route takes (upload, batch, more-like-this).
+K = Annotated[int, Query(ge=1, le=10_000, description="Number of results (at most the server's max_k)")]
+MinScore = Annotated[
+    float | None,
+    Query(ge=-1, le=1, description='Drop results scoring below this ("no match" is an empty list)'),
+]
+SimilarityParam = Annotated[
+    Literal["visual", "semantic"],
+    Query(
+        description="visual: the same scene or object (copies, crops, near-duplicates); semantic: "
+        "the same kind of content (the model's penultimate vector); 409 semantic_unavailable on a "
+        "store without semantic vectors"
+    ),
+]
+
 
 @router.post(
     "/search",
@@ -22,21 +37,9 @@ router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_
 def search(
     state: State,
     file: Annotated[UploadFile, File(description="The query image")],
-    k: Annotated[
-        int, Query(ge=1, le=10_000, description="Number of results (at most the server's max_k)")
-    ] = 10,
-    min_score: Annotated[
-        float | None,
-        Query(ge=-1, le=1, description='Drop results scoring below this ("no match" is an empty list)'),
-    ] = None,
-    similarity: Annotated[
-        Literal["visual", "semantic"],
-        Query(
-            description="visual: the same scene or object (copies, crops, near-duplicates); semantic: "
-            "the same kind of content (the model's penultimate vector); 409 semantic_unavailable on a "
-            "store without semantic vectors"
-        ),
-    ] = "visual",
+    k: K = 10,
+    min_score: MinScore = None,
+    similarity: SimilarityParam = "visual",
 ) -> SearchResponse:
     """Find the indexed images most similar to the uploaded one (cosine similarity, best first)."""
     started = time.perf_counter()

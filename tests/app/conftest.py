@@ -59,3 +59,11 @@ def upload(
 ) -> dict[str, Any]:
     data = image if isinstance(image, bytes) else jpeg_bytes(image)
     return {"file": (name, data, content_type)}
+
+
+def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
+    """An error answer with this status and stable code, and a message for people."""
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    body: dict[str, Any] = resp.json()
+    assert body["code"] == code and body["detail"], body
+    return body

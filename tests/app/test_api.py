@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.app.conftest import MakeClient, upload
+from tests.app.conftest import expect_error as _error
 from tests.conftest import jpeg_bytes
 
 
@@ -18,13 +19,6 @@ def _add(client: TestClient, image: Image.Image | bytes, source: str, **extra: s
     resp = client.post("/v1/images", files=upload(image), data={"source": source, **extra})
     assert resp.status_code in (200, 201), resp.text
     return resp.json()
-
-
-def _error(resp, status: int, code: str) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.text)
-    body = resp.json()
-    assert body["code"] == code and body["detail"], body
-    return body
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.app.conftest import MakeClient, upload
+from tests.app.conftest import expect_error as _error
 from tests.conftest import jpeg_bytes
-
-
-def _error(resp, status: int, code: str) -> dict:  # type: ignore[no-untyped-def]
-    assert resp.status_code == status, (resp.status_code, resp.text)
-    body = resp.json()
-    assert body["code"] == code and body["detail"], body
-    return body
 
 
 @pytest.fixture(scope="module")
