@@ -153,6 +153,20 @@ class _Outputs(torch.nn.Module):
         return tuple(out[node] for node in self.nodes)
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The process's one OpenVINO ``Core``, never released.
+
+    Each Core's CPU plugin swaps the calling thread's signal stack for one of its own (for AMX) and
+    swaps the previous one back when it is destroyed. Cores destroyed out of creation order leave
+    the thread on an unmapped signal stack, and the next signal delivered to it (a SIGCHLD from a
+    decode worker, say) kills the process. One Core for the whole process never unwinds.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoTrunk:
     """A trunk run by OpenVINO's CPU plugin: called like the torch trunk it replaces, with a
     (n, 3, H, W) batch, it returns {node: float32 tensor}. Batch size, height and width are dynamic,
@@ -180,7 +194,7 @@ class OpenVinoTrunk:
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
         folder = root / "openvino" / digest
         xml = folder / "model.xml"
-        core = ov.Core()
+        core = openvino_core()
         if xml.exists():
             model = core.read_model(str(xml))
             self.converted = False

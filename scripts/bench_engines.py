@@ -523,8 +523,10 @@ def _ov_model(ctx: Context) -> tuple[Any, bool, str]:
     """The fp32 OpenVINO model: converted from the torch module (cached as IR)."""
     import openvino as ov
 
+    from deepfeat.models.backends import openvino_core
+
     path = ctx.path("fp32", "ov", _version("openvino"), "torch", _version("torch"), suffix=".xml")
-    core = ov.Core()
+    core = openvino_core()
     if path.exists():
         return core.read_model(str(path)), True, "cached IR"
     with _quiet():
@@ -541,6 +543,8 @@ def build_openvino(ctx: Context, precision: str) -> Engine:
     import openvino as ov
     import torch
 
+    from deepfeat.models.backends import openvino_core
+
     started = time.perf_counter()
     model, cached, note = _ov_model(ctx)
     hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision]
@@ -555,7 +559,7 @@ def build_openvino(ctx: Context, precision: str) -> Engine:
         )  # fmt: skip
         cached = qpath.exists()
         if cached:
-            model = ov.Core().read_model(str(qpath))
+            model = openvino_core().read_model(str(qpath))
         else:
             items = [ctx.calib[i : i + 1].numpy() for i in range(len(ctx.calib))]
             with _quiet():
@@ -563,7 +567,7 @@ def build_openvino(ctx: Context, precision: str) -> Engine:
             ov.save_model(model, str(qpath))
         note = f"NNCF default preset on {len(ctx.calib)} calibration images" + (" (cached)" if cached else "")
     model.reshape({model.inputs[0]: ov.PartialShape(list(ctx.example.shape))})
-    compiled = ov.Core().compile_model(
+    compiled = openvino_core().compile_model(
         model,
         "CPU",
         {

@@ -3,6 +3,9 @@ choice of ``auto``, and stores that refuse vectors that would not mix."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,33 @@ def test_the_conversion_is_cached_and_reused(
     again = Embedder("efficientnet_lite0", device="cpu", precision="fp32", backend="openvino", **CHEAP)
     assert again._pair is not None and again._pair.converted is False  # type: ignore[union-attr]
     assert sorted(p.name for p in (cache / "openvino").iterdir() if p.name != "blobs") == saved
+
+
+SIGNAL_AFTER_TWO_EMBEDDERS = """
+import gc, os, signal
+from deepfeat.models.embedder import Embedder
+kw = dict(resize_mode="full", max_side=256, scales=(1.0,))
+first = Embedder("efficientnet_lite0", device="cpu", precision="fp32", backend="openvino", **kw)
+second = Embedder("efficientnet_lite0", device="cpu", precision="fp32", backend="openvino", **kw)
+del first, second  # released in creation order, not the reverse
+gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: None)
+os.kill(os.getpid(), signal.SIGUSR1)  # handled on the thread's signal stack
+print("alive")
+"""
+
+
+def test_embedders_released_in_any_order_leave_signal_delivery_working(
+    cache: Path, ov_fp32: Embedder
+) -> None:
+    """OpenVINO's CPU plugin swaps in a signal stack of its own per Core: with a Core per embedder,
+    releasing them out of order left the thread on an unmapped stack and the next signal (a decode
+    worker's SIGCHLD) killed the process with SIGSEGV."""
+    env = {**os.environ, "DEEPFEAT_CACHE_DIR": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AFTER_TWO_EMBEDDERS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
 def test_vectors_that_would_not_mix_are_refused_by_the_store(
