@@ -97,3 +97,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Under CI a skip is a failure, except for the GPU tests and declared ``skipif`` conditions.
+
+    A test that skips because a package, a cached data set, Chromium or a tmpfs is missing passes
+    silently wherever that part is lost; CI sets it all up, so there such a skip means the suite
+    stopped testing something."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (os.environ.get("CI") and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    if "gpu" in item.keywords or any(True for _ in item.iter_markers("skipif")):
+        return
+    _fail_the_skip(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+    """The same for a whole module skipped at import (``pytest.importorskip`` at module level)."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and report.skipped:
+        _fail_the_skip(report)
+
+
+def _fail_the_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI, where every part this test needs is installed: {reason}"

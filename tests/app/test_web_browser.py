@@ -39,12 +39,8 @@ CHROMIUM_FLAGS = [
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(
-            f"{reason}; CI is set, so the browser tests must run (install: scripts/install_chromium.sh)",
-            pytrace=False,
-        )
-    pytest.skip(reason)
+    """A skip here; a failure under CI (tests/conftest.py), which installs Chromium."""
+    pytest.skip(f"{reason} (install: scripts/install_chromium.sh)")
 
 
 def _chromium() -> str:

@@ -94,7 +94,11 @@ def test_embedders_released_in_any_order_leave_signal_delivery_working(
     worker's SIGCHLD) killed the process with SIGSEGV."""
     env = {**os.environ, "DEEPFEAT_CACHE_DIR": str(cache)}
     done = subprocess.run(
-        [sys.executable, "-c", SIGNAL_AFTER_TWO_EMBEDDERS], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SIGNAL_AFTER_TWO_EMBEDDERS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-2000:])
 
