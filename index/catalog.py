@@ -34,9 +34,11 @@ from deepfeat.index.catalog_db import IN_CHUNK, SCHEMA_VERSION, Database, chunks
 from deepfeat.index.errors import (
     CorruptStoreError,
     InvalidArgumentError,
+    InvalidFilterError,
     InvalidVectorError,
     ReadOnlyStoreError,
 )
+from deepfeat.index.filters import Filter
 from deepfeat.index.ids import MAX_VECTORS_PER_IMAGE
 
 __all__ = ["SCHEMA_VERSION", "Catalog", "CatalogIdentity", "NewImage", "ImageRecord", "InsertResult"]
@@ -429,18 +431,47 @@ class Catalog:
         rows = self._db.fetchall("reading an image", "SELECT seq FROM images WHERE id = ?", (image_id,))
         return int(rows[0][0]) if rows else None
 
-    def page(self, *, after_seq: int, limit: int) -> list[tuple[int, ImageRecord]]:
-        """Up to ``limit`` records with seq > ``after_seq``, in seq order (the primary key: no scan).
+    def page(
+        self, *, after_seq: int, limit: int, where: Filter | None = None
+    ) -> list[tuple[int, ImageRecord]]:
+        """Up to ``limit`` records with seq > ``after_seq``, in seq order (the primary key: no scan),
+        only those matching ``where`` when given.
 
         Seqs only grow and are never reused, so paging by the last seq seen never repeats an image
         and never skips one that existed throughout, whatever is added or deleted between pages.
         """
-        rows = self._db.fetchall(
-            "listing images",
-            f"SELECT seq, {_RECORD_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?",
-            (int(after_seq), int(limit)),
-        )
+        sql = f"SELECT seq, {_RECORD_COLUMNS} FROM images WHERE seq > ?"
+        params: tuple[Any, ...] = (int(after_seq),)
+        if where is not None and not where.matches_all:
+            self._check_filterable()
+            sql += f" AND seq IN ({where.sql})"
+            params += where.params
+        rows = self._db.fetchall("listing images", sql + " ORDER BY seq LIMIT ?", (*params, int(limit)))
         return [(int(row[0]), self._record(row[1:])) for row in rows]
+
+    def match(self, where: Filter) -> np.ndarray:
+        """The seqs of the images matching a filter, sorted (int64), answered from SQLite's indexes."""
+        if where.matches_all:
+            sql, params = "SELECT seq FROM images", ()
+        else:
+            self._check_filterable()
+            sql, params = where.sql, where.params
+        with self._db.read("filtering images") as conn:
+            seqs = np.fromiter((row[0] for row in conn.execute(sql, params)), dtype=np.int64)
+        seqs.sort()
+        return seqs
+
+    def _check_filterable(self) -> None:
+        if not self.has_metadata_table:
+            raise InvalidFilterError(
+                f"the catalog {self.path} predates metadata filters; open the store once read-write "
+                "(any deepfeat command on it) to index its metadata"
+            )
+
+    @property
+    def has_metadata_table(self) -> bool:
+        """False for a catalog older than schema version 3 opened read-only (not migrated yet)."""
+        return self._db.version >= 3
 
     def get_many_by_seq(self, seqs: Iterable[int]) -> dict[int, ImageRecord]:
         """Records for FAISS hits.

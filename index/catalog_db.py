@@ -43,6 +43,20 @@ logger = logging.getLogger(f"{__package__}.catalog")  # the catalog's logger, as
 
 IN_CHUNK = 900  # under SQLite's historical 999 host-parameter limit
 
+_KIND = """CASE {t}.type WHEN 'integer' THEN 'n' WHEN 'real' THEN 'n' WHEN 'text' THEN 's'
+    WHEN 'true' THEN 'b' WHEN 'false' THEN 'b' WHEN 'null' THEN 'z' WHEN 'array' THEN 'a' ELSE 'o' END"""
+_META_ROWS = (
+    "SELECT {seq}, t.key, "
+    + _KIND.format(t="t")
+    + ", CASE WHEN t.type IN ('array', 'object', 'null') THEN NULL ELSE t.atom END"
+    + " FROM {rows}json_each({metadata}) AS t"
+    + " UNION ALL SELECT {seq}, t.key, "
+    + _KIND.format(t="e")
+    + ", e.atom FROM {rows}json_each({metadata}) AS t, json_each(t.value) AS e"
+    + " WHERE t.type = 'array' AND e.type NOT IN ('array', 'object')"
+)
+"""The metadata table's rows: of one image in the trigger, of every image in the migration."""
+
 # Each migration is a list of statements applied in one transaction together with the user_version bump.
 _MIGRATIONS: list[list[str]] = [
     [
@@ -78,6 +92,26 @@ _MIGRATIONS: list[list[str]] = [
             rowid INTEGER PRIMARY KEY AUTOINCREMENT,
             seq INTEGER NOT NULL
         )""",
+    ],
+    [
+        # Metadata filters (index.filters): one row per top-level metadata key of each image, and one
+        # per scalar element of an array value, kept by a trigger from the JSON (SQLite's JSON1) and
+        # removed with the image. ``value`` has no type affinity, so numbers stay numbers and strings
+        # strings, and the index (key, kind, value) answers equality, ranges, $in and prefixes of any
+        # key without a per-key index. kind: n(umber) s(tring) b(oolean) z (null) a(rray) o(bject).
+        """CREATE TABLE image_meta (
+            seq INTEGER NOT NULL REFERENCES images(seq) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            value
+        )""",
+        "CREATE INDEX image_meta_by_value ON image_meta(key, kind, value, seq)",
+        "CREATE INDEX image_meta_by_seq ON image_meta(seq)",
+        "CREATE INDEX images_by_source ON images(source)",
+        f"""CREATE TRIGGER image_meta_on_insert AFTER INSERT ON images BEGIN
+            INSERT INTO image_meta(seq, key, kind, value) {_META_ROWS.format(seq="new.seq", metadata="new.metadata", rows="")};
+        END""",
+        f"INSERT INTO image_meta(seq, key, kind, value) {_META_ROWS.format(seq='images.seq', metadata='images.metadata', rows='images, ')}",
     ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -16,8 +16,8 @@ from deepfeat.index.errors import InvalidArgumentError
 
 __all__ = ["near_duplicates"]
 
-Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-"""``search(raw queries (m, dim), k) -> (scores (m, k), seqs (m, k))``, -1 for no hit."""
+Search = Callable[[np.ndarray, int, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
+"""``search(raw queries (m, dim), k, among) -> (scores (m, k), seqs (m, k))``, -1 for no hit."""
 
 
 class _DisjointSets:
@@ -46,13 +46,20 @@ class _DisjointSets:
 
 
 def near_duplicates(
-    catalog: Catalog, search: Search, threshold: float, *, k: int = 10, batch: int = 1024
+    catalog: Catalog,
+    search: Search,
+    threshold: float,
+    *,
+    k: int = 10,
+    batch: int = 1024,
+    among: np.ndarray | None = None,
 ) -> list[list[ImageRecord]]:
     """Groups of near-identical images among every vector the catalog holds.
 
     Args:
         catalog: Where the vectors and the records come from.
-        search: The store's search of raw vectors over the whole collection.
+        search: The store's search of raw vectors over the whole collection, restricted to ``among``.
+        among: Only these images (a filter's sorted seqs), on both sides of every pair.
         threshold: Cosine similarity in (0, 1]; 0.95+ finds re-encodes and resizes.
         k: Neighbours examined per image (bounds the size a group can be discovered at).
         batch: Vectors searched per call.
@@ -66,8 +73,12 @@ def near_duplicates(
     if not 0.0 < threshold <= 1.0:
         raise InvalidArgumentError(f"threshold must be in (0, 1], got {threshold}")
     sets = _DisjointSets()
-    for seqs, vecs in catalog.iter_vectors(batch=batch, global_only=True):
-        scores, ids = search(vecs, k + 1)  # (b, <= k + 1) image hits
+    if among is None:
+        batches = catalog.iter_vectors(batch=batch, global_only=True)
+    else:
+        batches = catalog.vectors_for_seqs(among.tolist(), batch=batch, global_only=True)
+    for seqs, vecs in batches:
+        scores, ids = search(vecs, k + 1, among)  # (b, <= k + 1) image hits
         for seq, row_scores, row_ids in zip(seqs.tolist(), scores, ids, strict=True):
             for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
                 if other >= 0 and other != seq and score >= threshold:

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidIdError",
     "InvalidVectorError",
     "InvalidArgumentError",
+    "InvalidFilterError",
     "CorruptStoreError",
     "StoreFullError",
     "ReadOnlyStoreError",
@@ -68,6 +69,12 @@ class InvalidArgumentError(StoreError):
     """Any other bad argument: ``k < 1``, a malformed sha256, metadata that is not JSON, a bad factory."""
 
     code = "invalid_argument"
+
+
+class InvalidFilterError(InvalidArgumentError):
+    """A metadata filter that is not JSON or not the filter language (:mod:`index.filters`)."""
+
+    code = "invalid_filter"
 
 
 class CorruptStoreError(StoreError):

@@ -280,18 +280,23 @@ class Generation:
             return self
         return Generation(info=self.info, index=self.index, hidden=merged)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, among: np.ndarray | None = None, share: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` live neighbours: searches ``k + len(hidden)`` and drops hidden ids.
 
         Args:
             queries: (m, dim) float32, already projected like the generation's vectors.
             k: Neighbours per query, >= 1.
+            among, share: A filter's FAISS ids, as :meth:`VectorIndex.search` takes them.
 
         Returns:
             ``(scores, ids)`` as :func:`merge_top_k` returns them.
         """
         # A hidden image may fill as many slots as it has vectors.
-        scores, ids = self.index.search(queries, int(k) + int(self.hidden.size) * self.index.per_image)
+        scores, ids = self.index.search(
+            queries, int(k) + int(self.hidden.size) * self.index.per_image, among=among, share=share
+        )
         if self.hidden.size:
             ids = np.where(np.isin(seqs_of(ids), self.hidden), -1, ids)
         return merge_top_k([(scores, ids)], int(k))

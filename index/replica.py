@@ -90,20 +90,24 @@ class ReplicaMixin(SyncedIndex):
     # names another one (verifying a big generation is a full read of it).
     _failed_generations: set[tuple[int, str]]
 
-    def _search_index(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_index(
+        self, queries: np.ndarray, k: int, *, among: np.ndarray | None = None, share: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search of raw (unprojected) queries: the in-memory index, merged with the generation
         on a replica. The generation is immutable, so it is searched outside the index lock (searches
         run concurrently on it) through the reference taken with the delta, which keeps the pair
-        consistent across a generation switch."""
+        consistent across a generation switch. ``among``/``share``: a filter (VectorIndex.search)."""
         with self._index_lock:
             q = self._project(queries)
-            scores, ids = self._vectors.search(q, k)
+            scores, ids = self._vectors.search(q, k, among=among, share=share)
             base = self._base
         if base is not None:
             if base.index.exact_scores:
-                shortlist = base.search(q, k)  # k counts vectors here: the caller's fan-out
+                shortlist = base.search(
+                    q, k, among=among, share=share
+                )  # k counts vectors: the caller's fan-out
             else:
-                shortlist = self._rerank(q, *base.search(q, k * RERANK_FACTOR), k)
+                shortlist = self._rerank(q, *base.search(q, k * RERANK_FACTOR, among=among, share=share), k)
             scores, ids = merge_top_k([(scores, ids), shortlist], k)
         return scores, ids
 

@@ -121,7 +121,12 @@ class SemanticIndex:
         return changes
 
     def search(
-        self, queries: np.ndarray, k: int, *, expansion: int = QUERY_EXPANSION
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        expansion: int = QUERY_EXPANSION,
+        among: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(m, d_s) queries -> ``(scores, seqs)``, (m, min(k, count)) each, best first.
 
@@ -130,6 +135,9 @@ class SemanticIndex:
         searched again; scores are against that expanded query. On the category collections' tuning
         parts n = 5 lifted semantic P@10 from 0.707 to 0.770 (docs/quality.md); the second search
         costs what the first does.
+
+        ``among`` (a filter's seqs) restricts the hits, not the expansion: the query is the same
+        whatever the filter, and the flat index scores exactly the images it allows.
         """
         if queries.shape[1] != self.dim:
             raise InvalidVectorError(f"semantic queries must have shape (m, {self.dim}), got {queries.shape}")
@@ -143,5 +151,11 @@ class SemanticIndex:
                         expanded[row] += float(score) * self._index.reconstruct(int(seq))
             q = expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
         kk = max(1, min(int(k), self.count))
-        scores, ids = self._index.search(q, kk)
+        if among is None:
+            scores, ids = self._index.search(q, kk)
+        else:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(among, dtype=np.int64))
+            params = faiss.SearchParameters()
+            params.sel = selector
+            scores, ids = self._index.search(q, kk, params=params)
         return scores, ids

@@ -60,7 +60,9 @@ from deepfeat.index.errors import (
     StoreError,
 )
 from deepfeat.index.files import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE
-from deepfeat.index.ids import MAX_VECTORS_PER_IMAGE, aggregate
+from deepfeat.index.filters import Filter
+from deepfeat.index.generations import merge_top_k
+from deepfeat.index.ids import MAX_VECTORS_PER_IMAGE, aggregate, all_vector_ids, vector_ids
 from deepfeat.index.manifest import GenerationInfo, Manifest, normalize_fingerprint
 from deepfeat.index.opening import LoadedIndex, adopt_semantic, open_store
 from deepfeat.index.relayout import RelayoutMixin
@@ -84,6 +86,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
+EXACT_SCAN_BYTES = 64 << 20
+"""On an approximate index, a filter whose matching vectors fit in this many bytes is answered by an
+exact scan of them (a few tens of ms) rather than by the index."""
+_SCAN_CHUNK = 4096
+"""Images read from the catalog per step of an exact scan."""
 
 SIMILARITIES = ("visual", "semantic")
 """What :meth:`ImageStore.search` compares: the visual vectors or the semantic ones."""
@@ -108,6 +115,18 @@ class AddResult:
 
     id: str
     created: bool
+
+
+def _pad(scores: np.ndarray, ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Result arrays widened to ``width`` columns with empty slots (-inf, -1)."""
+    extra = width - scores.shape[1]
+    if extra <= 0:
+        return scores, ids
+    m = scores.shape[0]
+    return (
+        np.concatenate([scores, np.full((m, extra), -np.inf, np.float32)], axis=1),
+        np.concatenate([ids, np.full((m, extra), -1, np.int64)], axis=1),
+    )
 
 
 @dataclass(frozen=True)
@@ -524,7 +543,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             raise NotFoundError(f"image {image_id!r} has no thumbnail")
         return data
 
-    def search(self, queries: np.ndarray, k: int, *, similarity: str = "visual") -> list[list[Hit]]:
+    def search(
+        self, queries: np.ndarray, k: int, *, similarity: str = "visual", where: Filter | None = None
+    ) -> list[list[Hit]]:
         """Nearest images by inner product (cosine for L2-normalised vectors), best first.
 
         Args:
@@ -533,22 +554,27 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             k: Hits per query, >= 1; more than the store holds just returns fewer.
             similarity: ``visual`` (the stored visual vectors, global and regional) or ``semantic``
                 (the semantic vectors; images stored without one are not among the hits).
+            where: Only images matching this metadata filter (:func:`index.filters.parse_filter`).
+                The hits are the best ``k`` of the matching images whenever ``k`` of them exist: the
+                filter is applied inside the search, never to a shortlist afterwards.
 
         Returns:
             m lists of hits (empty lists for an empty store).
 
         Raises:
             InvalidArgumentError: ``k`` is not an integer >= 1, or an unknown ``similarity``.
+            InvalidFilterError: A filter on a catalog that predates filters, opened read-only.
             InvalidVectorError: Bad query shape/dtype/values.
             SemanticUnavailableError: ``semantic`` on a store without semantic vectors.
         """
         self._check_open()
         k = check_k(k)
+        among = None if where is None or where.matches_all else self._catalog.match(where)
         if similarity == "visual":
             q = self._check_vectors(queries, "queries")
-            scores, ids = self._search_images(q, k)  # (m, k') each, k' <= k
+            scores, ids = self._search_images(q, k, among)  # (m, k') each, k' <= k
         elif similarity == "semantic":
-            scores, ids = self._search_semantic(queries, k)
+            scores, ids = self._search_semantic(queries, k, among)
         else:
             raise InvalidArgumentError(
                 f"unknown similarity {similarity!r}; choose one of: {', '.join(SIMILARITIES)}"
@@ -569,7 +595,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             results.append(hits)
         return results
 
-    def similar(self, id: str, k: int, *, similarity: str = "visual") -> list[Hit]:
+    def similar(
+        self, id: str, k: int, *, similarity: str = "visual", where: Filter | None = None
+    ) -> list[Hit]:
         """The images most like a stored one, searched with its stored vector (no re-decoding); the
         image itself is never among the hits.
 
@@ -577,6 +605,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             id: Public image id.
             k: Hits wanted, >= 1.
             similarity: ``visual`` (its global vector against every stored vector) or ``semantic``.
+            where: Only images matching this metadata filter, as in :meth:`search`.
 
         Returns:
             Up to ``k`` hits, best first.
@@ -594,7 +623,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             self.semantic_index()  # raises when the store keeps no semantic vectors
         query = self._stored_vector(image_id, seq, semantic=similarity == "semantic")
         k = check_k(k)
-        hits = self.search(query[None], k + 1, similarity=similarity)[0]
+        hits = self.search(query[None], k + 1, similarity=similarity, where=where)[0]
         return [hit for hit in hits if hit.id != image_id][:k]
 
     def vector(self, id: str) -> np.ndarray:
@@ -629,12 +658,15 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             )
         raise NotFoundError(f"no image with id {image_id!r}")  # deleted between the two reads
 
-    def list_images(self, *, limit: int, after_seq: int = 0) -> tuple[list[ImageRecord], int | None]:
+    def list_images(
+        self, *, limit: int, after_seq: int = 0, where: Filter | None = None
+    ) -> tuple[list[ImageRecord], int | None]:
         """One page of the catalog in insertion order, and where the next page starts.
 
         Args:
             limit: Records per page, >= 1.
             after_seq: The position returned with the previous page (0: from the start).
+            where: Only images matching this metadata filter.
 
         Returns:
             ``(records, next_after_seq)``; ``next_after_seq`` is None on the last page.
@@ -645,7 +677,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         self._check_open()
         if limit < 1 or after_seq < 0:
             raise InvalidArgumentError(f"limit must be >= 1 and after_seq >= 0, got {limit}, {after_seq}")
-        rows = self._catalog.page(after_seq=after_seq, limit=limit + 1)
+        rows = self._catalog.page(after_seq=after_seq, limit=limit + 1, where=where)
         more = len(rows) > limit
         rows = rows[:limit]
         return [record for _, record in rows], (rows[-1][0] if more else None)
@@ -665,15 +697,19 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             )
         return semantic
 
-    def _search_semantic(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_semantic(
+        self, queries: np.ndarray, k: int, among: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         semantic = self.semantic_index()
         arr = np.asarray(queries)
         if arr.ndim != 2 or arr.shape[1] != semantic.dim:
             raise InvalidVectorError(f"semantic queries must have shape (m, {semantic.dim}), got {arr.shape}")
         if arr.dtype not in (np.float32, np.float64) or not np.isfinite(arr).all():
             raise InvalidVectorError(f"semantic queries must be finite float32, got dtype {arr.dtype}")
+        if among is not None and not among.size:
+            return np.empty((arr.shape[0], 0), np.float32), np.empty((arr.shape[0], 0), np.int64)
         with self._index_lock:
-            return semantic.search(np.ascontiguousarray(arr, dtype=np.float32), k)
+            return semantic.search(np.ascontiguousarray(arr, dtype=np.float32), k, among=among)
 
     def set_semantic(self, seqs: Sequence[int], semantic: np.ndarray) -> int:
         """Store semantic vectors on existing images (``deepfeat add-semantic``), then index them.
@@ -700,20 +736,66 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         self._check_open()
         return self._catalog.iter_missing_semantic(batch=batch)
 
-    def _search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_images(
+        self, queries: np.ndarray, k: int, among: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` images per query: each image scores its best vector (global or regional), so
         ``k`` counts images whatever the number of vectors each holds.
+
+        ``among``, the sorted seqs a filter matched, is searched by FAISS's ID selector on each index
+        (exact on a flat one, with IVF's nprobe and HNSW's efSearch widened by the filter's share on
+        an approximate one). On an approximate index a filter too selective for that (its vectors
+        fit :data:`EXACT_SCAN_BYTES`), or a query that still comes back short of ``k`` hits when
+        ``k`` images match, gets an exact scan of the matching images' stored vectors instead.
 
         Returns:
             ``(scores, seqs)``, (m, k') each, best first, -1 seqs past the last hit.
         """
         base = self._base
         per_image = max(self._vectors.per_image, base.index.per_image if base is not None else 1)
+        m = queries.shape[0]
+        if among is not None:
+            if not among.size:
+                return np.empty((m, 0), np.float32), np.empty((m, 0), np.int64)
+            indexes = [self._vectors] + ([base.index] if base is not None else [])
+            exact = all(index.exhaustive for index in indexes)
+            small = among.size * per_image * self.dim * 4 <= EXACT_SCAN_BYTES
+            if not all(index.can_select for index in indexes) or (small and not exact):
+                return self._scan_exact(queries, k, among, per_image)
         # Among the top k * per_image vectors are the best vectors of at least k distinct images.
-        scores, ids = self._search_index(queries, k * per_image)
-        if per_image == 1:
-            return scores, ids
-        return aggregate(scores, ids, k)
+        if among is None:
+            scores, ids = self._search_index(queries, k * per_image)
+        else:
+            selected = all_vector_ids(among, per_image) if per_image > 1 else among
+            share = among.size / max(1, self._catalog.count())
+            scores, ids = self._search_index(queries, k * per_image, among=selected, share=share)
+        if per_image > 1:
+            scores, ids = aggregate(scores, ids, k)
+        if among is not None and not exact:
+            short = np.flatnonzero((ids >= 0).sum(axis=1) < min(k, among.size))
+            if short.size:
+                fill = self._scan_exact(queries[short], k, among, per_image)
+                scores, ids = _pad(scores, ids, fill[0].shape[1])
+                scores[short], ids[short] = _pad(*fill, scores.shape[1])
+        return scores, ids
+
+    def _scan_exact(
+        self, queries: np.ndarray, k: int, seqs: np.ndarray, per_image: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` images among ``seqs`` by their stored vectors (the catalog's, projected like the
+        index's), streamed in chunks: exact, with memory bounded by one chunk."""
+        q = self._project(queries)
+        best = (np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64))
+        for chunk_seqs, vectors in self._catalog.vectors_for_seqs(seqs.tolist(), batch=_SCAN_CHUNK):
+            scores = q @ self._project(vectors).T  # (m, v)
+            ids = np.broadcast_to(vector_ids(chunk_seqs), scores.shape)
+            keep = min(k * per_image, scores.shape[1])
+            top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+            part = (np.take_along_axis(scores, top, 1), np.take_along_axis(ids, top, 1))
+            best = merge_top_k([best, part], k * per_image)
+        if per_image > 1:
+            return aggregate(*best, k)
+        return best
 
     def vectors_by_sha256(self, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
         """The stored vectors of known contents, as they were added (before any whitening), so other
@@ -744,7 +826,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         self._check_open()
         return self._catalog.metadata_value_counts(key)
 
-    def near_duplicates(self, threshold: float, *, k: int = 10, batch: int = 1024) -> list[list[ImageRecord]]:
+    def near_duplicates(
+        self, threshold: float, *, k: int = 10, batch: int = 1024, where: Filter | None = None
+    ) -> list[list[ImageRecord]]:
         """Groups of near-identical images, found with the index itself (k-NN per stored vector),
         never an all-pairs matrix: cost n * one search, memory O(n) (:mod:`index.duplicates`).
 
@@ -755,12 +839,16 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             threshold: Cosine similarity in (0, 1]; 0.95+ finds re-encodes and resizes.
             k: Neighbours examined per image (bounds the size a group can be discovered at).
             batch: Vectors searched per call.
+            where: Only images matching this metadata filter (both images of every pair).
 
         Raises:
             InvalidArgumentError: ``threshold`` outside (0, 1].
         """
         self._check_open()
-        return duplicates.near_duplicates(self._catalog, self._search_images, threshold, k=k, batch=batch)
+        among = None if where is None or where.matches_all else self._catalog.match(where)
+        return duplicates.near_duplicates(
+            self._catalog, self._search_images, threshold, k=k, batch=batch, among=among
+        )
 
     def stats(self) -> dict[str, Any]:
         """A summary for health checks and the CLI.

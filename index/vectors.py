@@ -34,6 +34,7 @@ otherwise. It costs a full rebuild per call, so delete in batches where possible
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 _TRAIN_SAMPLE_MIN = 100_000
 _TRAIN_PER_LIST = 40
 _TRAIN_SEED = 1234
+_MAX_FILTERED_EF = 4096
+"""HNSW's widest filtered exploration; past it a filter is selective enough for an exact scan."""
 
 
 def _parts(index: Any) -> Iterator[tuple[str, Any]]:
@@ -192,6 +195,15 @@ class VectorIndex:
             if isinstance(node, faiss.IndexHNSW):
                 return isinstance(faiss.downcast_index(node.storage), faiss.IndexFlat)
         return False
+
+    @property
+    def exhaustive(self) -> bool:
+        """Whether a search scores every stored vector exactly (a flat index): its top k is the true
+        top k, with or without an ID selector."""
+        tops = [node for role, node in _parts(self._index) if role == "top"]
+        return isinstance(tops[-1], faiss.IndexFlat) and not any(
+            role == "refine" for role, _ in _parts(self._index)
+        )
 
     @property
     def is_trained(self) -> bool:
@@ -395,12 +407,19 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ queries
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, among: np.ndarray | None = None, share: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product.
 
         Args:
             queries: (m, dim) float32 queries.
             k: Neighbours per query, >= 1.
+            among: Only these FAISS ids may be returned (a metadata filter's images), through FAISS's
+                ID selector: a flat index then scores only them, exactly.
+            share: The fraction of the index ``among`` is. An IVF index probes ``nprobe / share``
+                lists and HNSW explores ``efSearch / share`` candidates (both capped), so a filtered
+                search examines about as many matching vectors as an unfiltered one.
 
         Returns:
             ``(scores, ids)``: (m, k') float32 best first and (m, k') int64 FAISS ids (an image's seq
@@ -417,8 +436,39 @@ class VectorIndex:
         if q.shape[0] == 0 or k_eff == 0:
             m = q.shape[0]
             return np.empty((m, k_eff), dtype=np.float32), np.empty((m, k_eff), dtype=np.int64)
-        scores, ids = self._index.search(q, k_eff)
+        if among is None:
+            scores, ids = self._index.search(q, k_eff)
+        else:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(among, dtype=np.int64))
+            params = self._filtered_params(selector, share)  # selector stays referenced until here
+            scores, ids = self._index.search(q, k_eff, params=params)
         return np.asarray(scores, dtype=np.float32), np.asarray(ids, dtype=np.int64)
+
+    @property
+    def can_select(self) -> bool:
+        """Whether :meth:`search` takes ``among`` (FAISS's refine wrapper takes no ID selector)."""
+        return not any(role == "refine" for role, _ in _parts(self._index))
+
+    def _filtered_params(self, selector: Any, share: float) -> Any:
+        """Search parameters restricted to ``selector``, with the index's own search settings widened
+        by ``1 / share`` (FAISS applies a parameter object instead of the index's settings)."""
+        widen = 1.0 / min(1.0, max(share, 1e-9))
+        ivf = self.ivf
+        hnsw = next((node for _, node in _parts(self._index) if isinstance(node, faiss.IndexHNSW)), None)
+        params: Any
+        if ivf is not None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = int(min(ivf.nlist, math.ceil(ivf.nprobe * widen)))
+            params.max_codes = ivf.max_codes
+        elif hnsw is not None:
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from the stubs
+            params.efSearch = int(
+                min(_MAX_FILTERED_EF, max(hnsw.hnsw.efSearch, math.ceil(hnsw.hnsw.efSearch * widen)))
+            )
+        else:
+            params = faiss.SearchParameters()
+        params.sel = selector
+        return params
 
     def seqs(self) -> np.ndarray:
         """The seqs of the images held (sorted, unique)."""

@@ -37,7 +37,7 @@ def test_schema_and_pragmas(catalog: Catalog) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2  # 2: semantic vectors
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3  # 2: semantic vectors, 3: metadata filters
 
 
 def test_insert_dedup_within_batch_and_against_db(catalog: Catalog) -> None:

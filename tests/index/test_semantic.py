@@ -14,7 +14,13 @@ import pytest
 
 from deepfeat.index.build import build_generation, process_rss_bytes
 from deepfeat.index.catalog_db import SCHEMA_VERSION
-from deepfeat.index.errors import InvalidArgumentError, InvalidVectorError, SemanticUnavailableError
+from deepfeat.index.errors import (
+    InvalidArgumentError,
+    InvalidFilterError,
+    InvalidVectorError,
+    SemanticUnavailableError,
+)
+from deepfeat.index.filters import parse_filter
 from deepfeat.index.semantic import QUERY_EXPANSION, SemanticIndex
 from deepfeat.index.store import CATALOG_FILE, ImageStore
 from tests.index._helpers import DIM, new_images, unit_vectors
@@ -201,6 +207,9 @@ def test_an_old_catalog_migrates_with_null_semantic_vectors(open_store: Opener, 
     store.close()
     # Make it a catalog of schema version 1 (before semantic vectors).
     conn = sqlite3.connect(data_dir / CATALOG_FILE)
+    conn.executescript(
+        "DROP TRIGGER image_meta_on_insert; DROP TABLE image_meta; DROP INDEX images_by_source;"
+    )  # schema 3's metadata table
     conn.execute("ALTER TABLE images DROP COLUMN semantic")
     conn.execute("DROP TABLE semantic_updates")
     conn.execute("PRAGMA user_version = 1")
@@ -209,7 +218,7 @@ def test_an_old_catalog_migrates_with_null_semantic_vectors(open_store: Opener, 
 
     migrated = open_store(semantic_dim=SDIM)
     version = migrated._catalog.connection().execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
     assert [h[0].record.metadata["i"] for h in migrated.search(vectors, 1)] == [0, 1, 2, 3]  # visual works
     assert migrated.stats()["semantic_count"] == 0
     with pytest.raises(SemanticUnavailableError):
@@ -235,6 +244,9 @@ def test_a_replica_reads_an_unmigrated_catalog(open_store: Opener, data_dir: Pat
     store.add(vectors, new_images(3))
     store.close()
     conn = sqlite3.connect(data_dir / CATALOG_FILE)
+    conn.executescript(
+        "DROP TRIGGER image_meta_on_insert; DROP TABLE image_meta; DROP INDEX images_by_source;"
+    )
     conn.execute("ALTER TABLE images DROP COLUMN semantic")
     conn.execute("DROP TABLE semantic_updates")
     conn.execute("PRAGMA user_version = 1")
@@ -245,6 +257,8 @@ def test_a_replica_reads_an_unmigrated_catalog(open_store: Opener, data_dir: Pat
     assert replica.stats()["semantic_count"] == 0 and replica.refresh() == 0
     with pytest.raises(SemanticUnavailableError):
         replica.search(unit_vectors(1, SDIM), 1, similarity="semantic")
+    with pytest.raises(InvalidFilterError, match="predates metadata filters; open the store once read-write"):
+        replica.search(vectors, 1, where=parse_filter({"i": 1}))
 
 
 def test_adding_known_content_with_a_semantic_vector_fills_it(open_store: Opener) -> None:
