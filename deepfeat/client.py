@@ -137,7 +137,14 @@ def _search_result(data: dict[str, Any]) -> SearchResult:
 
 
 def _params(**values: Any) -> dict[str, Any]:
+    """Query or form fields, without the unset ones; a ``filter`` given as a dict is sent as JSON."""
+    if isinstance(values.get("filter"), dict):
+        values["filter"] = json.dumps(values["filter"])
     return {k: v for k, v in values.items() if v is not None}
+
+
+Filter = dict[str, Any] | str | None
+"""A metadata filter: a dict (sent as JSON) or its JSON text, e.g. ``{"album": "2024"}``."""
 
 
 class Client:
@@ -206,17 +213,30 @@ class Client:
     # -- search ----------------------------------------------------------------------------------
 
     def search(
-        self, image: Image, *, k: int = 10, similarity: str = "visual", min_score: float | None = None
+        self,
+        image: Image,
+        *,
+        k: int = 10,
+        similarity: str = "visual",
+        min_score: float | None = None,
+        filter: Filter = None,  # noqa: A002 - the API's name
     ) -> SearchResult:
-        """``POST /v1/search``: the indexed images most similar to ``image``, best first."""
-        params = _params(k=k, similarity=similarity, min_score=min_score)
+        """``POST /v1/search``: the indexed images most similar to ``image``, best first (only those
+        matching ``filter``)."""
+        params = _params(k=k, similarity=similarity, min_score=min_score, filter=filter)
         return _search_result(self._json("POST", "/v1/search", image=image, params=params))
 
     def similar(
-        self, image_id: str, *, k: int = 10, similarity: str = "visual", min_score: float | None = None
+        self,
+        image_id: str,
+        *,
+        k: int = 10,
+        similarity: str = "visual",
+        min_score: float | None = None,
+        filter: Filter = None,  # noqa: A002
     ) -> SearchResult:
         """``GET /v1/images/{id}/similar``: more like an indexed image (itself left out)."""
-        params = _params(k=k, similarity=similarity, min_score=min_score)
+        params = _params(k=k, similarity=similarity, min_score=min_score, filter=filter)
         return _search_result(self._json("GET", f"/v1/images/{image_id}/similar", params=params))
 
     def classify(self, image: Image, *, k: int = 5, classifier: str | None = None) -> list[Prediction]:
@@ -239,12 +259,17 @@ class Client:
         return [BatchItem(**item) for item in data["items"]]
 
     def search_batch(
-        self, images: list[Image], *, k: int = 10, similarity: str = "visual", min_score: float | None = None
+        self,
+        images: list[Image],
+        *,
+        k: int = 10,
+        similarity: str = "visual",
+        min_score: float | None = None,
+        filter: Filter = None,  # noqa: A002
     ) -> list[BatchItem]:
         """``POST /v1/search/batch``: each item's ``result`` is a /v1/search response (a dict)."""
-        return self._batch(
-            "/v1/search/batch", images, params=_params(k=k, similarity=similarity, min_score=min_score)
-        )
+        params = _params(k=k, similarity=similarity, min_score=min_score, filter=filter)
+        return self._batch("/v1/search/batch", images, params=params)
 
     def embed_batch(
         self, images: list[Image], *, layer: str | None = None, pooling: str | None = None
@@ -285,16 +310,22 @@ class Client:
         """``DELETE /v1/images/{id}``."""
         self._request("DELETE", f"/v1/images/{image_id}")
 
-    def list_images(self, *, limit: int = 100, cursor: str | None = None) -> ImagePage:
-        """``GET /v1/images``: one page in insertion order."""
-        data = self._json("GET", "/v1/images", params=_params(limit=limit, cursor=cursor))
+    def list_images(
+        self,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        filter: Filter = None,  # noqa: A002
+    ) -> ImagePage:
+        """``GET /v1/images``: one page in insertion order (of the images matching ``filter``)."""
+        data = self._json("GET", "/v1/images", params=_params(limit=limit, cursor=cursor, filter=filter))
         return ImagePage(items=[_image_info(i) for i in data["items"]], next_cursor=data["next_cursor"])
 
-    def iter_images(self, *, page_size: int = 100) -> Iterator[ImageInfo]:
-        """Every indexed image, page by page (stable while others add and delete)."""
+    def iter_images(self, *, page_size: int = 100, filter: Filter = None) -> Iterator[ImageInfo]:  # noqa: A002
+        """Every indexed image (matching ``filter``), page by page (stable while others add and delete)."""
         cursor: str | None = None
         while True:
-            page = self.list_images(limit=page_size, cursor=cursor)
+            page = self.list_images(limit=page_size, cursor=cursor, filter=filter)
             yield from page.items
             if page.next_cursor is None:
                 return

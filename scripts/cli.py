@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from deepfeat.index.errors import StoreError
+from deepfeat.index.filters import parse_filter
 from deepfeat.models.errors import ModelError
 from deepfeat.scripts.cli_common import (
     add_common_arguments,
@@ -87,6 +88,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if (args.image is None) == (args.image_id is None):
         sys.stderr.write("error [usage]: give a query image or --id ID (one of them)\n")
         return 2
+    where = parse_filter(args.filter)  # a bad filter fails before the model loads
     settings = settings_from_args(args)
     manifest = existing_manifest(settings)
     if manifest is None:
@@ -94,13 +96,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     embedder = build_embedder(settings, manifest)
     with open_store(settings, embedder, read_only=True) as store:
         if args.image_id is not None:  # more like this: the stored vector, no decoding
-            hits = store.similar(args.image_id, args.k, similarity=args.similarity)
+            hits = store.similar(args.image_id, args.k, similarity=args.similarity, where=where)
         else:
             if args.similarity == "semantic":
                 store.semantic_index()  # refuse (semantic_unavailable) before decoding and embedding
             query = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
             vector = embedder.embed([query.image], similarity=args.similarity)
-            hits = store.search(vector, args.k, similarity=args.similarity)[0]
+            hits = store.search(vector, args.k, similarity=args.similarity, where=where)[0]
     if args.json:
         echo_json(
             {
@@ -305,7 +307,7 @@ def _cmd_whiten(args: argparse.Namespace, embedder: Any, store: Any) -> int:
 
 @_on_existing_store(read_only=True)
 def _cmd_duplicates(args: argparse.Namespace, _embedder: Any, store: Any) -> int:
-    groups = store.near_duplicates(args.threshold, k=args.neighbours)
+    groups = store.near_duplicates(args.threshold, k=args.neighbours, where=parse_filter(args.filter))
     if args.json:
         echo_json([[{"id": r.id, "source": r.source, "sha256": r.sha256} for r in g] for g in groups])
         return 0
@@ -404,6 +406,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_FILTER_HELP = (
+    'only images whose metadata match this JSON filter, e.g. \'{"album": "2024"}\' or '
+    '\'{"year": {"$gte": 2020}, "source": {"$prefix": "photos/"}}\' (README, Filters)'
+)
+
+
 def _args_search(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("image", nargs="?", help="the query image (or --id)")
@@ -416,6 +424,7 @@ def _args_search(p: argparse.ArgumentParser) -> None:
         help="visual (default): the same scene or object; semantic: the same kind of content "
         "(the model's semantic layer; `deepfeat add-semantic` adds it to an older store)",
     )
+    p.add_argument("--filter", help=_FILTER_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
 
@@ -461,6 +470,7 @@ def _args_duplicates(p: argparse.ArgumentParser) -> None:
         "and small copies score above it, distinct photos below; 0.9 for exact re-encodes only)",
     )
     p.add_argument("--neighbours", type=int, default=10, help="neighbours examined per image (default 10)")
+    p.add_argument("--filter", help="only among images matching this JSON metadata filter (as for search)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_duplicates)
 

@@ -59,6 +59,15 @@ def test_every_route(base_url: str, photos: dict[str, Image.Image], tmp_path: Pa
         page = client.list_images(limit=2)
         assert len(page.items) == 2 and page.next_cursor
         assert [i.id for i in client.iter_images(page_size=3)] == list(ids.values())
+        album = {"album": "2024"}
+        assert [h.id for h in client.search(cat, k=10, filter=album).results] == [ids["chelsea"]]
+        assert [h.id for h in client.similar(ids["rocket"], k=10, filter='{"album": "2024"}').results] == [
+            ids["chelsea"]
+        ]
+        assert [i.id for i in client.list_images(filter=album).items] == [ids["chelsea"]]
+        assert [i.id for i in client.iter_images(filter={"source": {"$prefix": "co"}})] == [ids["coffee"]]
+        batch_hits = client.search_batch([cat], k=10, filter=album)[0].result["results"]
+        assert [h["id"] for h in batch_hits] == [ids["chelsea"]]
 
         top = client.classify(cat, k=3)
         assert len(top) == 3 and top[0].class_index in (281, 282, 285)
@@ -99,6 +108,9 @@ def test_api_errors_are_exceptions_with_their_code(base_url: str, photos: dict[s
         with pytest.raises(DeepfeatAPIError) as err:
             anonymous.list_images(cursor="nonsense")
         assert err.value.code == "invalid_cursor"
+        with pytest.raises(DeepfeatAPIError) as err:
+            anonymous.list_images(filter={"album": {"$regex": "x"}})
+        assert (err.value.status, err.value.code) == (422, "invalid_filter") and "$regex" in err.value.detail
 
 
 def test_overloaded_is_retried_after_retry_after() -> None:

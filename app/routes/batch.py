@@ -22,7 +22,7 @@ from deepfeat.app.errors import APIError, status_of
 from deepfeat.app.routes.classify import check_classifier, classify_images
 from deepfeat.app.routes.common import model_info
 from deepfeat.app.routes.images import _parse_metadata, add_images
-from deepfeat.app.routes.search import K, MinScore, SimilarityParam, check_k, search_response
+from deepfeat.app.routes.search import K, MinScore, SimilarityParam, Where, check_k, search_response
 from deepfeat.app.schemas import BatchResponse, EmbedResponse, error_responses
 from deepfeat.classifiers import DEFAULT_CLASSIFIER
 from deepfeat.index.errors import StoreError
@@ -92,7 +92,12 @@ def _images(ok: list[tuple[int, LoadedImage]]) -> list[Image.Image]:
 
 @_route("/search/batch", statuses=(400, 401, 409, 413, 422, 503), auth=require_read)
 def search_batch(
-    state: State, files: Files, k: K = 10, min_score: MinScore = None, similarity: SimilarityParam = "visual"
+    state: State,
+    files: Files,
+    k: K = 10,
+    min_score: MinScore = None,
+    similarity: SimilarityParam = "visual",
+    where: Where = None,
 ) -> JSONResponse:
     """/v1/search for each uploaded image, in one forward pass and one index search for all."""
     started = time.perf_counter()
@@ -103,7 +108,7 @@ def search_batch(
     if not ok:
         return _answer(items, ok, [])
     vectors = state.inference.embed(_images(ok), similarity=similarity)
-    hits = state.store.search(vectors, k, similarity=similarity)
+    hits = state.store.search(vectors, k, similarity=similarity, where=where)
     return _answer(items, ok, [search_response(state, h, min_score=min_score, started=started) for h in hits])
 
 

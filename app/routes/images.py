@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, Uploa
 from deepfeat.app.deps import State, read_upload, require_read, require_write
 from deepfeat.app.errors import APIError
 from deepfeat.app.routes.common import image_info
-from deepfeat.app.routes.search import K, MinScore, SimilarityParam, check_k, search_response
+from deepfeat.app.routes.search import K, MinScore, SimilarityParam, Where, check_k, search_response
 from deepfeat.app.schemas import (
     AddImageResponse,
     DeleteResponse,
@@ -118,9 +118,13 @@ def list_images(
     cursor: Annotated[
         str | None, Query(max_length=64, description="`next_cursor` of the previous page")
     ] = None,
+    where: Where = None,
 ) -> ImagePage:
-    """Page through the indexed images in the order they were added."""
-    records, next_seq = state.store.list_images(limit=limit, after_seq=_decode_cursor(cursor))
+    """Page through the indexed images in the order they were added (those matching ``filter``).
+
+    The cursor is a position, not an offset: images added or deleted while paging never make a page
+    repeat an image or skip one that existed throughout."""
+    records, next_seq = state.store.list_images(limit=limit, after_seq=_decode_cursor(cursor), where=where)
     return ImagePage(
         items=[image_info(record) for record in records],
         next_cursor=None if next_seq is None else _encode_cursor(next_seq),
@@ -159,11 +163,12 @@ def similar_images(
     k: K = 10,
     min_score: MinScore = None,
     similarity: SimilarityParam = "visual",
+    where: Where = None,
 ) -> SearchResponse:
     """More like this: search with an indexed image's stored vector; the image itself is not returned."""
     started = time.perf_counter()
     check_k(state, k)
-    hits = state.store.similar(image_id, k, similarity=similarity)
+    hits = state.store.similar(image_id, k, similarity=similarity, where=where)
     return search_response(state, hits, min_score=min_score, started=started)
 
 

@@ -9,6 +9,7 @@ from deepfeat.app.deps import State, read_upload, require_read
 from deepfeat.app.errors import APIError
 from deepfeat.app.routes.common import model_info, thumbnail_url
 from deepfeat.app.schemas import SearchHit, SearchResponse, error_responses
+from deepfeat.index.filters import Filter, parse_filter
 from deepfeat.index.store import Hit
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
@@ -19,6 +20,23 @@ MinScore = Annotated[
     float | None,
     Query(ge=-1, le=1, description='Drop results scoring below this ("no match" is an empty list)'),
 ]
+FILTER_HELP = (
+    'Only images whose metadata match this JSON filter, e.g. {"album": "2024"}, '
+    '{"year": {"$gte": 2020, "$lt": 2025}}, {"tag": {"$in": ["a", "b"]}}, {"source": {"$prefix": "photos/"}}, '
+    "with $eq $ne $gt $gte $lt $lte $in $nin $exists $prefix $and $or (README, Filters). "
+    "422 invalid_filter says what is wrong."
+)
+
+
+def _where(
+    filter: Annotated[str | None, Query(max_length=16_384, description=FILTER_HELP)] = None,  # noqa: A002
+) -> Filter | None:
+    return parse_filter(filter)
+
+
+Where = Annotated[Filter | None, Depends(_where)]
+"""The ``filter`` query parameter, checked (422 invalid_filter) before any upload is read."""
+
 SimilarityParam = Annotated[
     Literal["visual", "semantic"],
     Query(
@@ -40,6 +58,7 @@ def search(
     k: K = 10,
     min_score: MinScore = None,
     similarity: SimilarityParam = "visual",
+    where: Where = None,
 ) -> SearchResponse:
     """Find the indexed images most similar to the uploaded one (cosine similarity, best first)."""
     started = time.perf_counter()
@@ -48,7 +67,7 @@ def search(
         state.store.semantic_index()  # refuse before decoding and a forward pass
     image = read_upload(state, file)
     vector = state.inference.embed([image.image], similarity=similarity)
-    hits = state.store.search(vector, k, similarity=similarity)[0]
+    hits = state.store.search(vector, k, similarity=similarity, where=where)[0]
     return search_response(state, hits, min_score=min_score, started=started)
 
 

@@ -157,3 +157,62 @@ def test_similar_semantic_on_a_store_without_semantic_vectors_is_409(
     image_id = client.post("/v1/images", files=upload(photos["coffee"])).json()["id"]
     _error(client.get(f"/v1/images/{image_id}/similar?similarity=semantic"), 409, "semantic_unavailable")
     assert client.get(f"/v1/images/{image_id}/similar").json()["results"] == []  # nothing else indexed
+
+
+def test_filter_on_search_similar_listing_and_batch(
+    client: TestClient, indexed: dict[str, str], photos: dict[str, Image.Image]
+) -> None:
+    """The same filter on every route that takes one: only matching images, the best k of them."""
+    names = sorted(indexed)
+    wanted = {"name": {"$in": names[:3]}}
+    query = "filter=" + json.dumps(wanted)
+    allowed = {indexed[n] for n in names[:3]}
+
+    found = client.post(f"/v1/search?k=10&{query}", files=upload(photos["rocket"])).json()["results"]
+    assert {r["id"] for r in found} == allowed  # all three, whatever their rank without the filter
+    unfiltered = client.post("/v1/search?k=10", files=upload(photos["rocket"])).json()["results"]
+    assert [r["id"] for r in found] == [r["id"] for r in unfiltered if r["id"] in allowed]
+
+    similar = client.get(f"/v1/images/{indexed[names[0]]}/similar?k=10&{query}").json()["results"]
+    assert {r["id"] for r in similar} == allowed - {indexed[names[0]]}
+
+    listed = client.get(f"/v1/images?limit=2&{query}").json()
+    ids = [item["id"] for item in listed["items"]]
+    rest = client.get(f"/v1/images?limit=2&cursor={listed['next_cursor']}&{query}").json()
+    assert rest["next_cursor"] is None and set(ids + [i["id"] for i in rest["items"]]) == allowed
+
+    batch = client.post(
+        f"/v1/search/batch?k=10&{query}",
+        files=[("files", ("a.jpg", jpeg_bytes(photos["coffee"]), "image/jpeg"))],
+    ).json()
+    assert {r["id"] for r in batch["items"][0]["result"]["results"]} == allowed
+
+    source = json.dumps({"source": {"$prefix": "rock"}})
+    assert [r["id"] for r in client.get(f"/v1/images?filter={source}").json()["items"]] == [indexed["rocket"]]
+    assert client.get("/v1/images?filter=" + json.dumps({"name": "nobody"})).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        ("{", "filter is not valid JSON"),
+        ('{"name": {"$regex": "x"}}', "filter.name: unknown operator '$regex'"),
+        ('{"year": {"$gte": 1, "$lt": "z"}}', "filter.year: range bounds must be all numbers or all strings"),
+        ('["name"]', "filter: expected a JSON object, got a list"),
+    ],
+)
+def test_invalid_filter_is_422_on_every_route(
+    client: TestClient, indexed: dict[str, str], photos: dict[str, Image.Image], text: str, detail: str
+) -> None:
+    for resp in (
+        client.post("/v1/search", params={"filter": text}, files=upload(photos["rocket"])),
+        client.get(f"/v1/images/{indexed['rocket']}/similar", params={"filter": text}),
+        client.get("/v1/images", params={"filter": text}),
+        client.post(
+            "/v1/search/batch",
+            params={"filter": text},
+            files=[("files", ("a.jpg", jpeg_bytes(photos["coffee"]), "image/jpeg"))],
+        ),
+    ):
+        body = _error(resp, 422, "invalid_filter")
+        assert body["detail"].startswith(detail)

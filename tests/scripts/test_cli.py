@@ -66,6 +66,21 @@ def test_index_search_classify(
     code, _, err = run(capsys, "search", str(query), "--id", rocket_id, "--data-dir", data)
     assert code == 2 and err.startswith("error [usage]")
 
+    # Filters: the indexer records no metadata, so filter on the source (the sub-folder's photos).
+    in_sub = json.dumps({"source": {"$prefix": str(photo_dir / "sub") + "/"}})
+    code, out, _ = run(
+        capsys, "search", str(query), "-k", "10", "--filter", in_sub, "--data-dir", data, "--json"
+    )
+    sources = [r["source"] for r in json.loads(out)["results"]]
+    assert code == 0 and sources and all("/sub/" in s for s in sources)
+    assert len(sources) == len([p for p in (photo_dir / "sub").iterdir()])
+    code, out, _ = run(capsys, "search", "--id", rocket_id, "--filter", in_sub, "--data-dir", data, "--json")
+    assert code == 0 and all("/sub/" in r["source"] for r in json.loads(out)["results"])
+    code, _, err = run(capsys, "search", str(query), "--filter", '{"a": {"$regex": 1}}', "--data-dir", data)
+    assert code == 2 and err.startswith("error [invalid_filter]: filter.a: unknown operator '$regex'")
+    code, out, _ = run(capsys, "duplicates", "--filter", in_sub, "--data-dir", data, "--json")
+    assert code == 0
+
     cat = tmp_path / "cat.jpg"
     cat.write_bytes(jpeg_bytes(photos["chelsea"]))
     code, out, _ = run(capsys, "classify", str(cat), "-k", "3", "--json")
