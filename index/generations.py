@@ -325,7 +325,17 @@ def _owner_alive(partial: Path) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped: a killed build whose parent died too stays
+    a zombie until init reaps it, which in a container without an init may be never."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (not Linux), or gone meanwhile: the signal check above decides
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 def remove_unreferenced(gen_dir: Path, keep: Iterable[int]) -> list[str]:

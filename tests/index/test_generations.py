@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -645,3 +646,27 @@ def test_a_claim_left_by_a_killed_build_is_swept(writer: ImageStore) -> None:
     assert live.exists()
     info = build(writer.data_dir)  # its own claim became gen-000001.partial, then was published
     assert info.number == 1 and [p.name for p in gen_dir.glob(f"{CLAIM_PREFIX}*")] == [live.name]
+
+
+def test_a_partial_whose_build_is_a_zombie_is_swept(tmp_path: Path) -> None:
+    """A killed build whose parent died too stays a zombie until something reaps it (in a container
+    without an init, maybe never): its directory is not a live build's."""
+    import socket
+
+    from deepfeat.index.generations import OWNER_FILE, partial_name, remove_unreferenced
+
+    gen_dir = tmp_path / GENERATIONS_DIR
+    gen_dir.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, unreaped: a zombie of this test
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 30
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        partial = gen_dir / partial_name(3)
+        partial.mkdir()
+        (partial / OWNER_FILE).write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
+        assert remove_unreferenced(gen_dir, keep=[]) == [partial.name]
+    finally:
+        child.wait()
