@@ -53,10 +53,14 @@ def served(
 
 
 def proc_status(pid: int) -> tuple[int, int]:
-    """(resident set size in bytes, open file descriptors) of a process, from /proc."""
+    """(anonymous resident memory in bytes, open file descriptors) of a process, from /proc.
+
+    Anonymous memory (RssAnon) is what a leak grows. The file-backed part of the RSS also grows when
+    a route first runs code of a shared library not touched before, and the kernel drops those pages
+    under pressure: not a leak."""
     rss = 0
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith("RssAnon:"):
                 rss = int(line.split()[1]) * 1024
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
