@@ -41,9 +41,18 @@ from deepfeat.index.errors import (
 from deepfeat.index.filters import Filter
 from deepfeat.index.ids import MAX_VECTORS_PER_IMAGE
 
-__all__ = ["SCHEMA_VERSION", "Catalog", "CatalogIdentity", "NewImage", "ImageRecord", "InsertResult"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Catalog",
+    "CatalogIdentity",
+    "ExportedImage",
+    "NewImage",
+    "ImageRecord",
+    "InsertResult",
+]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_ID_RE = re.compile(r"[0-9a-f]{32}")
 _META_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _VECTOR_DTYPE = np.dtype("<f4")
 
@@ -80,6 +89,20 @@ class NewImage:
     nbytes: int | None
     metadata: dict[str, Any] = field(default_factory=dict)
     thumbnail: bytes | None = None
+    id: str | None = None
+    """The id to give it (``deepfeat import`` keeps an export's ids); None: a new random one."""
+    added_at: float | None = None
+    """When it was first added (an import keeps the original time); None: now."""
+
+
+@dataclass(frozen=True)
+class ExportedImage:
+    """One image as ``deepfeat export`` writes it: its record, all its vectors (global first, then
+    regional) and its semantic vector when it has one."""
+
+    record: ImageRecord
+    vectors: np.ndarray
+    semantic: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -208,6 +231,10 @@ class Catalog:
             raise InvalidArgumentError(
                 f"row {index}: sha256 must be 64 lowercase hex characters, got {str(row.sha256)[:80]!r}"
             )
+        if row.id is not None and not (isinstance(row.id, str) and _ID_RE.fullmatch(row.id)):
+            raise InvalidArgumentError(
+                f"row {index}: id must be 32 lowercase hex characters, got {str(row.id)[:80]!r}"
+            )
         vector = np.asarray(vector)
         if vector.ndim == 1:
             vector = vector[None, :]
@@ -319,12 +346,18 @@ class Catalog:
                         if cursor.rowcount:
                             conn.execute("INSERT INTO semantic_updates(seq) VALUES (?)", (seq,))
                     continue
-                image_id = uuid.uuid4().hex
-                cursor = conn.execute(
-                    "INSERT INTO images(id, sha256, source, width, height, nbytes, metadata, vector, added_at,"
-                    " semantic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (image_id, *params, now, None if sem is None else sem[i].tobytes()),
-                )
+                image_id = row.id or uuid.uuid4().hex
+                added_at = now if row.added_at is None else float(row.added_at)
+                try:
+                    cursor = conn.execute(
+                        "INSERT INTO images(id, sha256, source, width, height, nbytes, metadata, vector,"
+                        " added_at, semantic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (image_id, *params, added_at, None if sem is None else sem[i].tobytes()),
+                    )
+                except sqlite3.IntegrityError as exc:  # only a given id can collide
+                    raise InvalidArgumentError(
+                        f"row {i}: id {image_id} is already taken by other content"
+                    ) from exc
                 seq = int(cursor.lastrowid or 0)
                 if row.thumbnail is not None:
                     conn.execute(
@@ -448,6 +481,37 @@ class Catalog:
             params += where.params
         rows = self._db.fetchall("listing images", sql + " ORDER BY seq LIMIT ?", (*params, int(limit)))
         return [(int(row[0]), self._record(row[1:])) for row in rows]
+
+    def export_page(
+        self, *, after_seq: int, limit: int, where: Filter | None = None
+    ) -> list[tuple[int, ExportedImage]]:
+        """Up to ``limit`` images with seq > ``after_seq`` (matching ``where``), in seq order, each
+        with every vector it holds: one bounded page of ``deepfeat export``."""
+        sql = f"SELECT seq, {_RECORD_COLUMNS}, vector, {self._semantic_column} FROM images WHERE seq > ?"
+        params: tuple[Any, ...] = (int(after_seq),)
+        if where is not None and not where.matches_all:
+            self._check_filterable()
+            sql += f" AND seq IN ({where.sql})"
+            params += where.params
+        rows = self._db.fetchall("exporting images", sql + " ORDER BY seq LIMIT ?", (*params, int(limit)))
+        width = self._dim * _VECTOR_DTYPE.itemsize
+        out = []
+        for row in rows:
+            blob, semantic = row[-2], row[-1]
+            if not blob or len(blob) % width:
+                raise CorruptStoreError(
+                    f"catalog holds a vector whose size is not {self._dim} float32 values"
+                )
+            vectors = np.frombuffer(blob, dtype=_VECTOR_DTYPE).astype(np.float32).reshape(-1, self._dim)
+            sem = (
+                None if semantic is None else np.frombuffer(semantic, dtype=_VECTOR_DTYPE).astype(np.float32)
+            )
+            out.append((int(row[0]), ExportedImage(self._record(row[1:-2]), vectors, sem)))
+        return out
+
+    @property
+    def _semantic_column(self) -> str:
+        return "semantic" if self.has_semantic_column else "NULL"
 
     def match(self, where: Filter) -> np.ndarray:
         """The seqs of the images matching a filter, sorted (int64), answered from SQLite's indexes."""

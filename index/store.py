@@ -49,7 +49,7 @@ import numpy as np
 
 from deepfeat.index import duplicates
 from deepfeat.index._fs import FileLock
-from deepfeat.index.catalog import Catalog, ImageRecord, NewImage
+from deepfeat.index.catalog import Catalog, ExportedImage, ImageRecord, NewImage
 from deepfeat.index.errors import (
     IncompatibleIndexError,
     InvalidArgumentError,
@@ -300,6 +300,12 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
     def semantic_dim(self) -> int | None:
         """Dimension of the semantic vectors this instance keeps (None: opened without them)."""
         return None if self._semantic is None else self._semantic.dim
+
+    @property
+    def stored_semantic_dim(self) -> int | None:
+        """Dimension of the semantic vectors the catalog holds (None: none), whatever this instance
+        was opened with."""
+        return self._catalog.semantic_dim()
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -681,6 +687,20 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         more = len(rows) > limit
         rows = rows[:limit]
         return [record for _, record in rows], (rows[-1][0] if more else None)
+
+    def export(self, *, where: Filter | None = None, batch: int = 1000) -> Iterator[list[ExportedImage]]:
+        """Every image (matching ``where``) with all its stored vectors, in insertion order, ``batch``
+        at a time: memory stays bounded by one batch whatever the store's size. Images added while
+        it runs may be included; none that existed throughout is skipped or repeated.
+        """
+        self._check_open()
+        after = 0
+        while True:
+            page = self._catalog.export_page(after_seq=after, limit=batch, where=where)
+            if not page:
+                return
+            yield [image for _, image in page]
+            after = page[-1][0]
 
     def semantic_index(self) -> SemanticIndex:
         """The semantic index, or :class:`SemanticUnavailableError` saying how to get one."""

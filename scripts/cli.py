@@ -327,6 +327,7 @@ _BENCHES = {
     "ray": "deepfeat.scripts.bench_ray",
     "cli": "deepfeat.scripts.bench_cli",
     "engines": "deepfeat.scripts.bench_engines",
+    "filter": "deepfeat.scripts.bench_filter",
 }
 
 
@@ -475,6 +476,48 @@ def _args_duplicates(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_duplicates)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from deepfeat.index.store import ImageStore
+    from deepfeat.scripts.export_import import export_store
+
+    where = parse_filter(args.filter)
+    settings = settings_from_args(args)
+    manifest = existing_manifest(settings)
+    if manifest is None:
+        return 2
+    with ImageStore.open(
+        settings.data_dir, fingerprint=manifest.fingerprint, dim=manifest.dim, read_only=True
+    ) as store:
+        summary = export_store(store, args.out, fmt=args.format, where=where)
+    echo(f"exported {summary.images} images ({summary.vectors} vectors) to {summary.path}")
+    return 0
+
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    from deepfeat.scripts.export_import import FORMATS
+
+    p.add_argument("--data-dir", help="the store (default: DEEPFEAT_DATA_DIR, then ./data)")
+    p.add_argument("--out", required=True, help="the file to write (written aside, renamed when complete)")
+    p.add_argument("--format", choices=FORMATS, default="parquet", help="parquet (default), jsonl or npy")
+    p.add_argument("--filter", help="only images whose metadata match this JSON filter (as for search)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from deepfeat.scripts.export_import import import_file
+
+    settings = settings_from_args(args)
+    summary = import_file(args.file, settings.data_dir)
+    echo(f"imported {summary.added}, already present {summary.already_present}, into {settings.data_dir}")
+    return 0
+
+
+def _args_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a file written by deepfeat export (any format)")
+    p.add_argument("--data-dir", help="the store to load it into (created when absent)")
+    p.set_defaults(func=_cmd_import)
+
+
 def _args_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", choices=sorted(_BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
@@ -546,6 +589,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     ),
     "whiten": ("learn PCA-whitening for a store (applied to every query automatically)", _args_whiten),
     "duplicates": ("list groups of near-identical images in a store", _args_duplicates),
+    "export": ("write a store's ids, sources, metadata and vectors to parquet, jsonl or npy", _args_export),
+    "import": ("load an export into a store made by the same embedder (or a new store)", _args_import),
     "bench": ("benchmarks: " + ", ".join(_BENCHES) + " (prints medians and ratios)", _args_bench),
     "eval": ("retrieval evaluation: category or copy detection, with sweeps", _args_eval),
     "serve": ("run the HTTP service (API + web page) on a store", _args_serve),
