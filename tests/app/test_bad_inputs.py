@@ -683,3 +683,55 @@ def test_right_api_key_header_name_is_case_insensitive(app: App, photos: Photos)
             headers={**h.multipart_headers(), "x-api-key": KEY},
         )
     assert resp.status_code == 201
+
+
+# ============================================================================ the batch routes: whole-request errors
+
+BATCH_ROUTES = ("/v1/search/batch", "/v1/embed/batch", "/v1/classify/batch", "/v1/images/batch")
+
+
+def _files(*datas: bytes) -> bytes:
+    return h.multipart(
+        [_P("files", d, filename=f"{i}.jpg", content_type="image/jpeg") for i, d in enumerate(datas)]
+    )
+
+
+def _batch_over_limit(photos: Photos) -> tuple[bytes, dict[str, str]]:
+    jpeg = h.encode(photos["coffee"])
+    copies = LIMIT // len(jpeg) + 2  # together over the body limit, each one well under it
+    return _files(*[jpeg] * copies), h.multipart_headers(**AUTH)
+
+
+BATCH_REJECTED: dict[str, tuple[Build, int, str]] = {
+    "over-limit-in-total": (_batch_over_limit, 413, "payload_too_large"),
+    "huge-declared-content-length-tiny-body": (_huge_declared_length, 413, "payload_too_large"),
+    "non-numeric-content-length": (_bad_length("12abc"), 400, "malformed_body"),
+    "no-files-field": (_raw(h.multipart([_P("source", b"x")])), 422, "invalid_request"),
+    "file-instead-of-files": (_raw(h.file_body(_MALFORMED_FILE)), 422, "invalid_request"),
+    "files-sent-as-text-fields": (
+        _raw(h.multipart([_P("files", b"x"), _P("files", b"y")])),
+        422,
+        "invalid_request",
+    ),
+    "not-multipart-at-all": (_raw(b'{"files": ["x"]}', "application/json"), 422, "invalid_request"),
+    "malformed-garbage-body": (_raw(b"--nope\r\ngarbage\r\n\r\n"), 400, "malformed_body"),
+    "malformed-no-boundary-parameter": (
+        _raw(_files(_MALFORMED_FILE), "multipart/form-data"),
+        400,
+        "malformed_body",
+    ),
+    "33-files": (_raw(_files(*[_MALFORMED_FILE] * 33)), 422, "too_many_files"),
+    "257-files-past-the-parser-cap": (_raw(_files(*[b"x"] * 257)), 400, "malformed_body"),
+    "1000-text-fields": (_raw(h.multipart([_P(f"f{i}", b"x") for i in range(1000)])), 400, "malformed_body"),
+}
+
+
+@pytest.mark.parametrize("route", BATCH_ROUTES)
+@pytest.mark.parametrize("row", list(BATCH_REJECTED))
+def test_batch_rejected(app: App, photos: Photos, route: str, row: str) -> None:
+    """A request that is wrong as a whole is refused as a whole, on every batch route: the status and
+    code of the single routes, nothing stored (per-file problems are items of a 200: test_batch)."""
+    build, status, code = BATCH_REJECTED[row]
+    body, headers = build(photos)
+    with nothing_stored(app):
+        _error(app.post(body, headers, route), status, code)
