@@ -8,12 +8,14 @@ Chromium the tests skip locally and fail when ``CI`` is set, so CI never passes 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -310,3 +312,176 @@ def test_result_details_and_search_with_this(
     finally:
         with httpx.Client(base_url=server["base"], headers={"X-API-Key": API_KEY}, timeout=30) as http:
             assert http.delete(f"/v1/images/{added}").status_code == 200
+
+
+def _flipped(path: Path) -> bytes:
+    """The photo mirrored: new content (so a new image), still looking like the original."""
+    with Image.open(path) as img:
+        return _jpeg(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+
+def _filter_of(url: str) -> Any:
+    """The ``filter`` query parameter of a request, parsed (None when there is none)."""
+    values = parse_qs(urlsplit(url).query).get("filter")
+    return None if values is None else json.loads(values[0])
+
+
+def test_metadata_filter_box(
+    page: Any, server: dict[str, Any], photo_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The Filter box: sent as ?filter= on uploaded-image searches and on "Search with this", only when
+    filled; not-JSON is refused in the page without a request; the server's invalid_filter detail shows
+    next to the box while the previous results stay; the active filter is a chip that clears it."""
+    from playwright.sync_api import expect
+
+    base = server["base"]
+    tagged = {
+        "chelsea.jpg": {"album": "2024", "year": 2024},
+        "coffee.jpg": {"album": "2024", "year": 2021},
+        "rocket.jpg": {"album": "2023", "year": 2023},
+    }
+    added: dict[str, str] = {}
+    with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}, timeout=30) as http:
+        for name, metadata in tagged.items():
+            resp = http.post(
+                "/v1/images",
+                files={"file": (name, _flipped(photo_files[name]), "image/jpeg")},
+                data={"source": f"flipped/{name}", "metadata": json.dumps(metadata)},
+            )
+            assert resp.status_code == 201, resp.text
+            added[name] = resp.json()["id"]
+        bad_filter = '{"year": {"$gte": 1, "$lt": "z"}}'
+        refused = http.get("/v1/images", params={"filter": bad_filter})
+    assert refused.status_code == 422 and refused.json()["code"] == "invalid_filter", refused.text
+    server_detail = refused.json()["detail"]
+    assert server_detail.startswith("filter.year:"), server_detail
+
+    searches: list[str] = []  # every search request the page sends (upload and more-like-this)
+    outside: list[str] = []
+
+    def on_request(request: Any) -> None:
+        path = urlsplit(request.url).path
+        if path == "/v1/search" or path.endswith("/similar"):
+            searches.append(request.url)
+
+    def only_loopback(route: Any) -> None:
+        if route.request.url.startswith(base) or route.request.url.startswith(("blob:", "data:")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    def ids(cards: Any) -> list[str | None]:
+        return [c.get_attribute("data-id") for c in cards.all()]
+
+    try:
+        page.route("**/*", only_loopback)
+        page.on("request", on_request)
+        page.goto(base + "/")
+        box = page.get_by_role("textbox", name=re.compile(r"^Filter"))  # the label names the input
+        expect(box).to_have_attribute("placeholder", '{"album": "2024"}')
+        expect(page.get_by_test_id("filter-help")).to_contain_text("$gte")
+        expect(page.get_by_test_id("filter-help")).to_contain_text("$prefix")
+        cards = page.get_by_test_id("results-grid").get_by_test_id("result-card")
+        inline = page.get_by_test_id("filter-error")
+        chip = page.get_by_test_id("filter-active")
+        error = page.get_by_test_id("error")
+
+        # A filter typed before choosing the image: only the album "2024" ones come back.
+        box.fill('{"album": "2024"}')
+        with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/search") as answer:
+            page.get_by_test_id("file-input").set_input_files(str(photo_files["chelsea.jpg"]))
+        assert answer.value.status == 200
+        assert _filter_of(answer.value.url) == {"album": "2024"}
+        expect(cards).to_have_count(2)
+        expect(cards.first).to_have_attribute("data-id", added["chelsea.jpg"])
+        assert sorted(ids(cards)) == sorted([added["chelsea.jpg"], added["coffee.jpg"]])
+        expect(chip).to_be_visible()
+        expect(chip).to_contain_text('filtered: {"album": "2024"}')
+        expect(inline).to_be_hidden()
+        shown = ids(cards)
+
+        # Not JSON: said next to the box, and nothing is sent (Apply, nor a new image: that is only
+        # classified). A request of our own afterwards marks the point by which one would have gone.
+        sent = len(searches)
+        box.fill('{"album": 2024')
+        box.press("Enter")
+        expect(inline).to_be_visible()
+        expect(inline).to_contain_text("Not valid JSON")
+        expect(box).to_have_attribute("aria-invalid", "true")
+        expect(box).to_have_attribute("aria-describedby", re.compile(r"\bfilter-error\b"))
+        with page.expect_response(lambda r: r.url.endswith("/v1/stats")):
+            page.evaluate("() => fetch('/v1/stats')")
+        with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/classify"):
+            page.get_by_test_id("file-input").set_input_files(str(photo_files["coffee.jpg"]))
+        expect(page.get_by_test_id("classes-list")).to_contain_text(re.compile(r"espresso|cup", re.I))
+        with page.expect_response(lambda r: r.url.endswith("/v1/stats")):
+            page.evaluate("() => fetch('/v1/stats')")
+        box.fill('["album", "2024"]')  # JSON, but not an object
+        page.get_by_test_id("filter-apply").click()
+        expect(inline).to_contain_text("must be a JSON object")
+        with page.expect_response(lambda r: r.url.endswith("/v1/stats")):
+            page.evaluate("() => fetch('/v1/stats')")
+        assert searches[sent:] == []
+        assert ids(cards) == shown  # the previous results stay
+        expect(error).to_be_hidden()
+
+        # JSON, but not a filter: the server's 422 detail shows next to the box, not as an error banner,
+        # and the previous results (and their chip) stay.
+        box.fill(bad_filter)
+        with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/search") as answer:
+            box.press("Enter")
+        assert answer.value.status == 422
+        assert _filter_of(answer.value.url) == json.loads(bad_filter)
+        expect(inline).to_have_text(server_detail)
+        expect(box).to_have_attribute("aria-invalid", "true")
+        expect(error).to_be_hidden()
+        expect(cards).to_have_count(2)
+        assert ids(cards) == shown
+        expect(chip).to_contain_text('filtered: {"album": "2024"}')
+        expect(page.get_by_test_id("results-grid")).to_have_attribute("aria-busy", "false")
+        _screenshot(page, tmp_path / "page-filter.png", "/tmp/deepfeat-page-filter.png")
+
+        # One click on the chip clears the filter and searches again (the coffee photo, chosen above)
+        # without ?filter=: every image is back.
+        with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/search") as answer:
+            page.get_by_test_id("filter-clear").click()
+        assert answer.value.status == 200
+        assert _filter_of(answer.value.url) is None
+        expect(box).to_have_value("")
+        expect(inline).to_be_hidden()
+        expect(box).to_have_attribute("aria-invalid", "false")
+        expect(chip).to_be_hidden()
+        expect(cards).to_have_count(len(server["ids"]) + len(added))
+        expect(cards.first.get_by_test_id("result-source")).to_have_text("coffee.jpg")
+
+        # A range filter with Apply, then "Search with this" on a result: more-like-this filtered too.
+        box.fill('{"year": {"$gte": 2022}}')
+        with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/search") as answer:
+            page.get_by_test_id("filter-apply").click()
+        assert _filter_of(answer.value.url) == {"year": {"$gte": 2022}}
+        expect(cards).to_have_count(2)
+        assert sorted(ids(cards)) == sorted([added["chelsea.jpg"], added["rocket.jpg"]])
+        page.locator(f"[data-testid=result-card][data-id='{added['chelsea.jpg']}']").click()
+        expect(page.get_by_test_id("detail-meta")).to_contain_text('"album": "2024"')
+        with page.expect_response(lambda r: urlsplit(r.url).path.endswith("/similar")) as answer:
+            page.get_by_test_id("search-with-this").click()
+        assert answer.value.status == 200
+        assert urlsplit(answer.value.url).path == f"/v1/images/{added['chelsea.jpg']}/similar"
+        assert _filter_of(answer.value.url) == {"year": {"$gte": 2022}}
+        expect(cards).to_have_count(1)  # the only other image from 2022 on
+        expect(cards.first).to_have_attribute("data-id", added["rocket.jpg"])
+        expect(chip).to_contain_text('filtered: {"year": {"$gte": 2022}}')
+
+        # Clearing after more-like-this runs that again, unfiltered: every image but the one searched with.
+        with page.expect_response(lambda r: urlsplit(r.url).path.endswith("/similar")) as answer:
+            page.get_by_test_id("filter-clear").click()
+        assert _filter_of(answer.value.url) is None
+        expect(cards).to_have_count(len(server["ids"]) + len(added) - 1)
+        expect(cards.first).to_have_attribute("data-id", server["ids"]["chelsea.jpg"])
+        expect(error).to_be_hidden()
+        assert outside == []
+    finally:
+        with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}, timeout=30) as http:
+            for image_id in added.values():
+                assert http.delete(f"/v1/images/{image_id}").status_code == 200
