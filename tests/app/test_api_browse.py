@@ -187,6 +187,9 @@ def test_filter_on_search_similar_listing_and_batch(
     ).json()
     assert {r["id"] for r in batch["items"][0]["result"]["results"]} == allowed
 
+    too_long = json.dumps({"name": {"$in": ["x" * 60] * 70}})  # over 4096 characters
+    _error(client.get("/v1/images", params={"filter": too_long}), 422, "invalid_request")
+
     source = json.dumps({"source": {"$prefix": "rock"}})
     assert [r["id"] for r in client.get(f"/v1/images?filter={source}").json()["items"]] == [indexed["rocket"]]
     assert client.get("/v1/images?filter=" + json.dumps({"name": "nobody"})).json()["items"] == []
