@@ -787,7 +787,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             scores, ids = self._search_index(queries, k * per_image)
         else:
             selected = all_vector_ids(among, per_image) if per_image > 1 else among
-            share = among.size / max(1, self._catalog.count())
+            share = among.size / max(1, self.count)
             scores, ids = self._search_index(queries, k * per_image, among=selected, share=share)
         if per_image > 1:
             scores, ids = aggregate(scores, ids, k)
