@@ -23,9 +23,9 @@ of the imported store answer what the exported one did. Content already in the s
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepfeat.index._fs import TMP_MARKER, temp_path_for
 from deepfeat.index.errors import InvalidArgumentError, StoreError
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ def export_store(
         raise ExportError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(path)
     identity = _identity(store)
     pages = store.export(where=where, batch=PAGE)
     writer = {"parquet": _write_parquet, "jsonl": _write_jsonl, "npy": _write_npy}[fmt]
@@ -114,10 +116,23 @@ def export_store(
     return ExportSummary(path=str(path), format=fmt, images=images, vectors=vectors)
 
 
-def _aside(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+def _aside(path: Path, part: str = "") -> Path:
+    """Where ``path`` is written until complete: the data dir's temp-file rule
+    (``<name>.tmp-<pid>-<random>``), so an export killed midway is recognised and swept."""
+    return temp_path_for(path.with_name(path.name + part))
+
+
+def _sweep(path: Path) -> None:
+    """Remove what an earlier export to ``path`` left when it was killed (its process is gone)."""
+    for target in (path, records_path(path)):
+        for stale in target.parent.glob(glob.escape(target.name) + "*" + TMP_MARKER + "*"):
+            try:
+                pid = int(stale.name.rsplit(TMP_MARKER, 1)[1].split("-", 1)[0])
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError):
+                stale.unlink(missing_ok=True)
+            except PermissionError:
+                pass  # another user's live process
 
 
 def _write_jsonl(
@@ -193,7 +208,7 @@ def records_path(path: Path) -> Path:
 def _write_npy(path: Path, identity: dict[str, Any], pages: Iterator[list[ExportedImage]]) -> tuple[int, int]:
     """Rows go to a raw file as they come; the matrix is then that file behind an .npy header (the row
     count is only known at the end)."""
-    raw, tmp, records_tmp = _aside(path), _aside(path), _aside(records_path(path))
+    raw, tmp, records_tmp = _aside(path, ".rows"), _aside(path), _aside(records_path(path))
     images = 0
     try:
         with raw.open("wb") as rows, records_tmp.open("w", encoding="utf-8") as records:

@@ -4,6 +4,7 @@ the exported one did; a store made by another embedder is refused; memory stays 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_round_trip_answers_every_search_as_before(tmp_path: Path, fmt: str) -> 
     out = tmp_path / f"export.{fmt}"
     summary = export_store(source, out, fmt=fmt)
     assert (summary.images, summary.vectors) == (300, 900)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # nothing left aside
     result = import_file(out, tmp_path / "b")
     assert (result.added, result.already_present) == (300, 0)
     with ImageStore.open(tmp_path / "b", fingerprint=FINGERPRINT, dim=DIM, semantic_dim=8) as imported:
@@ -178,3 +179,19 @@ def test_exporting_100k_vectors_stays_under_the_memory_bound(tmp_path: Path) -> 
         )  # fmt: skip
         grew = int(done.stdout.strip().splitlines()[-1])
         assert grew < 64 * 2**20, (fmt, grew)
+
+
+def test_an_export_killed_midway_leaves_no_file_and_the_next_one_sweeps_its_temp(tmp_path: Path) -> None:
+    """The file appears only complete; what a killed export left (its process gone) is swept by the
+    next export to the same place, and a live one's is not."""
+    with _store(tmp_path / "a", 10) as store:
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        )
+        stale = tmp_path / f"out.jsonl.tmp-{dead.stdout.strip()}-abcd1234"
+        stale.write_text("half an export")
+        live = tmp_path / f"out.jsonl.tmp-{os.getpid()}-0000ffff"
+        live.write_text("another export in progress")
+        export_store(store, tmp_path / "out.jsonl", fmt="jsonl")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "out.jsonl").read_text().count("\n") == 11
