@@ -142,7 +142,9 @@ def test_concurrent_uploads_for_a_fixed_time(
         late = [rss for t, rss, _ in samples if t > 2 * duration / 3] + [rss_after]
         assert len(warm) >= 3 and len(late) >= 3
         growth = statistics.median(late) - statistics.median(warm)
-        assert growth < 64 * 2**20, f"anonymous memory grew {growth / 2**20:.0f} MiB under steady load: {samples}"
+        assert growth < 64 * 2**20, (
+            f"anonymous memory grew {growth / 2**20:.0f} MiB under steady load: {samples}"
+        )
         assert max(rss for _, rss, _ in samples) < min(warm) + 512 * 2**20, samples  # and peaks are bounded
         # File descriptors: bounded while loaded (a socket per client, a SQLite connection of three files
         # per worker thread in use), and back to the start once the idle worker threads retire: anyio
