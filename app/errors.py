@@ -57,6 +57,8 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (store_errors.InvalidVectorError, 422),
     (store_errors.StoreFullError, 507),
     (store_errors.ReadOnlyStoreError, 403),
+    (store_errors.ReadOnlyFilesystemError, 503),
+    (store_errors.PermissionDeniedError, 503),
     (store_errors.IncompatibleIndexError, 409),
     (store_errors.SemanticUnavailableError, 409),
     (store_errors.CorruptStoreError, 503),

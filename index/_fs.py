@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deepfeat.index.errors import StoreFullError
+from deepfeat.index.errors import PermissionDeniedError, ReadOnlyFilesystemError, StoreError, StoreFullError
 from deepfeat.index.files import PENDING_MARKER, QUARANTINE_DIR, QUARANTINE_KEEP
 
 logger = logging.getLogger(__name__)
@@ -241,3 +241,30 @@ class FileLock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def check_writable(data_dir: Path) -> None:
+    """Create the data dir when missing and make sure this process can write in it, so a read-only
+    mount or a permission problem is one clear error before SQLite's "unable to open database file".
+
+    Raises:
+        ReadOnlyFilesystemError, PermissionDeniedError, StoreFullError: What the filesystem said.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = temp_path_for(data_dir / ".write-check")
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise ReadOnlyFilesystemError(
+                f"{data_dir} is on a read-only filesystem; remount it writable, or serve it read-only "
+                "(DEEPFEAT_READ_ONLY=true) without writing to it"
+            ) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDeniedError(
+                f"no permission to write in {data_dir} ({exc.strerror}); run as its owner or fix its permissions"
+            ) from None
+        if is_disk_full(exc):
+            raise StoreFullError(f"no space left for {data_dir}") from None
+        raise StoreError(f"cannot use {data_dir} as a data dir: {exc.strerror or exc}") from None

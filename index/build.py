@@ -48,7 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from deepfeat.index._fs import FileLock, fsync_dir, fsync_file, sha256_file
+from deepfeat.index._fs import FileLock, check_writable, fsync_dir, fsync_file, sha256_file
 from deepfeat.index.catalog import Catalog
 from deepfeat.index.choose import estimate_memory_bytes, min_train_vectors
 from deepfeat.index.errors import InvalidArgumentError, MemoryBudgetError, StoreError
@@ -478,6 +478,7 @@ def build_generation(
     started = time.monotonic()
     data_dir = Path(data_dir)
     source = _read_source(data_dir)
+    check_writable(data_dir)  # the generation is written beside the catalog
     catalog = Catalog(data_dir / CATALOG_FILE, dim=source.manifest.dim, read_only=True)
     try:
         watermarks = catalog.watermarks()  # read first: the generation holds the rows up to these

@@ -12,6 +12,7 @@ What the tables hold and every query on them: :mod:`index.catalog`.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import weakref
@@ -137,6 +138,13 @@ def _close_connection(conn: sqlite3.Connection) -> None:
         logger.warning("error closing a catalog connection", exc_info=True)
 
 
+def _on_read_only_filesystem(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def is_corruption(exc: sqlite3.Error) -> bool:
     """Whether SQLite says the file is damaged or not a database."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -221,6 +229,10 @@ class Database:
 
     def _connect(self) -> sqlite3.Connection:
         uri = self.path.resolve().as_uri() + ("?mode=ro" if self.read_only else "?mode=rwc")
+        if self.read_only and _on_read_only_filesystem(self.path):
+            # A WAL database needs its -shm file even to read, which nobody can create here; and on
+            # a read-only mount nothing can change the file, so SQLite may read it as immutable.
+            uri += "&immutable=1"
         try:
             conn = sqlite3.connect(
                 uri,

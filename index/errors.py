@@ -20,6 +20,8 @@ __all__ = [
     "CorruptStoreError",
     "StoreFullError",
     "ReadOnlyStoreError",
+    "ReadOnlyFilesystemError",
+    "PermissionDeniedError",
     "MemoryBudgetError",
     "SemanticUnavailableError",
 ]
@@ -93,6 +95,18 @@ class ReadOnlyStoreError(StoreError):
     """A write (add, delete, snapshot) on a store opened with ``read_only=True``."""
 
     code = "read_only"
+
+
+class ReadOnlyFilesystemError(StoreError):
+    """A writable open of a data dir on a filesystem mounted read-only."""
+
+    code = "read_only_filesystem"
+
+
+class PermissionDeniedError(StoreError):
+    """A writable open of a data dir this user may not write."""
+
+    code = "permission_denied"
 
 
 class MemoryBudgetError(InvalidArgumentError):

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepfeat.index._fs import FileLock, quarantine, remove_stale_temps, sha256_file, was_pending
+from deepfeat.index._fs import (
+    FileLock,
+    check_writable,
+    quarantine,
+    remove_stale_temps,
+    sha256_file,
+    was_pending,
+)
 from deepfeat.index.catalog import Catalog, CatalogIdentity
 from deepfeat.index.errors import (
     CorruptStoreError,
@@ -248,7 +255,7 @@ def prepare_open(data_dir: Path, given_fp: dict[str, Any], dim: int, *, read_onl
     if read_only and manifest is None and not (data_dir / CATALOG_FILE).exists():
         raise StoreError(f"no store in {data_dir} (read-only open needs an existing store)")
     if not read_only:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(data_dir)
     return open_generation(data_dir, manifest) if read_only and manifest is not None else None
 
 

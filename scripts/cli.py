@@ -644,6 +644,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; everything committed so far is kept, re-run to resume\n")
         return 130
+    except OSError as exc:  # the environment failed somewhere no code above translated it
+        if args.verbose:
+            logging.getLogger("deepfeat").exception("the command failed")
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"error [os_error]: {exc.strerror or exc}{where}\n")
+        return 2
 
 
 def console_main() -> None:

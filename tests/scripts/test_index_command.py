@@ -77,3 +77,63 @@ def test_sigterm_stops_the_indexer_with_one_line_and_loses_nothing(tmp_path: Pat
     assert done.returncode == 0 and f"already present {match.group(2)}," in done.stdout, (
         done.stdout + done.stderr
     )
+
+
+def test_a_read_only_filesystem_is_one_line_for_every_writer(tmp_path: Path) -> None:
+    """A new data dir, or an existing store, on a read-only mount: each writer says so in one line
+    with its code and exits 2, no traceback; read-only commands (search, export) still work."""
+    make_photo_set(tmp_path / "photos", 4, seed=3, sizes=[(320, 240)])
+    run = _runner(tmp_path)
+    assert run("index", str(tmp_path / "photos"), "--data-dir", str(tmp_path / "rw" / "data")).returncode == 0
+    with small_filesystem(tmp_path / "empty", 1):
+        subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "empty")], check=True)
+        done = run("index", str(tmp_path / "photos"), "--data-dir", str(tmp_path / "empty" / "data"))
+        _one_line_error(done, "read_only_filesystem")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "rw"), str(mount)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)
+        data = str(mount / "data")
+        for argv in (
+            ["index", str(tmp_path / "photos"), "--data-dir", data],
+            ["whiten", "--data-dir", data, "--dim", "2"],
+            ["build-index", "--data-dir", data, "--index", "IVF2,Flat"],
+            ["import", str(tmp_path / "export.jsonl"), "--data-dir", data],
+        ):
+            if argv[0] == "import":
+                assert (
+                    run(
+                        "export",
+                        "--data-dir",
+                        data,
+                        "--out",
+                        str(tmp_path / "export.jsonl"),
+                        "--format",
+                        "jsonl",
+                    ).returncode
+                    == 0
+                )
+            _one_line_error(run(*argv), "read_only_filesystem")
+        query = next((tmp_path / "photos").iterdir())
+        assert run("search", str(query), "--data-dir", data, "-k", "1").returncode == 0
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def _runner(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        flags = [*FAST_FLAGS, "--workers", "0", "--no-progress"] if argv[0] == "index" else []
+        return subprocess.run(
+            [sys.executable, "-m", "deepfeat.scripts.cli", *argv, *flags],
+            capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+
+    return run
+
+
+def _one_line_error(done: subprocess.CompletedProcess[str], code: str) -> None:
+    assert done.returncode == 2, (done.args, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error [")]
+    assert len(errors) == 1 and errors[0].startswith(f"error [{code}]: "), (done.args, done.stderr)
