@@ -15,13 +15,13 @@ $(PY):
 	python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 
 $(RUN_STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -e .
 	rm -f $(VENV)/.installed-run-* && touch $@
 
 $(TEST_STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@ $(RUN_STAMP)
 
 run: $(RUN_STAMP)
