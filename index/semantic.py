@@ -23,6 +23,7 @@ import numpy as np
 
 from deepfeat.index.catalog import Catalog
 from deepfeat.index.errors import InvalidVectorError
+from deepfeat.index.vectors import id_selector
 
 __all__ = ["SemanticIndex"]
 
@@ -154,8 +155,9 @@ class SemanticIndex:
         if among is None:
             scores, ids = self._index.search(q, kk)
         else:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(among, dtype=np.int64))
+            selector, bitmap = id_selector(among)
             params = faiss.SearchParameters()
             params.sel = selector
             scores, ids = self._index.search(q, kk, params=params)
+            del bitmap
         return scores, ids

@@ -96,6 +96,25 @@ def _ivf_of(index: Any) -> Any | None:
     return None
 
 
+_BITMAP_MAX_ID = 1 << 32
+"""Ids below this get a bitmap selector (at most 512 MiB; 125 KB for a million images)."""
+
+
+def id_selector(ids: np.ndarray) -> tuple[Any, np.ndarray | None]:
+    """A FAISS ID selector for ``ids``, and the buffer it reads (keep it alive while searching).
+
+    Plain seqs (one vector per image) get a bitmap: built by numpy in a few ms and one bit test per
+    candidate. Ids carrying a vector position in their high bits get FAISS's hash set.
+    """
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.size and int(ids.min()) >= 0 and int(ids.max()) < _BITMAP_MAX_ID:
+        bits = np.zeros(int(ids.max()) + 1, dtype=bool)
+        bits[ids] = True
+        bitmap = np.packbits(bits, bitorder="little")
+        return faiss.IDSelectorBitmap(bitmap.size, faiss.swig_ptr(bitmap)), bitmap
+    return faiss.IDSelectorBatch(ids), None
+
+
 def check_k(k: object) -> int:
     """``k`` as an int, or InvalidArgumentError unless it is an integer >= 1 (a bool is not)."""
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
@@ -439,9 +458,10 @@ class VectorIndex:
         if among is None:
             scores, ids = self._index.search(q, k_eff)
         else:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(among, dtype=np.int64))
-            params = self._filtered_params(selector, share)  # selector stays referenced until here
+            selector, bitmap = id_selector(among)
+            params = self._filtered_params(selector, share)  # selector and bitmap referenced until here
             scores, ids = self._index.search(q, k_eff, params=params)
+            del bitmap
         return np.asarray(scores, dtype=np.float32), np.asarray(ids, dtype=np.int64)
 
     @property

@@ -446,3 +446,20 @@ def test_similar_and_semantic_and_duplicates_take_the_filter(open_store: Callabl
     assert groups and all(added.index(r.id) % 2 == 0 for g in groups for r in g)
     assert len(groups) == 10  # the pairs (i, i + 20) with i even
     assert store.search(unit_vectors(1), 5, where=parse_filter({"half": 7})) == [[]]
+
+
+def test_a_repeated_filter_sees_every_add_and_delete(open_store: Callable[..., ImageStore]) -> None:
+    """Matching sets are kept between searches only while the catalog is unchanged."""
+    store = open_store()
+    where = parse_filter({"album": "x"})
+    rows = [
+        NewImage(sha256=sha_of(("c", i)), source=None, width=1, height=1, nbytes=1, metadata={"album": "x"})
+        for i in range(3)
+    ]
+    first = store.add(unit_vectors(1, seed=1), rows[:1])[0].id
+    assert [h.id for h in store.search(unit_vectors(1), 5, where=where)[0]] == [first]
+    second = store.add(unit_vectors(1, seed=2), rows[1:2])[0].id
+    assert {h.id for h in store.search(unit_vectors(1), 5, where=where)[0]} == {first, second}
+    store.delete(first)
+    assert [h.id for h in store.search(unit_vectors(1), 5, where=where)[0]] == [second]
+    assert [r.id for r in store.list_images(limit=5, where=where)[0]] == [second]
