@@ -149,6 +149,7 @@ class Catalog:
         self._dim = dim
         self._match_cache: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._match_lock = threading.Lock()
+        self._count_cache: tuple[tuple[int, int], int] | None = None
         self._db = Database(Path(path), read_only=read_only, busy_timeout_s=busy_timeout_s)
 
     # ------------------------------------------------------------------ connections
@@ -660,6 +661,17 @@ class Catalog:
     def count(self) -> int:
         """Number of images."""
         return int(self._db.fetchall("counting images", "SELECT COUNT(*) FROM images")[0][0])
+
+    def count_now(self) -> int:
+        """:meth:`count`, remembered until the watermarks move (COUNT(*) reads the whole table:
+        ~4 ms at a million rows; the watermarks are two indexed reads)."""
+        marks = self.watermarks()
+        cached = self._count_cache
+        if cached is not None and cached[0] == marks:
+            return cached[1]
+        count = self.count()
+        self._count_cache = (marks, count)
+        return count
 
     def watermarks(self) -> tuple[int, int]:
         """``(max_seq, max_deletion_rowid)`` ever assigned, in one read (cheap change detection).

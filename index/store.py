@@ -577,7 +577,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         self._check_open()
         k = check_k(k)
         among = None if where is None or where.matches_all else self._catalog.match(where)
-        if among is not None and among.size >= max(1, self.count) and among.size >= self._catalog.count():
+        if among is not None and among.size >= max(1, self.count) and among.size >= self._catalog.count_now():
             among = None  # every image matches: the filter restricts nothing
         if similarity == "visual":
             q = self._check_vectors(queries, "queries")
