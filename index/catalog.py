@@ -480,13 +480,7 @@ class Catalog:
         Seqs only grow and are never reused, so paging by the last seq seen never repeats an image
         and never skips one that existed throughout, whatever is added or deleted between pages.
         """
-        sql = f"SELECT seq, {_RECORD_COLUMNS} FROM images WHERE seq > ?"
-        params: tuple[Any, ...] = (int(after_seq),)
-        if where is not None and not where.matches_all:
-            self._check_filterable()
-            sql += f" AND seq IN ({where.sql})"
-            params += where.params
-        rows = self._db.fetchall("listing images", sql + " ORDER BY seq LIMIT ?", (*params, int(limit)))
+        rows = self._page_rows("listing images", _RECORD_COLUMNS, after_seq, limit, where)
         return [(int(row[0]), self._record(row[1:])) for row in rows]
 
     def export_page(
@@ -494,13 +488,8 @@ class Catalog:
     ) -> list[tuple[int, ExportedImage]]:
         """Up to ``limit`` images with seq > ``after_seq`` (matching ``where``), in seq order, each
         with every vector it holds: one bounded page of ``deepfeat export``."""
-        sql = f"SELECT seq, {_RECORD_COLUMNS}, vector, {self._semantic_column} FROM images WHERE seq > ?"
-        params: tuple[Any, ...] = (int(after_seq),)
-        if where is not None and not where.matches_all:
-            self._check_filterable()
-            sql += f" AND seq IN ({where.sql})"
-            params += where.params
-        rows = self._db.fetchall("exporting images", sql + " ORDER BY seq LIMIT ?", (*params, int(limit)))
+        columns = f"{_RECORD_COLUMNS}, vector, {self._semantic_column}"
+        rows = self._page_rows("exporting images", columns, after_seq, limit, where)
         width = self._dim * _VECTOR_DTYPE.itemsize
         out = []
         for row in rows:
@@ -516,17 +505,27 @@ class Catalog:
             out.append((int(row[0]), ExportedImage(self._record(row[1:-2]), vectors, sem)))
         return out
 
+    def _page_rows(
+        self, action: str, columns: str, after_seq: int, limit: int, where: Filter | None
+    ) -> list[Any]:
+        """``seq, columns`` of up to ``limit`` rows after ``after_seq`` (matching ``where``), in seq order."""
+        sql = f"SELECT seq, {columns} FROM images WHERE seq > ?"
+        params: tuple[Any, ...] = (int(after_seq),)
+        if where is not None and not where.matches_all:
+            self._check_filterable()
+            sql += f" AND seq IN ({where.sql})"
+            params += where.params
+        return self._db.fetchall(action, sql + " ORDER BY seq LIMIT ?", (*params, int(limit)))
+
     @property
     def _semantic_column(self) -> str:
         return "semantic" if self.has_semantic_column else "NULL"
 
     def match(self, where: Filter) -> np.ndarray:
         """The seqs of the images matching a filter, sorted (int64), answered from SQLite's indexes."""
-        if where.matches_all:
-            sql, params = "SELECT seq FROM images", ()
-        else:
+        if not where.matches_all:
             self._check_filterable()
-            sql, params = where.sql, where.params
+        sql, params = where.sql, where.params
         # The same filter is typically asked again (an album, paging, a batch of queries): the set is
         # kept until the catalog changes (a new row or a deletion moves the watermarks).
         key = (sql, params, self.watermarks())

@@ -576,9 +576,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         """
         self._check_open()
         k = check_k(k)
-        among = None if where is None or where.matches_all else self._catalog.match(where)
-        if among is not None and among.size >= max(1, self.count) and among.size >= self._catalog.count_now():
-            among = None  # every image matches: the filter restricts nothing
+        among = self._matching(where)
         if similarity == "visual":
             q = self._check_vectors(queries, "queries")
             scores, ids = self._search_images(q, k, among)  # (m, k') each, k' <= k
@@ -759,6 +757,16 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         self._check_open()
         return self._catalog.iter_missing_semantic(batch=batch)
 
+    def _matching(self, where: Filter | None) -> np.ndarray | None:
+        """The sorted seqs ``where`` matches, or None when it restricts nothing (no filter, or every
+        image matches)."""
+        if where is None or where.matches_all:
+            return None
+        among = self._catalog.match(where)
+        if among.size >= max(1, self.count) and among.size >= self._catalog.count_now():
+            return None
+        return among
+
     def _search_images(
         self, queries: np.ndarray, k: int, among: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -868,7 +876,7 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             InvalidArgumentError: ``threshold`` outside (0, 1].
         """
         self._check_open()
-        among = None if where is None or where.matches_all else self._catalog.match(where)
+        among = self._matching(where)
         return duplicates.near_duplicates(
             self._catalog, self._search_images, threshold, k=k, batch=batch, among=among
         )

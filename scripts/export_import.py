@@ -26,7 +26,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -298,29 +298,41 @@ def _check_identity(identity: Any, path: Path) -> dict[str, Any]:
     return identity
 
 
-def _read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[list[ExportedRow]]]:
-    with path.open(encoding="utf-8") as fh:
+def _paged(rows: Iterable[ExportedRow]) -> Iterator[list[ExportedRow]]:
+    """Rows in pages of :data:`PAGE`."""
+    page: list[ExportedRow] = []
+    for row in rows:
+        page.append(row)
+        if len(page) == PAGE:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _header(lines: Path, path: Path) -> dict[str, Any]:
+    """The identity on the first line of a jsonl export (or an npy export's records)."""
+    with lines.open(encoding="utf-8") as fh:
         try:
-            identity = _check_identity(json.loads(fh.readline()), path)
+            return _check_identity(json.loads(fh.readline()), path)
         except ValueError:
             raise ExportError(f"{path} is not a deepfeat export (its first line is not JSON)") from None
 
-    def pages() -> Iterator[list[ExportedRow]]:
-        with path.open(encoding="utf-8") as fh:
-            fh.readline()
-            page: list[ExportedRow] = []
-            for number, line in enumerate(fh, start=2):
-                try:
-                    page.append(_with_vectors(json.loads(line)))
-                except ValueError:
-                    raise ExportError(f"{path}:{number}: not JSON") from None
-                if len(page) == PAGE:
-                    yield page
-                    page = []
-            if page:
-                yield page
 
-    return identity, pages()
+def _records(lines: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each line after the header."""
+    with lines.open(encoding="utf-8") as fh:
+        fh.readline()
+        for number, line in enumerate(fh, start=2):
+            try:
+                yield number, json.loads(line)
+            except ValueError:
+                raise ExportError(f"{lines}:{number}: not JSON") from None
+
+
+def _read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[list[ExportedRow]]]:
+    identity = _header(path, path)
+    return identity, _paged(_with_vectors(row) for _, row in _records(path))
 
 
 def _read_parquet(path: Path) -> tuple[dict[str, Any], Iterator[list[ExportedRow]]]:
@@ -340,27 +352,19 @@ def _read_npy(path: Path) -> tuple[dict[str, Any], Iterator[list[ExportedRow]]]:
     records = records_path(path)
     if not records.is_file():
         raise ExportError(f"{path} has no {records.name} beside it (the records of its rows)")
-    with records.open(encoding="utf-8") as fh:
-        identity = _check_identity(json.loads(fh.readline()), path)
+    identity = _header(records, path)
     matrix = np.load(path, mmap_mode="r")
     if matrix.ndim != 2 or matrix.shape[1] != identity["dim"]:
         raise ExportError(f"{path}: a ({matrix.shape}) matrix, expected (n, {identity['dim']})")
 
-    def pages() -> Iterator[list[ExportedRow]]:
-        with records.open(encoding="utf-8") as fh:
-            fh.readline()
-            page: list[ExportedRow] = []
-            for i, line in enumerate(fh):
-                if i >= matrix.shape[0]:
-                    raise ExportError(f"{records} has more records than {path} has rows")
-                page.append(_parsed(json.loads(line), np.array(matrix[i : i + 1], dtype=np.float32)))
-                if len(page) == PAGE:
-                    yield page
-                    page = []
-            if page:
-                yield page
+    def rows() -> Iterator[ExportedRow]:
+        for number, row in _records(records):
+            i = number - 2
+            if i >= matrix.shape[0]:
+                raise ExportError(f"{records} has more records than {path} has rows")
+            yield _parsed(row, np.array(matrix[i : i + 1], dtype=np.float32))
 
-    return identity, pages()
+    return identity, _paged(rows())
 
 
 # ---------------------------------------------------------------------------------------------- import
