@@ -59,6 +59,8 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (store_errors.ReadOnlyStoreError, 403),
     (store_errors.ReadOnlyFilesystemError, 503),
     (store_errors.PermissionDeniedError, 503),
+    (store_errors.NetworkFilesystemError, 503),
+    (store_errors.StoreLockedError, 503),
     (store_errors.IncompatibleIndexError, 409),
     (store_errors.SemanticUnavailableError, 409),
     (store_errors.CorruptStoreError, 503),

@@ -25,7 +25,8 @@ from deepfeat.app.metrics import Metrics, MetricsMiddleware
 from deepfeat.app.middleware import BodyLimitMiddleware
 from deepfeat.app.routes import batch, classifiers, classify, embed, health, images, search
 from deepfeat.classifiers import CLASSIFIERS_DIR, ClassifierRegistry
-from deepfeat.index.errors import StoreError
+from deepfeat.index.errors import StoreError, StoreLockedError
+from deepfeat.models.embedder import Embedder
 from deepfeat.models.errors import ModelError
 from deepfeat.runtime import build_embedder, image_limits, open_store
 from deepfeat.settings import Settings
@@ -35,7 +36,7 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 
-def _build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+def _build_embedder(settings: Settings) -> Embedder:
     embedder = build_embedder(settings)
     if embedder.device.type == "cuda":
         # The model runs on the GPU; what is left on the CPU (decode, resize, normalise) runs in the
@@ -43,6 +44,10 @@ def _build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         # each as wide as the machine, 8 concurrent requests ran 8 x 16 spinning threads on 16 cores:
         # 1.1 req/s unbatched at 8 clients on an H100 host (README, "Serving").
         torch.set_num_threads(1)
+    return embedder
+
+
+def _runtime_with(settings: Settings, metrics: Metrics, embedder: Embedder) -> Runtime:
     store = open_store(settings, embedder, read_only=settings.read_only)
     metrics.track_index_size(lambda: store.count)
     return Runtime(
@@ -60,6 +65,25 @@ def _build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         limits=image_limits(settings),
         classifiers=ClassifierRegistry(settings.data_dir / CLASSIFIERS_DIR, embedder),
     )
+
+
+OPEN_RETRY_S = 5.0
+"""Pause between two tries to open a store whose lock another process holds."""
+
+
+async def _open_when_unlocked(
+    state: AppState, settings: Settings, metrics: Metrics, embedder: Embedder
+) -> Runtime:
+    """Retry opening the store until the process holding its lock lets go (each try waits up to
+    ``lock_timeout_s``): a server started beside a stopped writer becomes ready once that writer is
+    resumed or ended, without a restart. Until then every route answers 503 with the reason."""
+    while True:
+        await asyncio.sleep(OPEN_RETRY_S)
+        try:
+            return await asyncio.to_thread(_runtime_with, settings, metrics, embedder)
+        except StoreLockedError as exc:
+            state.not_ready_reason = f"{exc.code}: {exc}"
+            log.warning("not ready: %s; trying again in %g s", state.not_ready_reason, OPEN_RETRY_S)
 
 
 async def _refresh_forever(runtime: Runtime, interval: float) -> None:
@@ -83,26 +107,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime: Runtime | None = None
+        opener: asyncio.Task[Runtime] | None = None
+        refresher: asyncio.Task[None] | None = None
+
+        def serve(ready: Runtime) -> None:
+            nonlocal runtime, refresher
+            runtime = ready
+            state.runtime = ready
+            state.not_ready_reason = None
+            refresher = asyncio.create_task(_refresh_forever(ready, settings.refresh_interval_s))
+
+        def opened(task: asyncio.Task[Runtime]) -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is None:
+                serve(task.result())
+                return
+            state.not_ready_reason = f"{getattr(exc, 'code', 'error')}: {exc}"
+            log.error("not ready: %s", state.not_ready_reason)
+
         try:
-            runtime = await asyncio.to_thread(_build_runtime, settings, metrics)
+            embedder = await asyncio.to_thread(_build_embedder, settings)
+            serve(await asyncio.to_thread(_runtime_with, settings, metrics, embedder))
+        except StoreLockedError as exc:  # another process holds the lock: wait for it in the background
+            state.not_ready_reason = f"{exc.code}: {exc}"
+            log.error("not ready: %s; trying again every %g s", state.not_ready_reason, OPEN_RETRY_S)
+            opener = asyncio.create_task(_open_when_unlocked(state, settings, metrics, embedder))
+            opener.add_done_callback(opened)
         except (ModelError, StoreError) as exc:
             state.not_ready_reason = f"{exc.code}: {exc}"
             log.error("not ready: %s", state.not_ready_reason)
-            yield
-            return
-        state.runtime = runtime
-        state.not_ready_reason = None
-        refresher = asyncio.create_task(_refresh_forever(runtime, settings.refresh_interval_s))
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
             state.runtime = None
             state.not_ready_reason = "shutting down"
-            await asyncio.to_thread(runtime.inference.close)
-            await asyncio.to_thread(runtime.store.close)
+            for task in (opener, refresher):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if runtime is not None:
+                await asyncio.to_thread(runtime.inference.close)
+                await asyncio.to_thread(runtime.store.close)
 
     app = FastAPI(
         title="deepfeat",

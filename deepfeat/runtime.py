@@ -82,6 +82,7 @@ def open_store(settings: Settings, embedder: Embedder, *, read_only: bool = Fals
         snapshot_every=settings.snapshot_every,
         embedder_config=embedder.config.model_dump(mode="json"),
         semantic_dim=embedder.semantic_dim,
+        lock_timeout_s=settings.lock_timeout_s,
     )
     if not read_only:
         store.record_writer(embedder.numerics)

@@ -50,6 +50,12 @@ class Settings(BaseSettings, EmbedderFields):
     snapshot_every: int = Field(
         1000, ge=1, description="Write the FAISS snapshot after this many added vectors"
     )
+    lock_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a command or the server waits for the store's lock held by another process "
+        "(a stopped or hung one) before failing with store_locked",
+    )
 
     # --- batch indexer ---
     batch_size: int = Field(32, ge=1, le=1024, description="Images per forward pass when indexing")

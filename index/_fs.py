@@ -1,4 +1,5 @@
-"""Filesystem helpers shared by the manifest and the FAISS snapshot: atomic writes, checksums, the lock.
+"""Filesystem helpers shared by the manifest and the FAISS snapshot: atomic writes, checksums, the lock,
+and the checks that a data dir's filesystem can hold a store.
 
 Private to ``index``: the public surface is :mod:`index.store`.
 """
@@ -16,10 +17,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
-from deepfeat.index.errors import PermissionDeniedError, ReadOnlyFilesystemError, StoreError, StoreFullError
-from deepfeat.index.files import PENDING_MARKER, QUARANTINE_DIR, QUARANTINE_KEEP
+from deepfeat.index.errors import (
+    NetworkFilesystemError,
+    PermissionDeniedError,
+    ReadOnlyFilesystemError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+)
+from deepfeat.index.files import CATALOG_FILE, PENDING_MARKER, QUARANTINE_DIR, QUARANTINE_KEEP
 
 logger = logging.getLogger(__name__)
 
@@ -174,15 +184,43 @@ def disk_full_translated(action: str) -> Iterator[None]:
         raise
 
 
+DEFAULT_LOCK_TIMEOUT_S = 30.0
+"""How long a process waits for the store's lock while another process holds it. Every legitimate
+hold is short at the sizes a single writer serves (a snapshot, a manifest write, an open's catch-up),
+so a wait this long means a holder that is stopped (SIGSTOP, Ctrl-Z, a debugger) or hung."""
+
+_lock_timeout: ContextVar[float] = ContextVar("deepfeat_lock_timeout_s", default=DEFAULT_LOCK_TIMEOUT_S)
+
+
+@contextmanager
+def lock_timeout(seconds: float) -> Iterator[None]:
+    """Let every :class:`FileLock` created inside the block wait at most ``seconds`` for another process.
+
+    The locks are created deep inside an open or a publish; a scoped value reaches them there without
+    passing the setting through every step's signature.
+    """
+    if seconds < 0:
+        raise ValueError(f"a lock timeout must be >= 0 seconds, got {seconds!r}")
+    token = _lock_timeout.set(float(seconds))
+    try:
+        yield
+    finally:
+        _lock_timeout.reset(token)
+
+
 class FileLock:
     """A process-level lock (``fcntl.flock`` on a file) that is also safe between threads.
 
     ``flock`` locks belong to the open file description, so two threads sharing the fd would both
     "hold" it; a thread lock in front serialises them. Re-entrant within a thread: only the outermost
     acquisition takes or drops the ``flock`` (and decides shared vs exclusive).
+
+    Waiting for another process is bounded: ``flock`` itself would block forever behind a holder that
+    was stopped (SIGSTOP) or hangs, so the lock is polled without blocking until ``timeout_s`` passes,
+    then :class:`StoreLockedError` names the holder (from ``/proc/locks``) and what it is doing.
     """
 
-    def __init__(self, path: Path, *, optional: bool = False) -> None:
+    def __init__(self, path: Path, *, optional: bool = False, timeout_s: float | None = None) -> None:
         """Create the lock object (the file is opened on first use).
 
         Args:
@@ -192,9 +230,12 @@ class FileLock:
                 descriptor), and when it does not exist, proceed unlocked instead of failing: the
                 writer creates it when it first opens the store, so without it there is no writer
                 to race with.
+            timeout_s: Seconds to wait for another process's lock (default: the value of the
+                enclosing :func:`lock_timeout`, else :data:`DEFAULT_LOCK_TIMEOUT_S`).
         """
         self._path = path
         self._optional = optional
+        self.timeout_s = _lock_timeout.get() if timeout_s is None else timeout_s
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd: int | None = None
@@ -216,17 +257,23 @@ class FileLock:
         return self._fd
 
     @contextmanager
-    def hold(self, *, shared: bool = False) -> Iterator[None]:
+    def hold(self, *, shared: bool = False, timeout_s: float | None = None) -> Iterator[None]:
         """Hold the lock for the ``with`` block.
 
         Args:
             shared: Take a shared lock (readers of the snapshot) instead of an exclusive one (writers).
+            timeout_s: Wait at most this long for another process (default: the lock's ``timeout_s``);
+                0 tries once.
+
+        Raises:
+            StoreLockedError: Another process held the lock for the whole wait.
         """
         with self._thread_lock:
             if self._depth == 0:
                 fd = self._open()
                 if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                    wait = self.timeout_s if timeout_s is None else timeout_s
+                    self._acquire(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait)
             self._depth += 1
             try:
                 yield
@@ -234,6 +281,21 @@ class FileLock:
                 self._depth -= 1
                 if self._depth == 0 and self._fd is not None:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _acquire(self, fd: int, operation: int, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _locked_error(self._path, fd, wait)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)  # a short hold (a snapshot) is caught within 0.1 s of its end
 
     def close(self) -> None:
         """Close the lock file (releases any flock held by this object)."""
@@ -243,13 +305,235 @@ class FileLock:
                 self._fd = None
 
 
-def check_writable(data_dir: Path) -> None:
-    """Create the data dir when missing and make sure this process can write in it, so a read-only
-    mount or a permission problem is one clear error before SQLite's "unable to open database file".
+@dataclass(frozen=True)
+class LockHolder:
+    """A process that holds a lock, as ``/proc`` describes it."""
+
+    pid: int
+    command: str | None  # its command line, shortened; None when /proc does not show it
+    stopped: bool  # SIGSTOP, Ctrl-Z or a debugger: it will not release the lock by itself
+
+    def __str__(self) -> str:
+        """``pid 1234 (deepfeat index photos; stopped)``."""
+        notes = [note for note in (self.command, "stopped" if self.stopped else None) if note]
+        return f"pid {self.pid}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def lock_holders(fd: int, *, proc_locks: str | None = None) -> list[LockHolder]:
+    """The processes holding a lock on the file open as ``fd`` (Linux ``/proc/locks``; [] elsewhere).
+
+    Args:
+        fd: An open descriptor of the lock file.
+        proc_locks: The text of ``/proc/locks`` (read when None).
+    """
+    st = os.fstat(fd)
+    if proc_locks is None:
+        try:
+            proc_locks = Path("/proc/locks").read_text()
+        except OSError:
+            return []
+    exact = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: list[int] = []
+    same_inode: list[int] = []
+    for line in proc_locks.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" after the number
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":
+            continue
+        try:
+            pid = int(fields[4])
+        except ValueError:
+            continue
+        if pid <= 0:  # a holder in another pid namespace: not nameable from here
+            continue
+        if fields[5] == exact:
+            pids.append(pid)
+        elif fields[5].rsplit(":", 1)[-1] == str(st.st_ino):  # overlay filesystems report another device
+            same_inode.append(pid)
+    return [_describe(pid) for pid in dict.fromkeys(pids or same_inode)]
+
+
+def _describe(pid: int) -> LockHolder:
+    command: str | None = None
+    stopped = False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        words = [os.fsdecode(a) for a in argv if a]
+        if words:
+            words[0] = Path(words[0]).name
+            command = " ".join(" ".join(words).split())  # one line, whatever the arguments hold
+            command = command if len(command) <= 100 else command[:97] + "..."
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        stopped = stat[stat.rindex(")") + 2 :].split()[0] in ("T", "t")
+    except (OSError, ValueError, IndexError):
+        pass
+    return LockHolder(pid=pid, command=command, stopped=stopped)
+
+
+def _locked_error(path: Path, fd: int, wait: float) -> StoreLockedError:
+    holders = lock_holders(fd)
+    data_dir = path.parent
+    longer = "or wait longer (DEEPFEAT_LOCK_TIMEOUT_S)"
+    if not holders:
+        return StoreLockedError(
+            f"the store in {data_dir} is locked by another process, which did not let go within {wait:g} s; "
+            f"wait for it to finish or end it, {longer}"
+        )
+    who = ", ".join(str(h) for h in holders)
+    first = holders[0]
+    if first.stopped:
+        advice = f"it is stopped: resume it (kill -CONT {first.pid}) or end it"
+    else:
+        advice = f"wait for it to finish or end it, {longer}"
+    return StoreLockedError(
+        f"the store in {data_dir} is locked by {who}, which did not let go within {wait:g} s; {advice}",
+        holder_pid=first.pid,
+    )
+
+
+# ====================================================================================== filesystems
+
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ncpfs",
+        "afs",
+        "coda",
+        "9p",
+        "fuse.sshfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.rclone",
+        "fuse.goofys",
+    }
+)
+"""Filesystem types (as ``/proc/self/mountinfo`` names them) where a store cannot be written safely:
+SQLite's write-ahead log keeps its index in memory shared through the ``-shm`` file, which these do
+not keep coherent between machines (https://sqlite.org/wal.html), and ``flock`` there is emulated,
+local to one client, or absent. Cluster filesystems with coherent POSIX locking (Lustre, GPFS, CephFS)
+are not listed."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    """The mount that holds a path, from ``/proc/self/mountinfo``."""
+
+    point: str
+    fstype: str
+    source: str
+
+
+def read_mountinfo() -> str | None:
+    """The text of ``/proc/self/mountinfo`` (None where there is none: not Linux)."""
+    try:
+        return Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+
+
+def _unescape(field: str) -> str:
+    """Mountinfo writes space, tab, newline and backslash in paths as octal escapes (``\\040``)."""
+    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(escaped, char)
+    return field
+
+
+def mount_of(path: Path, *, mountinfo: str | None = None) -> Mount | None:
+    """The mount that holds ``path`` (which need not exist yet).
+
+    Args:
+        path: Any path.
+        mountinfo: The text of ``/proc/self/mountinfo`` (read when None).
+
+    Returns:
+        The mount with the longest mount point containing the resolved path (the last one mounted
+        there when several are stacked), or None without mountinfo.
+    """
+    text = read_mountinfo() if mountinfo is None else mountinfo
+    if not text:
+        return None
+    target = Path(os.path.realpath(path))  # symlinks resolved; parts that do not exist yet kept
+    best: Mount | None = None
+    for line in text.splitlines():
+        # "36 35 98:0 /root /mnt/point rw,noatime shared:1 - nfs4 server:/export rw,vers=4.2"
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        dash = fields.index("-", 6)
+        if len(fields) < dash + 3:
+            continue
+        point = _unescape(fields[4])
+        if not target.is_relative_to(point):
+            continue
+        if best is None or len(point) >= len(best.point):
+            best = Mount(point=point, fstype=fields[dash + 1], source=_unescape(fields[dash + 2]))
+    return best
+
+
+def network_mount(path: Path, *, mountinfo: str | None = None) -> Mount | None:
+    """The mount holding ``path`` when it is a network filesystem (:data:`NETWORK_FILESYSTEMS`), else None."""
+    mount = mount_of(path, mountinfo=mountinfo)
+    return mount if mount is not None and mount.fstype in NETWORK_FILESYSTEMS else None
+
+
+def check_local_filesystem(data_dir: Path, *, read_only: bool, mountinfo: str | None = None) -> None:
+    """Refuse a data dir on a network filesystem for writing, and for reading while a writer uses it.
+
+    A writer needs SQLite's WAL and the store's lock to work, which they do not there. A read-only
+    open is allowed: the catalog is then read as an immutable file (no ``-shm``, no locks), which is
+    exact for a store that nobody writes, such as a copy. A catalog with a write-ahead log in use
+    (``catalog.sqlite3-wal`` not empty) has a writer, or had one that stopped without closing it: its
+    newest rows are in that log, which an immutable read skips, so that open is refused too.
+
+    Args:
+        data_dir: The data dir (need not exist yet).
+        read_only: The open is read-only.
+        mountinfo: The text of ``/proc/self/mountinfo`` (read when None).
 
     Raises:
-        ReadOnlyFilesystemError, PermissionDeniedError, StoreFullError: What the filesystem said.
+        NetworkFilesystemError: What the filesystem is and what to do instead.
     """
+    mount = network_mount(data_dir, mountinfo=mountinfo)
+    if mount is None:
+        return
+    where = f"{data_dir} is on {mount.fstype} ({mount.source}), a network filesystem"
+    if not read_only:
+        raise NetworkFilesystemError(
+            f"{where}: a writer there could corrupt the catalog (SQLite's write-ahead log needs memory "
+            "shared by the processes of one machine, and the store's lock does not hold across machines); "
+            "put the data dir on a local disk; other machines may serve a copy of it read-only"
+        )
+    wal = data_dir / f"{CATALOG_FILE}-wal"
+    try:
+        in_use = wal.stat().st_size > 0
+    except OSError:
+        in_use = False
+    if in_use:
+        raise NetworkFilesystemError(
+            f"{where}, and its catalog has a write-ahead log in use ({wal.name}): a writer has the store "
+            "open, or one stopped without closing it. Over the network the catalog is read as an immutable "
+            "file, which would miss those rows; serve a copy made while no writer runs, or read it on the "
+            "machine whose local disk holds it"
+        )
+    logger.warning(
+        "%s: reading the store as an immutable copy (changes made while it is open are not seen)", where
+    )
+
+
+def check_writable(data_dir: Path) -> None:
+    """Create the data dir when missing and make sure this process can write in it, so a network
+    filesystem, a read-only mount or a permission problem is one clear error before SQLite's "unable to
+    open database file" (or, on a network filesystem, before a catalog corrupted later).
+
+    Raises:
+        NetworkFilesystemError, ReadOnlyFilesystemError, PermissionDeniedError, StoreFullError: What
+            the filesystem is or said.
+    """
+    check_local_filesystem(data_dir, read_only=False)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         probe = temp_path_for(data_dir / ".write-check")

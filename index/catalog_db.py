@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from deepfeat.index._fs import is_disk_full
+from deepfeat.index._fs import is_disk_full, network_mount
 from deepfeat.index.errors import (
     CorruptStoreError,
     IncompatibleIndexError,
@@ -229,9 +229,11 @@ class Database:
 
     def _connect(self) -> sqlite3.Connection:
         uri = self.path.resolve().as_uri() + ("?mode=ro" if self.read_only else "?mode=rwc")
-        if self.read_only and _on_read_only_filesystem(self.path):
-            # A WAL database needs its -shm file even to read, which nobody can create here; and on
-            # a read-only mount nothing can change the file, so SQLite may read it as immutable.
+        if self.read_only and (_on_read_only_filesystem(self.path) or network_mount(self.path) is not None):
+            # A WAL database needs its -shm file even to read, which nobody can create on a read-only
+            # mount, and which a network filesystem does not share between machines; on a read-only
+            # mount nothing can change the file, and on a network one the open was refused while a
+            # writer had it (check_local_filesystem), so SQLite may read it as immutable.
             uri += "&immutable=1"
         try:
             conn = sqlite3.connect(

@@ -22,6 +22,8 @@ __all__ = [
     "ReadOnlyStoreError",
     "ReadOnlyFilesystemError",
     "PermissionDeniedError",
+    "NetworkFilesystemError",
+    "StoreLockedError",
     "MemoryBudgetError",
     "SemanticUnavailableError",
 ]
@@ -107,6 +109,25 @@ class PermissionDeniedError(StoreError):
     """A writable open of a data dir this user may not write."""
 
     code = "permission_denied"
+
+
+class NetworkFilesystemError(StoreError):
+    """A data dir on a network filesystem (NFS, SMB, ...): refused for writing, where SQLite's
+    write-ahead log and the store's lock do not work; a read-only open is refused only while a writer
+    has the store open."""
+
+    code = "network_filesystem"
+
+
+class StoreLockedError(StoreError):
+    """Another process held the store's lock for longer than the lock timeout (a stopped or hung
+    holder); ``holder_pid`` names it when ``/proc/locks`` could."""
+
+    code = "store_locked"
+
+    def __init__(self, message: str, *, holder_pid: int | None = None) -> None:
+        super().__init__(message)
+        self.holder_pid = holder_pid
 
 
 class MemoryBudgetError(InvalidArgumentError):

@@ -36,6 +36,7 @@ other thread can see the store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from deepfeat.index import duplicates
-from deepfeat.index._fs import FileLock
+from deepfeat.index._fs import FileLock, check_local_filesystem, lock_timeout
 from deepfeat.index.catalog import Catalog, ExportedImage, ImageRecord, NewImage
 from deepfeat.index.errors import (
     IncompatibleIndexError,
@@ -58,6 +59,7 @@ from deepfeat.index.errors import (
     NotFoundError,
     SemanticUnavailableError,
     StoreError,
+    StoreLockedError,
 )
 from deepfeat.index.files import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE
 from deepfeat.index.filters import Filter
@@ -81,6 +83,7 @@ __all__ = [
     "ImageStore",
     "NewImage",
     "SIMILARITIES",
+    "lock_timeout",
 ]
 
 logger = logging.getLogger(__name__)
@@ -214,13 +217,14 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         snapshot_every: int = 1000,
         embedder_config: dict[str, Any] | None = None,
         semantic_dim: int | None = None,
+        lock_timeout_s: float | None = None,
     ) -> ImageStore:
         """Open the store in ``data_dir``, creating it when absent.
 
         An existing store made by a different embedder is refused before anything is written. Then the
         catalog is integrity-checked, the FAISS snapshot loaded if its checksum matches (otherwise it is
-        moved aside as ``vectors.faiss.corrupt-<ts>`` and rebuilt from the catalog) and reconciled with
-        the catalog (the steps: :func:`index.opening.open_store`).
+        rebuilt from the catalog: an interrupted write is replaced, a damaged file quarantined) and
+        reconciled with the catalog (the steps: :func:`index.opening.open_store`).
 
         Args:
             data_dir: Directory for the store (created when missing, unless read-only).
@@ -238,6 +242,9 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             semantic_dim: The embedder's semantic vector dimension (None: no semantic layer). With it,
                 the store keeps an exact in-memory index of the semantic vectors (filled from the
                 catalog now, n x semantic_dim x 4 bytes) for ``search(similarity="semantic")``.
+            lock_timeout_s: How long this store waits for the data dir's lock while another process
+                holds it, at this open and later (default 30 s, or the enclosing
+                ``index._fs.lock_timeout``).
 
         Returns:
             The open store (also a context manager).
@@ -246,19 +253,28 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
             IncompatibleIndexError: Different fingerprint or dim (the message names the keys).
             CorruptStoreError: The catalog fails ``quick_check`` or the manifest is unreadable.
             InvalidArgumentError: Bad ``dim``, ``snapshot_every``, fingerprint or factory string.
+            NetworkFilesystemError: The data dir is on NFS, SMB or similar (a read-only open only while a
+                writer has the store open: ``index._fs.check_local_filesystem``).
+            StoreLockedError: Another process held the lock for longer than ``lock_timeout_s``.
+            ReadOnlyFilesystemError, PermissionDeniedError: A writable open where this process cannot write.
             StoreError: Read-only and there is no store in ``data_dir``.
         """
-        return open_store(
-            cls,
-            Path(data_dir),
-            fingerprint=fingerprint,
-            dim=dim,
-            index_factory=index_factory,
-            read_only=read_only,
-            snapshot_every=snapshot_every,
-            embedder_config=embedder_config,
-            semantic_dim=semantic_dim,
-        )
+        data_dir = Path(data_dir)
+        if read_only:  # a writer's open checks this with the rest of the filesystem (check_writable)
+            check_local_filesystem(data_dir, read_only=True)
+        scope = contextlib.nullcontext() if lock_timeout_s is None else lock_timeout(lock_timeout_s)
+        with scope:  # the open creates the store's FileLock, which keeps this timeout
+            return open_store(
+                cls,
+                data_dir,
+                fingerprint=fingerprint,
+                dim=dim,
+                index_factory=index_factory,
+                read_only=read_only,
+                snapshot_every=snapshot_every,
+                embedder_config=embedder_config,
+                semantic_dim=semantic_dim,
+            )
 
     @staticmethod
     def adopt_semantic(
@@ -485,11 +501,19 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
 
     def _maybe_auto_snapshot(self) -> None:
         if self._snapshot_every and self._added_since_snapshot >= self._snapshot_every:
+            # The add itself is committed and indexed; a snapshot is an optimisation for restart. So it
+            # never waits for another process's lock (the add would wait with it): the next add retries.
             try:
-                self.snapshot()
-            except StoreError:
-                # The add itself is committed and indexed; a snapshot is an optimisation for restart.
-                logger.exception("automatic snapshot failed; will retry after more adds or at close")
+                with self._sync_lock, self._lock.hold(timeout_s=0):
+                    self.snapshot()
+            except StoreLockedError:
+                logger.debug("automatic snapshot skipped: another process holds the lock")
+            except StoreError as exc:
+                logger.warning(
+                    "automatic snapshot failed (%s); will retry after more adds or at close",
+                    exc,
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
 
     def snapshot(self) -> None:
         """Write ``vectors.faiss`` and the manifest atomically, under the process lock.

@@ -486,7 +486,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if manifest is None:
         return 2
     with ImageStore.open(
-        settings.data_dir, fingerprint=manifest.fingerprint, dim=manifest.dim, read_only=True
+        settings.data_dir,
+        fingerprint=manifest.fingerprint,
+        dim=manifest.dim,
+        read_only=True,
+        lock_timeout_s=settings.lock_timeout_s,
     ) as store:
         summary = export_store(store, args.out, fmt=args.format, where=where)
     echo(f"exported {summary.images} images ({summary.vectors} vectors) to {summary.path}")
@@ -504,10 +508,12 @@ def _args_export(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
+    from deepfeat.index.store import lock_timeout
     from deepfeat.scripts.export_import import import_file
 
     settings = settings_from_args(args)
-    summary = import_file(args.file, settings.data_dir)
+    with lock_timeout(settings.lock_timeout_s):
+        summary = import_file(args.file, settings.data_dir)
     echo(f"imported {summary.added}, already present {summary.already_present}, into {settings.data_dir}")
     return 0
 
@@ -635,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ModelError, StoreError) as exc:
+        if args.verbose:
+            log.error("the command failed", exc_info=exc)
         sys.stderr.write(f"error [{exc.code}]: {exc}\n")
         return 2
     except ValidationError as exc:

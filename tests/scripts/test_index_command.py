@@ -1,4 +1,5 @@
-"""`deepfeat index` when the environment fails: a full disk is one line with what was committed."""
+"""`deepfeat index` (and the other writers) when the environment fails: a full disk, a read-only or
+network filesystem, a lock another process holds: one line with the code and what was committed."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from deepfeat.index.store import ImageStore
+import pytest
+
+from deepfeat.index.store import LOCK_FILE, ImageStore
 from deepfeat.scripts.bench_extract import make_photo_set
 from tests.conftest import FAST_FLAGS
 from tests.index.test_corruption import fill, small_filesystem
+from tests.index.test_fs import held_lock, mountinfo_with
 from tests.scripts.test_kill import _catalog_count
 
 
@@ -121,19 +126,116 @@ def test_a_read_only_filesystem_is_one_line_for_every_writer(tmp_path: Path) -> 
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def _runner(tmp_path: Path):  # type: ignore[no-untyped-def]
+def _runner(tmp_path: Path, **env: str):  # type: ignore[no-untyped-def]
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         flags = [*FAST_FLAGS, "--workers", "0", "--no-progress"] if argv[0] == "index" else []
         return subprocess.run(
             [sys.executable, "-m", "deepfeat.scripts.cli", *argv, *flags],
-            capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            capture_output=True, text=True, check=False,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
         )  # fmt: skip
 
     return run
 
 
-def _one_line_error(done: subprocess.CompletedProcess[str], code: str) -> None:
+def _one_line_error(done: subprocess.CompletedProcess[str], code: str) -> str:
+    """The one ``error [code]: ...`` line of a command that exited 2 without a traceback."""
     assert done.returncode == 2, (done.args, done.stdout, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error [")]
     assert len(errors) == 1 and errors[0].startswith(f"error [{code}]: "), (done.args, done.stderr)
+    return errors[0]
+
+
+def test_a_stopped_lock_holder_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Another process holds the store's lock and is stopped (SIGSTOP): the writer gives up after
+    DEEPFEAT_LOCK_TIMEOUT_S with the holder's pid, instead of waiting forever."""
+    make_photo_set(tmp_path / "photos", 4, seed=5, sizes=[(320, 240)])
+    data = tmp_path / "data"
+    with held_lock(data / LOCK_FILE) as holder:
+        started = time.monotonic()
+        done = _runner(tmp_path, DEEPFEAT_LOCK_TIMEOUT_S="1")(
+            "index", str(tmp_path / "photos"), "--data-dir", str(data)
+        )
+        assert time.monotonic() - started < 60
+        line = _one_line_error(done, "store_locked")
+        assert f"pid {holder.pid} (" in line and "stopped" in line and f"kill -CONT {holder.pid}" in line
+        assert "committed" not in line  # nothing was: the open itself waited
+    done = _runner(tmp_path)("index", str(tmp_path / "photos"), "--data-dir", str(data))
+    assert done.returncode == 0 and "store now holds 4 images" in done.stdout, done.stderr
+
+
+def test_a_lock_taken_during_the_run_fails_the_final_snapshot_with_the_committed_count(
+    tmp_path: Path,
+) -> None:
+    """Every image is committed, the snapshot after them cannot be written: that is not a success
+    (exit 2, one line, with the count), and the store holds exactly that count."""
+    make_photo_set(tmp_path / "photos", 24, seed=9, sizes=[(320, 240)])
+    data = tmp_path / "data"
+    argv = [sys.executable, "-m", "deepfeat.scripts.cli", "index", str(tmp_path / "photos"), "--data-dir",
+            str(data), *FAST_FLAGS, "--workers", "0", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DEEPFEAT_LOCK_TIMEOUT_S": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while _catalog_count(data) < 2:  # past the open: the indexer holds no lock while it adds
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        with held_lock(data / LOCK_FILE, stopped=False) as holder:
+            out, err = proc.communicate(timeout=180)
+            committed = _catalog_count(data)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    line = _one_line_error(done, "store_locked")
+    assert f"pid {holder.pid}" in line
+    match = re.search(r"(\d+) images were committed before it and the store holds (\d+)", line)
+    assert match is not None and int(match.group(1)) == int(match.group(2)) == committed == 24, line
+    with ImageStore.open(data, fingerprint=_fingerprint(data), dim=_dim(data), read_only=True) as store:
+        assert store.count == 24
+
+
+def test_a_data_dir_on_a_network_filesystem_is_one_line_for_writers_and_readable_by_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Over NFS (as the mount table says): index and whiten refuse in one line, nothing written;
+    search and export read a store nobody writes (as an immutable copy)."""
+    from deepfeat.index import _fs
+    from deepfeat.scripts.cli import main
+
+    make_photo_set(tmp_path / "photos", 3, seed=4, sizes=[(320, 240)])
+    data = tmp_path / "share" / "data"
+    assert _runner(tmp_path)("index", str(tmp_path / "photos"), "--data-dir", str(data)).returncode == 0
+    files = sorted(p.name for p in data.iterdir())
+    table = mountinfo_with(tmp_path / "share", "nfs4", "nas:/export")
+    monkeypatch.setattr(_fs, "read_mountinfo", lambda: table)
+    capsys.readouterr()
+    for argv in (
+        [
+            "index",
+            str(tmp_path / "photos"),
+            "--data-dir",
+            str(data),
+            *FAST_FLAGS,
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        ["index", str(tmp_path / "photos"), "--data-dir", str(tmp_path / "share" / "new"), *FAST_FLAGS],
+        ["whiten", "--data-dir", str(data), "--dim", "2"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if line.startswith("error [")]
+        assert len(errors) == 1 and errors[0].startswith("error [network_filesystem]: "), err
+        assert "nfs4 (nas:/export)" in errors[0] and "local disk" in errors[0]
+    assert not (tmp_path / "share" / "new").exists()
+    query = str(next((tmp_path / "photos").iterdir()))
+    assert main(["search", query, "--data-dir", str(data), "-k", "1"]) == 0
+    out = tmp_path / "export.jsonl"
+    assert main(["export", "--data-dir", str(data), "--out", str(out), "--format", "jsonl"]) == 0
+    assert "exported 3 images" in capsys.readouterr().out
+    assert sorted(p.name for p in data.iterdir()) == files  # nothing written to the share
