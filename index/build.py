@@ -48,7 +48,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from deepfeat.index._fs import FileLock, check_writable, fsync_dir, fsync_file, sha256_file
+from deepfeat.index._fs import (
+    FileLock,
+    check_writable,
+    fsync_dir,
+    fsync_file,
+    remove_stale_temps,
+    sha256_file,
+)
 from deepfeat.index.catalog import Catalog
 from deepfeat.index.choose import estimate_memory_bytes, min_train_vectors
 from deepfeat.index.errors import InvalidArgumentError, MemoryBudgetError, StoreError
@@ -720,11 +727,16 @@ def _merge_into(
 
 
 def _publish(data_dir: Path, partial: Path, info: GenerationInfo, *, expected: Manifest) -> GenerationInfo:
-    """Move the files in place and point the manifest at them, under the store's exclusive lock."""
+    """Move the files in place and point the manifest at them, under the store's exclusive lock.
+
+    A build is a writer of the data dir like any other, so it also removes the temp files a killed
+    writer left there (a build killed while writing its manifest leaves ``manifest.json.tmp-*``, and
+    the next build may be the next writer to run)."""
     gen_dir = data_dir / GENERATIONS_DIR
     lock = FileLock(data_dir / LOCK_FILE)
     try:
         with lock.hold():
+            remove_stale_temps(data_dir)
             current = Manifest.load(data_dir / MANIFEST_FILE)
             if current is None or current.fingerprint != expected.fingerprint or current.dim != expected.dim:
                 raise StoreError(f"the store in {data_dir} changed identity while the generation was built")

@@ -4,19 +4,28 @@
 keys must match the server's), metrics, training settings and checksums of the weight files. A head is
 written to a temporary directory and renamed into place, so it is either complete or absent; it is
 read back checksum-verified, and refused when the running embedder makes other features.
+
+Replacing a head (``--overwrite``) swaps the new directory and the old one in one ``renameat2``
+(``RENAME_EXCHANGE``), so a process killed at any moment leaves the old head or the new one under the
+name, never neither. Temporary directories follow the data dir's naming rule
+(``.<name>.tmp-<pid>-<random>``, hidden so listings skip them); the next save in the same folder
+removes those whose process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -53,6 +62,7 @@ __all__ = [
     "linear_bytes",
     "finetune_bytes",
     "iter_head_dirs",
+    "remove_stale_saves",
 ]
 
 log = logging.getLogger(__name__)
@@ -227,8 +237,10 @@ def save_head(
     overwrite: bool = False,
 ) -> Path:
     """Write ``root/NAME/`` atomically: everything goes to a hidden temporary directory in ``root``,
-    is fsynced, and the directory is renamed into place. A failure at any point leaves no ``NAME/``
-    (or the previous one, when overwriting) and no temporary directory.
+    is fsynced, and the directory is renamed into place (swapped with the previous one when
+    overwriting). A failure at any point, or a kill, leaves the previous ``NAME/`` (or none) or the
+    new one, never a partial one; a failure leaves no temporary directory, and what a kill leaves is
+    removed by the next save in ``root``.
 
     Args:
         root: The classifiers directory (``DATA_DIR/classifiers``), created when missing.
@@ -253,24 +265,31 @@ def save_head(
             f"a classifier named {name!r} already exists in {root}; pass --overwrite to replace it"
         )
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_saves(root)
     checksums = {
         fname: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         for fname, data in files.items()
     }
     full = replace(manifest, files=checksums, created_at=manifest.created_at or time.time())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    tmp = _aside(root, name, "tmp")
+    tmp.mkdir()
     old: Path | None = None
     try:
         _write_synced(tmp, {**files, MANIFEST_FILE: _manifest_bytes(full)})
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-            os.replace(target, old / name)
-        os.replace(tmp, target)
+        if target.exists() and _exchange(tmp, target):
+            old = tmp  # the swap put the previous head where the new one was written
+        else:
+            if target.exists():  # no RENAME_EXCHANGE here: move the old head aside first
+                old = _aside(root, name, "old")
+                os.replace(target, old)
+            os.replace(tmp, target)
         _fsync_dir(root)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / name).exists() and not target.exists():
-            os.replace(old / name, target)  # put the previous head back
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # put the previous head back
+            old = None
+        if old is not tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         if old is not None:
@@ -279,6 +298,96 @@ def save_head(
         "saved %s classifier %r (%d classes) in %s", manifest.method, name, len(manifest.classes), target
     )
     return target
+
+
+_SAVE_RE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+")
+_LEGACY_RE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-[a-z0-9_]{8}")  # tempfile.mkdtemp's names
+_LEGACY_STALE_S = 3600.0  # no pid in those names: one an hour old is no running save's
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _aside(root: Path, name: str, kind: str) -> Path:
+    """``root/.NAME.<kind>-<pid>-<random>``: hidden (listings skip it) and owned by this process."""
+    return root / f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    platform or the filesystem cannot, and nothing was done.
+
+    Raises:
+        OSError: The swap was refused for another reason.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie included); unsure means no."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
+
+
+def remove_stale_saves(root: str | Path) -> list[str]:
+    """Remove what killed saves left in ``root``: their temporary directories, and a previous head
+    that a save without ``RENAME_EXCHANGE`` had moved aside (put back under its name when the name is
+    empty, else deleted). Directories of saves still running are left alone.
+
+    Returns:
+        The names removed or put back.
+    """
+    root = Path(root)
+    done: list[str] = []
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return done
+    for entry in entries:
+        m = _SAVE_RE.fullmatch(entry.name)
+        if m is not None:
+            if not _gone(int(m.group("pid"))):
+                continue
+        else:
+            m = _LEGACY_RE.fullmatch(entry.name)
+            try:
+                if m is None or time.time() - entry.stat().st_mtime < _LEGACY_STALE_S:
+                    continue
+            except OSError:
+                continue
+        head = root / m.group("name")
+        kept = entry / m.group("name")  # older versions moved the old head into a folder of its own
+        previous = kept if kept.is_dir() else entry
+        if ".old-" in entry.name and not head.exists() and (previous / MANIFEST_FILE).exists():
+            os.replace(previous, head)
+            log.warning("put back classifier %r, which a killed save had moved aside", head.name)
+        shutil.rmtree(entry, ignore_errors=True)
+        done.append(entry.name)
+    if done:
+        _fsync_dir(root)
+        log.info("removed %d leftover(s) of killed classifier saves in %s", len(done), root)
+    return done
 
 
 def _manifest_bytes(manifest: HeadManifest) -> bytes:
