@@ -44,9 +44,10 @@ from deepfeat.index.manifest import Manifest
 from deepfeat.index.store import ImageStore, NewImage
 from deepfeat.index.whitening import Whitening
 from tests.app import hostile as h
-from tests.app.serve_proc import DEEPFEAT, clean_env
+from tests.app.serve_proc import DEEPFEAT, clean_env, served
 from tests.conftest import FAST_FLAGS
-from tests.scripts.test_kill import _catalog_rows
+from tests.scripts.test_kill import _catalog_count, _catalog_rows
+from tests.scripts.test_kill import upload_pool as kill_upload_pool  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -164,22 +165,25 @@ def open_read_only(data_dir: Path) -> ImageStore:
     return ImageStore.open(data_dir, fingerprint=manifest.fingerprint, dim=manifest.dim, read_only=True)
 
 
-def check_store(data_dir: Path, expected: dict[str, str]) -> Manifest:
-    """What the next process relies on: the catalog holds exactly ``expected`` (sha256 -> id), the
-    manifest names only files that verify, and a (read-only, so nothing is repaired here) open gives
-    FAISS == catalog, each image its own nearest neighbour. Returns the manifest."""
+def check_store(data_dir: Path, expected: dict[str, str], *, at_most: bool = False) -> Manifest:
+    """What the next process relies on: the catalog holds exactly ``expected`` (sha256 -> id; with
+    ``at_most``, some of it), the manifest names only files that verify, and a (read-only, so nothing
+    is repaired here) open gives FAISS == catalog, each image its own nearest neighbour. Returns the
+    manifest."""
     rows = _catalog_rows(data_dir)
-    assert {sha: image_id for image_id, sha, _ in rows.values()} == expected, (
-        "the catalog lost or gained rows"
-    )
+    held = {sha: image_id for image_id, sha, _ in rows.values()}
+    if at_most:
+        assert held.items() <= expected.items(), "the catalog holds rows it was never given"
+        expected = held
+    assert held == expected, "the catalog lost or gained rows"
     manifest = Manifest.load(data_dir / MANIFEST_FILE)
     assert manifest is not None
     Whitening.load_recorded(data_dir, manifest.extra.get("whitening"))  # raises unless it verifies
     with open_read_only(data_dir) as store:
-        held = set(store._vectors.seqs().tolist())
+        in_faiss = set(store._vectors.seqs().tolist())
         if store._base is not None:  # a replica: the generation it maps plus the rows after it
-            held |= set(store._base.index.seqs().tolist()) - set(store._base.hidden.tolist())
-        assert sorted(held) == sorted(rows), "FAISS != catalog"
+            in_faiss |= set(store._base.index.seqs().tolist()) - set(store._base.hidden.tolist())
+        assert sorted(in_faiss) == sorted(rows), "FAISS != catalog"
         assert store.count == len(rows)
         for image_id in rng_sample(sorted(expected.values()), 8):
             top = store.search(store.vector(image_id)[None], 1)[0]
@@ -544,3 +548,201 @@ def test_a_classifier_save_killed_at_every_step_keeps_a_whole_head(tmp_path: Pat
                 break
             points[case] = step
     assert min(points.values()) >= 3, points  # mkdir, the files, the rename(s): at least three points
+
+
+# ====================================================================================== export / import
+
+
+def test_export_and_import(tmp_path: Path) -> None:
+    from deepfeat.scripts.export_import import PAGE, read_export
+    from tests.index._helpers import DIM, FINGERPRINT, new_images, unit_vectors
+
+    rng = random.Random(3030)
+    n = 3 * PAGE  # an import commits a page at a time: three commits to kill between
+    source = tmp_path / "source"
+    with ImageStore.open(source, fingerprint=FINGERPRINT, dim=DIM) as store:
+        store.add(unit_vectors(n, seed=5), new_images(n))
+    expected = {sha: image_id for image_id, sha, _ in _catalog_rows(source).values()}
+    out = tmp_path / "out" / "export.jsonl"
+    export = ["export", "--data-dir", str(source), "--out", str(out), "--format", "jsonl"]
+    landed: list[str] = []
+
+    def exported() -> dict[str, str]:
+        _, pages = read_export(out)
+        return {row.sha256: row.id for page in pages for row in page}
+
+    out.parent.mkdir()
+    for moment, trigger, delay in [
+        ("temp file", lambda: new_name(out.parent, "export.jsonl.tmp-*"), rng.uniform(0, 0.05)),
+        ("temp file", lambda: new_name(out.parent, "export.jsonl.tmp-*"), rng.uniform(0, 0.05)),
+    ]:
+        killed = kill_when(start(export), trigger(), delay=delay)
+        left = sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
+        landed.append(
+            f"export {moment} +{delay * 1000:.1f} ms: {'killed' if killed else 'finished'}, left {left}"
+        )
+        if out.exists():  # the file appears only when complete
+            assert exported() == expected
+        check_store(source, expected)  # an export never changes the store
+    run(export)
+    assert [p.name for p in out.parent.iterdir()] == [out.name], "the re-run left or kept a temp file"
+    assert exported() == expected
+
+    target = tmp_path / "target"
+    load = ["import", str(out), "--data-dir", str(target)]
+    for moment, trigger, delay in [
+        ("after the first page", lambda: lambda: _catalog_count(target) >= PAGE, rng.uniform(0, 0.05)),
+        ("snapshot temp file", lambda: appears(target, f"{SNAPSHOT_FILE}.tmp-*"), rng.uniform(0, 0.002)),
+    ]:
+        killed = kill_when(start(load), trigger(), delay=delay)
+        count = _catalog_count(target)
+        landed.append(
+            f"import {moment} +{delay * 1000:.1f} ms: {'killed' if killed else 'finished'}, {count} rows, "
+            f"left {leftovers(target)}"
+        )
+        assert count % PAGE == 0, "an import page was committed in part"
+        if count:
+            check_store(target, expected, at_most=True)
+    done = run(load)
+    assert "imported" in done.stdout, done.stdout
+    check_store(target, expected)  # every image, under the id it was exported with
+    assert not leftovers(target), leftovers(target)
+    print("export/import kills:", *landed, sep="\n  ")
+
+
+# ====================================================================================== the server: deletes
+
+
+def test_server_killed_during_deletes_and_adds(
+    tmp_path: Path,
+    seed_store: Path,
+    kill_upload_pool: list[bytes],  # noqa: F811  (the fixture imported above)
+) -> None:
+    """Two clients delete stored images while one adds new ones; the server is SIGKILLed at a seeded
+    random moment, twice. After each restart every acknowledged delete is still deleted and every
+    acknowledged add is there; the catalog holds exactly those plus, at most, the operations the kill
+    cut short."""
+    rng = random.Random(808)
+    data_dir = tmp_path / "data"
+    initial = copy_store(seed_store, data_dir)  # sha256 -> id
+    to_delete = sorted(initial.values())
+    rng.shuffle(to_delete)
+    pool = list(kill_upload_pool)
+    attempted_deletes: set[str] = set()
+    deleted: set[str] = set()  # acknowledged deletes (200)
+    attempted_adds: set[str] = set()  # sha256
+    added: dict[str, str] = {}  # acknowledged adds: sha256 -> id
+    statuses: list[str] = []
+    lock = threading.Lock()
+    landed: list[str] = []
+
+    def verify(base: str) -> None:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for image_id in sorted(deleted):
+                assert http.get(f"/v1/images/{image_id}").status_code == 404, f"deleted {image_id} is back"
+            for sha, image_id in added.items():
+                assert http.get(f"/v1/images/{image_id}").json()["sha256"] == sha, f"added {image_id} is lost"
+
+    for round_ in range(2):
+        with served(data_dir, DEEPFEAT_SNAPSHOT_EVERY="2") as (proc, base):
+            verify(base)
+            before = _catalog_count(data_dir)
+
+            def deleter(ids: list[str]) -> None:
+                with httpx.Client(base_url=base, timeout=30) as http:  # noqa: B023
+                    for image_id in ids:
+                        with lock:
+                            attempted_deletes.add(image_id)
+                        try:
+                            resp = http.delete(f"/v1/images/{image_id}")
+                        except httpx.TransportError:
+                            return  # the server died under us: this delete's fate is unknown
+                        with lock:
+                            statuses.append(f"delete {resp.status_code}")
+                            if resp.status_code == 200:
+                                deleted.add(image_id)
+
+            def adder(items: list[bytes]) -> None:
+                with httpx.Client(base_url=base, timeout=30) as http:  # noqa: B023
+                    for data in items:
+                        sha = hashlib.sha256(data).hexdigest()
+                        with lock:
+                            attempted_adds.add(sha)
+                        try:
+                            resp = http.post("/v1/images", files={"file": ("a.jpg", data, "image/jpeg")})
+                        except httpx.TransportError:
+                            return
+                        with lock:
+                            statuses.append(f"add {resp.status_code}")
+                            if resp.status_code in (200, 201):
+                                added[sha] = resp.json()["id"]
+
+            batch = [i for i in to_delete if i not in attempted_deletes][:400]
+            adds = [d for d in pool if hashlib.sha256(d).hexdigest() not in attempted_adds]
+            threads = [threading.Thread(target=deleter, args=(batch[i::2],)) for i in range(2)]
+            threads.append(threading.Thread(target=adder, args=(adds,)))
+            for t in threads:
+                t.start()
+            at = rng.uniform(0.5, 2.5)
+            time.sleep(at)
+            proc.send_signal(signal.SIGKILL)
+            for t in threads:
+                t.join(timeout=60)
+            proc.wait(timeout=30)
+            assert proc.returncode == -signal.SIGKILL
+            landed.append(
+                f"round {round_} killed at {at:.2f}s: {before} -> {_catalog_count(data_dir)} rows, "
+                f"{len(deleted)} deletes and {len(added)} adds acknowledged so far"
+            )
+
+    with served(data_dir) as (_, base):
+        verify(base)
+    rows = {image_id: sha for image_id, sha, _ in _catalog_rows(data_dir).values()}
+    must = (set(initial.values()) - attempted_deletes) | set(added.values())
+    may = (set(initial.values()) - deleted) | set(added.values())
+    assert must <= set(rows), "an image nobody deleted, or an acknowledged add, is gone"
+    extra = set(rows) - may
+    assert all(rows[i] in attempted_adds for i in extra), "the catalog holds an image nobody added"
+    # Each kill cuts short at most one request of each of the three clients.
+    assert len(set(rows) - must) <= 3 * 2, "more operations of unknown fate than the kills could cut short"
+    check_store(data_dir, {sha: image_id for image_id, sha in rows.items()})
+    assert set(statuses) <= {"delete 200", "add 200", "add 201"}, sorted(set(statuses))
+    assert len(deleted) >= 20 and added, landed
+    print("server kills:", *landed, sep="\n  ")
+
+
+# ====================================================================================== index --engine ray
+
+
+def test_index_ray_engine(tmp_path: Path, photo_dir: Path) -> None:
+    """``deepfeat index --engine ray`` killed as a shard's temp file appears, then while it commits
+    the shards into the store; the re-run reuses what survived, commits the rest and leaves nothing."""
+    pytest.importorskip("ray")
+    from deepfeat.scripts.index_ray import JOBS_DIR
+
+    rng = random.Random(5150)
+    data_dir = tmp_path / "data"
+    jobs = data_dir / JOBS_DIR
+    wanted = {hashlib.sha256(p.read_bytes()).hexdigest() for p in photo_dir.rglob("*.jpg")}
+    index = ["index", str(photo_dir), "--engine", "ray", "--data-dir", str(data_dir), *FAST_FLAGS,
+             "--batch-size", "1", "--shard-size", "1", "--no-progress"]  # fmt: skip
+    landed: list[str] = []
+    for moment, trigger, delay in [
+        ("shard temp file", lambda: appears(jobs, "*/shard-*.tmp-*"), rng.uniform(0, 0.003)),
+        ("commit", lambda: lambda: _catalog_count(data_dir) >= 2, rng.uniform(0, 0.01)),
+    ]:
+        killed = kill_when(start(index), trigger(), delay=delay, timeout=240)
+        rows = _catalog_rows(data_dir)
+        landed.append(
+            f"{moment} +{delay * 1000:.1f} ms: {'killed' if killed else 'finished'}, {len(rows)} rows, "
+            f"left {leftovers(data_dir)}"
+        )
+        if rows:
+            check_store(data_dir, {sha: image_id for image_id, sha, _ in rows.values() if sha in wanted})
+    done = run(index)
+    assert "store now holds 6 images" in done.stdout, done.stdout
+    rows = _catalog_rows(data_dir)
+    assert {sha for _, sha, _ in rows.values()} == wanted and len(rows) == len(wanted)
+    check_store(data_dir, {sha: image_id for image_id, sha, _ in rows.values()})
+    assert not leftovers(data_dir) and not jobs.exists(), leftovers(data_dir)
+    print("ray kills:", *landed, sep="\n  ")
