@@ -1,17 +1,18 @@
-"""Every writer under SIGKILL (issue 17): ``whiten``, ``whiten --remove``, ``build-index``,
-``train-classifier``, ``export``/``import``, a replica switching generations, the server under concurrent
-deletes and ``index --engine ray``, each a real ``deepfeat`` process on real files.
+"""Every writer under SIGKILL (issue 17): ``whiten``, ``whiten --remove``, ``build-index`` under a
+read-only replica that switches generations, ``train-classifier``, ``export``/``import``, the server
+under concurrent deletes and adds, and ``index --engine ray``: real ``deepfeat`` processes on real files.
 
 Kills are seeded and aimed: the harness polls for the moment a writer is most fragile (its temp file
-appearing, a snapshot or generation renamed into place before the manifest names it, a classifier's
-directory swapped) and kills the process group within milliseconds of it, or at a random moment of
-the run. After each kill the store is checked as the next process would see it (every committed row
-there, FAISS equal to the catalog, the manifest naming only files that verify); after the command is
-run again, it has completed and the data dir holds no temp file, no ``.partial`` or claim directory, no
-pending marker, nothing quarantined and nothing named corrupt.
+appearing, a snapshot or generation renamed into place before the manifest names it, the manifest's
+own temp file, a classifier's directory swapped) and kills the process group within a millisecond of
+it, or after a seeded random delay. After each kill the store is checked as the next process would see
+it (every committed row there, FAISS equal to the catalog, the manifest naming only files that
+verify, each image its own nearest neighbour); after the command is run again it has completed and the
+data dir holds no temp file, no ``.partial`` or claim directory, no pending marker, nothing
+quarantined and nothing named corrupt. The tests assert that the narrow windows were really hit.
 
-The test :func:`test_whiten_and_whiten_remove` records which window each kill landed in; the
-interrupted-snapshot window (snapshot renamed, manifest not yet written) must be among them.
+A classifier save is also killed before each of its filesystem changes in turn (a forked child and
+Python's audit hooks), since the swap of two directories is too short a window to aim at from outside.
 """
 
 from __future__ import annotations
