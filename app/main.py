@@ -21,6 +21,7 @@ from deepfeat.app.deps import AppState, Runtime
 from deepfeat.app.docs import install_docs
 from deepfeat.app.errors import install_error_handlers
 from deepfeat.app.inference import Inference
+from deepfeat.app.memory import trim_forever
 from deepfeat.app.metrics import Metrics, MetricsMiddleware
 from deepfeat.app.middleware import BodyLimitMiddleware
 from deepfeat.app.routes import batch, classifiers, classify, embed, health, images, search
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime: Runtime | None = None
         opener: asyncio.Task[Runtime] | None = None
         refresher: asyncio.Task[None] | None = None
+        trimmer = asyncio.create_task(trim_forever())
 
         def serve(ready: Runtime) -> None:
             nonlocal runtime, refresher
@@ -144,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.runtime = None
             state.not_ready_reason = "shutting down"
-            for task in (opener, refresher):
+            for task in (opener, refresher, trimmer):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
