@@ -362,12 +362,16 @@ def remove_unreferenced(gen_dir: Path, keep: Iterable[int]) -> list[str]:
                 removed.append(path.name)
             continue
         m = _NAME_RE.fullmatch(path.name)
-        if m is None or int(m.group(1)) in kept:
+        if m is None:
             continue
         if m.group(2) == "partial":
+            # Also the build directory of a kept generation: a build killed after its publish, before
+            # it removed the directory its files were moved out of, leaves it holding nothing needed.
             if _owner_alive(path):
                 continue
             shutil.rmtree(path, ignore_errors=True)
+        elif int(m.group(1)) in kept:
+            continue
         else:
             path.unlink(missing_ok=True)
         removed.append(path.name)
