@@ -42,6 +42,7 @@ from deepfeat.models.heads import (
     predictions_from_probabilities,
     read_manifest,
     save_head,
+    storage,
     stratified_split,
     train_linear,
 )
@@ -284,11 +285,25 @@ def test_a_failed_save_leaves_nothing_behind(
     monkeypatch.setattr(os, "replace", real_replace)
     first = save_head(tmp_path, manifest_for("pets", lite0.fingerprint), files)
     before = (first / "head.json").read_bytes()
+
+    # An overwrite swaps the two directories in one rename where the filesystem can: a failed swap
+    # changes nothing.
+    def exchange_fails(a: Path, b: Path) -> bool:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(storage, "_exchange", exchange_fails)
+    with pytest.raises(OSError, match="I/O"):
+        save_head(tmp_path, manifest_for("pets", lite0.fingerprint), files, overwrite=True)
+    assert (first / "head.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pets"]
+
+    # Where it cannot, the old head is moved aside first and put back when the new one fails to move in.
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
     calls = {"n": 0}
 
     def crash_second(src: Any, dst: Any) -> None:
         calls["n"] += 1
-        if calls["n"] == 2:  # the old head was moved aside, the new one fails to move in
+        if calls["n"] == 2:
             raise OSError(5, "I/O error")
         real_replace(src, dst)
 
