@@ -538,7 +538,7 @@ def check_writable(data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         probe = temp_path_for(data_dir / ".write-check")
         probe.touch()
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # another writer's open may have swept it (its lock, not ours)
     except OSError as exc:
         if exc.errno == errno.EROFS:
             raise ReadOnlyFilesystemError(
