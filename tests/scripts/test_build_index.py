@@ -163,3 +163,45 @@ def test_kill_9_of_the_command_stops_the_build(tmp_path: Path) -> None:
     manifest = Manifest.load(data_dir / MANIFEST_FILE)
     assert manifest is not None and manifest.generation is not None
     assert not list((data_dir / "generations").glob("*.partial"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc (PR_SET_PDEATHSIG)")
+def test_sigterm_stops_the_build_with_one_line(tmp_path: Path) -> None:
+    """SIGTERM (what systemd and `kill` send) stops the command and its build child: one line, exit 130,
+    nothing published, and a re-run publishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data_dir = tmp_path / "store"
+    with ImageStore.open(data_dir, fingerprint=FINGERPRINT, dim=DIM) as store:
+        for start in range(0, 40_000, 10_000):
+            store.add(unit_vectors(10_000, seed=start), new_images(10_000, start=start))
+    argv = ["build-index", "--data-dir", str(data_dir), "--index", "IVF256,PQ8", "--max-memory", "512MiB"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepfeat.scripts.cli", *argv, "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (children := _children(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("interrupted; everything committed so far is kept"), err
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children):
+        assert time.monotonic() < deadline, "the build child outlived the command"
+        time.sleep(0.05)
+    manifest = Manifest.load(data_dir / MANIFEST_FILE)
+    assert manifest is not None and manifest.generation is None
+    assert main([*argv, "--no-progress"]) == 0
+    assert not list((data_dir / "generations").glob("*.partial"))
