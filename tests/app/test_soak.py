@@ -54,9 +54,10 @@ KEEP = 12  # the deleter deletes while more than PINNED + KEEP pool images are p
 RSS_GROWTH_LIMIT = 48 * 2**20
 """Anonymous memory may move this much between a server's first window after warm-up and its last.
 
-Per-window medians of a server at rest under this load sway by a batch's tensors and malloc's free
-lists (the measured spread is in the summary the test prints); a leak of a few KiB per request
-(thousands of requests per window) grows past it within the run."""
+Per-window medians sway with a batch's tensors and malloc's free lists, and the index grows by the
+indexer's images (a few MiB in all). Measured in a 600 s run on 2 cores: +25, +6 and +7 MiB over the
+three server lives (508 -> 533, 534 -> 540, 526 -> 533 MiB), so this is about twice the largest. Some
+3500 requests fall between those windows of a life: a leak of 16 KiB per request would pass it."""
 FD_SLACK = 12
 """Open descriptors may exceed the first window after warm-up by this many: a SQLite connection of
 three files for each worker thread the clients keep busy, plus sockets (4 clients)."""
