@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from deepfeat.index.build import build_generation, parse_bytes
 from deepfeat.index.errors import StoreError
+from deepfeat.index.store import lock_timeout
 from deepfeat.scripts.cli_common import echo, echo_json, settings_from_args
 
 __all__ = ["add_arguments", "build", "main", "run"]
@@ -139,15 +140,16 @@ def build(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        info = build_generation(
-            settings.data_dir,
-            factory=args.index,
-            max_memory_bytes=budget,
-            sample=args.sample,
-            search_params=None if args.nprobe is None else {"nprobe": args.nprobe},
-            seed=args.seed,
-            progress=progress,
-        )
+        with lock_timeout(settings.lock_timeout_s):  # the publish takes the store's lock
+            info = build_generation(
+                settings.data_dir,
+                factory=args.index,
+                max_memory_bytes=budget,
+                sample=args.sample,
+                search_params=None if args.nprobe is None else {"nprobe": args.nprobe},
+                seed=args.seed,
+                progress=progress,
+            )
     finally:
         for bar in bars.values():
             bar.close()

@@ -165,6 +165,25 @@ def test_a_stopped_lock_holder_is_one_line_naming_it(tmp_path: Path) -> None:
     assert done.returncode == 0 and "store now holds 4 images" in done.stdout, done.stderr
 
 
+def test_build_index_gives_up_on_a_stopped_lock_holder_after_the_setting(tmp_path: Path) -> None:
+    """build-index runs its build in a child process: DEEPFEAT_LOCK_TIMEOUT_S reaches it too."""
+    from tests.index._helpers import DIM, FINGERPRINT, new_images, unit_vectors
+
+    data = tmp_path / "data"
+    with ImageStore.open(data, fingerprint=FINGERPRINT, dim=DIM) as store:
+        store.add(unit_vectors(300, seed=1), new_images(300))
+    with held_lock(data / LOCK_FILE) as holder:
+        started = time.monotonic()
+        done = _runner(tmp_path, DEEPFEAT_LOCK_TIMEOUT_S="1")(
+            "build-index", "--data-dir", str(data), "--index", "IVF4,Flat", "--no-progress"
+        )
+        assert time.monotonic() - started < 20  # the default (30 s) would have been waited otherwise
+        line = _one_line_error(done, "store_locked")
+        assert f"pid {holder.pid} (" in line
+    manifest = ImageStore.read_manifest(data)
+    assert manifest is not None and manifest.generation is None
+
+
 def test_a_lock_taken_during_the_run_fails_the_final_snapshot_with_the_committed_count(
     tmp_path: Path,
 ) -> None:
