@@ -8,8 +8,8 @@ the visual ones because a relayout or a replica's generation switch moves those 
 visual vectors only; generations stay visual-only).
 
 It is never snapshotted: it is rebuilt from the catalog at every open (one sequential read of the
-``semantic`` column) and holds n x d_s x 4 bytes in memory (1280-d vectors: 5.1 kB per image,
-5.1 GB for a million images). Exact inner product, so a search is O(n d_s) per query.
+``semantic`` column) and holds n x d_s x 4 bytes in memory (the default 2280-d vectors: 9.1 kB per
+image, 9.1 GB for a million images). Exact inner product, so a search is O(n d_s) per query.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ class SemanticIndex:
         With ``expansion`` n > 0 (alpha-query expansion, alpha = 1): each query is replaced by the
         normalised sum of itself and its n nearest stored vectors weighted by their similarity, then
         searched again; scores are against that expanded query. On the category collections' tuning
-        parts n = 5 lifted semantic P@10 from 0.707 to 0.770 (docs/quality.md); the second search
+        parts n = 5 lifted semantic P@10 from 0.707 to 0.770 with the logits, and alpha = 1, n = 5 was
+        also the best for ``gem-logits+penultimate`` (0.788; docs/quality.md); the second search
         costs what the first does.
 
         ``among`` (a filter's seqs) restricts the hits, not the expansion: the query is the same

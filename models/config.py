@@ -21,8 +21,12 @@ __all__ = [
     "DEFAULT_REGIONS",
     "DEFAULT_SCALES",
     "DUPLICATE_THRESHOLD",
+    "GEM_LOGITS_PENULTIMATE",
     "POOLINGS",
     "RESIZE_MODES",
+    "SEMANTIC_AUTO",
+    "SEMANTIC_GEM_P",
+    "SEMANTIC_PENULTIMATE_WEIGHT",
     "EmbedderConfig",
     "EmbedderFields",
     "parse_list",
@@ -40,6 +44,20 @@ POOLINGS = ("avg", "max", "gem", "rmac")
 them, and a test holds the two lists together."""
 ResizeMode = Literal["crop", "full"]
 RESIZE_MODES = ("crop", "full")
+GEM_LOGITS_PENULTIMATE = "gem-logits+penultimate"
+"""The semantic vector ``auto`` picks for models whose classifier is pooling -> one Linear: the class
+scores of the GeM-pooled last conv map beside its average pooling (the penultimate vector), each summed
+over the scales, the second weighted by ``SEMANTIC_PENULTIMATE_WEIGHT``. It ranked first of 224
+semantic configurations on the category collections' tuning parts (docs/quality.md)."""
+SEMANTIC_AUTO = "auto"
+"""The default ``semantic_layer``: ``gem-logits+penultimate`` where the model's classifier allows it,
+else the logits (VGG16). Like ``layer=None``, it is resolved against the model, and a store's manifest
+records what it resolved to."""
+SEMANTIC_GEM_P = 3.0
+"""The GeM power of ``gem-logits+penultimate``: part of what the vector is (recorded in the
+fingerprint), independent of the visual descriptor's ``gem_p``."""
+SEMANTIC_PENULTIMATE_WEIGHT = 1.25
+"""The weight of the penultimate part of ``gem-logits+penultimate`` against the class scores."""
 
 
 def parse_list(value: Any) -> Any:
@@ -103,10 +121,13 @@ class EmbedderFields(BaseModel):
         "its short side) at half scale, so blurred and low-resolution copies are found; 0 = off",
     )
     semantic_layer: str | None = Field(
-        "logits",
-        description="The layer whose vector answers similarity=semantic searches, computed in the same "
-        "forward pass as the visual vector and stored beside it: a vector layer (penultimate or "
-        "logits); none = off",
+        SEMANTIC_AUTO,
+        description="The vector that answers similarity=semantic searches, computed in the same "
+        "forward pass as the visual vector and stored beside it: gem-logits+penultimate (the "
+        "classifier applied to the GeM-pooled last conv map, beside its average pooling; for models "
+        "whose classifier is pooling then one Linear layer), or a vector layer (logits, "
+        "penultimate); auto = gem-logits+penultimate where the model allows it, else logits; "
+        "none = off",
     )
 
     @field_validator("semantic_layer", mode="before")

@@ -33,9 +33,16 @@ from deepfeat.models.backends import (
 )
 from deepfeat.models.config import POOLINGS, RESIZE_MODES, EmbedderConfig
 from deepfeat.models.errors import InvalidOptionError, UnknownPoolingError, WeightsUnavailableError
-from deepfeat.models.identity import FINGERPRINT_VERSION, fingerprint_of, resolve
+from deepfeat.models.identity import (
+    FINGERPRINT_VERSION,
+    SemanticSpec,
+    fingerprint_of,
+    resolve,
+    resolve_semantic,
+    semantic_choices,
+)
 from deepfeat.models.layers import build_trunk
-from deepfeat.models.pooling import get_pooling, grid_windows
+from deepfeat.models.pooling import avg_pool, gem_pool, get_pooling, grid_windows
 from deepfeat.models.registry import LayerSpec, ModelSpec, Preprocess, build_seeded, get_model
 
 __all__ = [
@@ -277,7 +284,7 @@ class Embedder:
             self._single: torch.nn.Module | None = build_trunk(net, {self.layer.node: self.layer.node})
             # The embedding layer and the semantic one from one pass (indexing, the service's batches).
             self._pair: torch.nn.Module | None = None
-            if self.semantic_layer is not None and self.semantic_layer.node != self.layer.node:
+            if self.semantic is not None and self.semantic.source.node != self.layer.node:
                 self._pair = build_trunk(net, {n: n for n in self._pair_nodes()})
             # Every selectable layer and the logits from one pass: classify, embed+classify, variants.
             self._all = build_trunk(net, {spec.node: spec.node for spec in self.spec.layers})
@@ -327,9 +334,7 @@ class Embedder:
         self._fingerprint: dict[str, Any] | None = None
         self.spec: ModelSpec = get_model(config.model)
         self.layer: LayerSpec = self.spec.get_layer(config.layer)
-        self.semantic_layer: LayerSpec | None = (
-            None if config.semantic_layer is None else self.spec.get_layer(config.semantic_layer)
-        )
+        self.semantic: SemanticSpec | None = resolve_semantic(self.spec, config.semantic_layer)
         self._pool = get_pooling(self.pooling, gem_p=self.gem_p) if self.layer.kind == "conv" else None
         self.transform: Callable[[Image.Image | torch.Tensor], torch.Tensor] = (
             build_transform(self.spec.preprocess)
@@ -362,10 +367,11 @@ class Embedder:
         return other
 
     def _pair_nodes(self) -> tuple[str, ...]:
-        """The nodes one embedding pass reads: the embedding layer's, then the semantic layer's."""
-        if self.semantic_layer is None:
+        """The nodes one embedding pass reads: the embedding layer's, then the one the semantic
+        vector is made from (the same node for ``gem-logits+penultimate`` at the default layer)."""
+        if self.semantic is None:
             return (self.layer.node,)
-        return tuple(dict.fromkeys((self.layer.node, self.semantic_layer.node)))
+        return tuple(dict.fromkeys((self.layer.node, self.semantic.source.node)))
 
     # ---------------------------------------------------------------------------------------------
     # identity
@@ -397,7 +403,7 @@ class Embedder:
     @property
     def semantic_dim(self) -> int | None:
         """Dimension of the semantic vector (``similarity=semantic``), None when it is off."""
-        return None if self.semantic_layer is None else self.semantic_layer.dim
+        return None if self.semantic is None else self.semantic.dim
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -580,14 +586,15 @@ class Embedder:
         from the same forward pass at scale 1 (the largest scale when 1 is not among them)), and with
         ``semantic`` the (n, semantic_dim) semantic vectors read from the same forward passes (each
         scale's vector L2-normalised, summed over the scales, re-normalised, as the visual one)."""
-        sem_layer = self.semantic_layer if semantic else None
-        if semantic and sem_layer is None:
+        sem = self.semantic if semantic else None
+        if semantic and sem is None:
             raise InvalidOptionError(
                 f"this embedder has no semantic layer (semantic_layer=none); choose one of: "
-                f"{', '.join(s.name for s in self.spec.layers if s.kind == 'vector')}"
+                f"{semantic_choices(self.spec)}"
             )
-        names = [self.layer.name] if sem_layer is None else [self.layer.name, sem_layer.name]
-        descriptors, semantics = [], []
+        names = [self.layer.name] if sem is None else [self.layer.name, sem.source.name]
+        descriptors: list[torch.Tensor] = []
+        semantics: list[list[torch.Tensor]] = []  # per scale, the semantic vector's parts
         region_scale = 1.0 if 1.0 in self.scales else max(self.scales)
         region_map: torch.Tensor | None = None
         for scale in self.scales:
@@ -595,14 +602,14 @@ class Embedder:
             out = self.forward_intermediates(self.rescale(batch, scale), names)
             features = out[self.layer.name]
             descriptors.append(self.pool(features))
-            if sem_layer is not None:
-                semantics.append(F.normalize(out[sem_layer.name].flatten(1), dim=1))  # (n, d_s)
+            if sem is not None:
+                semantics.append(self._semantic_parts(out[sem.source.name]))
             if regions and scale == region_scale:
                 region_map = features  # (n, c, h, w)
         glob = F.normalize(torch.stack(descriptors).sum(dim=0), dim=1)
-        sem = F.normalize(torch.stack(semantics).sum(dim=0), dim=1) if semantics else None
+        sem_vectors = self._combine_semantic(semantics) if sem is not None else None
         if not regions:
-            return glob, sem
+            return glob, sem_vectors
         parts = [glob]
         if self.config.lowpass > 0:
             parts.append(self.lowpass_descriptors(batch))
@@ -612,7 +619,38 @@ class Embedder:
                 self.pool(region_map[:, :, y : y + rh, x : x + rw])
                 for y, x, rh, rw in grid_windows(h, w, self.config.regions)
             ]
-        return torch.stack(parts, dim=1), sem  # (n, vectors_per_image, dim)
+        return torch.stack(parts, dim=1), sem_vectors  # (n, vectors_per_image, dim)
+
+    def _semantic_parts(self, source: torch.Tensor) -> list[torch.Tensor]:
+        """One scale's semantic vector parts, each (n, d_i) and unit-norm, from the output of
+        ``semantic.source``: the vector layer itself, or for ``gem-logits+penultimate`` the class
+        scores of the GeM-pooled map (the model's own Linear) and the map's average pooling, which
+        is what the model's penultimate vector is."""
+        spec = self.semantic
+        if spec is None or spec.linear is None:
+            return [F.normalize(source.flatten(1), dim=1)]
+        linear = self._net.get_submodule(spec.linear)
+        if not isinstance(linear, torch.nn.Linear):  # the registry's ClassifierHead says it is one
+            raise InvalidOptionError(
+                f"{self.spec.name}.{spec.linear} is a {type(linear).__name__}, not a Linear layer; "
+                f"semantic_layer={spec.name} cannot be computed for this network"
+            )
+        pooled = gem_pool(source, spec.gem_p)  # (n, c, h, w) -> (n, c)
+        bias = None if linear.bias is None else linear.bias.float()
+        scores = F.linear(pooled, linear.weight.float(), bias)  # (n, classes)
+        return [F.normalize(scores, dim=1), F.normalize(avg_pool(source), dim=1)]
+
+    def _combine_semantic(self, per_scale: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Per-scale parts -> (n, semantic_dim): each part summed over the scales and re-normalised,
+        as the visual descriptor is, then weighted (the penultimate part of ``gem-logits+penultimate``
+        by ``penultimate_weight``), concatenated, and the whole L2-normalised."""
+        spec = self.semantic
+        weights = [1.0] if spec is None or spec.linear is None else [1.0, spec.penultimate_weight]
+        parts = [
+            weight * F.normalize(torch.stack(scales).sum(dim=0), dim=1)
+            for weight, scales in zip(weights, zip(*per_scale, strict=True), strict=True)
+        ]
+        return F.normalize(torch.cat(parts, dim=1), dim=1)
 
     @overload
     def embed_tensors(

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "ClassifierHead",
     "LayerSpec",
     "ModelSpec",
     "Preprocess",
@@ -62,6 +63,22 @@ class LayerSpec:
     dim: int
     kind: Literal["vector", "conv"]
     description: str
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    """A classifier that is global average pooling of one conv map, then one Linear layer.
+
+    Where a model's head has this shape, the class scores can be read from any pooling of that map
+    (``gem-logits+penultimate`` semantic vectors apply the Linear to its GeM pooling) in the forward
+    pass that already computes the map. VGG's classifier (three Linear layers on the flattened
+    7 x 7 map) does not have it.
+    """
+
+    map_layer: str
+    """The conv layer (a :class:`LayerSpec` name) whose average pooling is the penultimate vector."""
+    linear: str
+    """The module name of the Linear layer that turns that vector into the logits."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,8 @@ class ModelSpec:
     choices_fn: Callable[[], tuple[str, ...]]
     default_layer: str = "penultimate"
     """The layer new stores use: the last conv block, GeM-pooled (best measured for retrieval)."""
+    head: ClassifierHead | None = None
+    """The classifier as pooled map -> Linear, where the model's head has that shape."""
 
     @property
     def preprocess(self) -> Preprocess:
@@ -346,7 +365,11 @@ _VGG16_LAYERS = (
 
 
 def _register_torchvision(
-    arch: str, layers: tuple[LayerSpec, ...], logits_node: str, default_layer: str
+    arch: str,
+    layers: tuple[LayerSpec, ...],
+    logits_node: str,
+    default_layer: str,
+    head: ClassifierHead | None = None,
 ) -> None:
     def build() -> nn.Module:
         import torchvision
@@ -369,6 +392,7 @@ def _register_torchvision(
             identify=_tv_identify(arch),
             choices_fn=choices,
             default_layer=default_layer,
+            head=head,
         )
     )
 
@@ -521,6 +545,7 @@ class _LiteVariant:
             identify=self.identify,
             choices_fn=lambda: ("DEFAULT", "none"),
             default_layer="head",
+            head=ClassifierHead(map_layer="head", linear="classifier"),
         )
 
 
@@ -556,10 +581,12 @@ def _register_builtin() -> None:
         register_model(variant.spec())
     # VGG: conv5_3 before the last max-pool, as in the GeM/R-MAC literature.
     _register_torchvision("vgg16", _VGG16_LAYERS, "classifier.6", "conv5_3")
-    _register_torchvision("resnet18", _resnet_layers((128, 256, 512)), "fc", "layer4")
-    _register_torchvision("resnet34", _resnet_layers((128, 256, 512)), "fc", "layer4")
+    # ResNets: avgpool(layer4) -> flatten -> fc.
+    resnet_head = ClassifierHead(map_layer="layer4", linear="fc")
+    _register_torchvision("resnet18", _resnet_layers((128, 256, 512)), "fc", "layer4", resnet_head)
+    _register_torchvision("resnet34", _resnet_layers((128, 256, 512)), "fc", "layer4", resnet_head)
     for arch in ("resnet50", "resnet101", "resnet152"):
-        _register_torchvision(arch, _resnet_layers((512, 1024, 2048)), "fc", "layer4")
+        _register_torchvision(arch, _resnet_layers((512, 1024, 2048)), "fc", "layer4", resnet_head)
 
 
 _register_builtin()

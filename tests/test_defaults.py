@@ -75,10 +75,11 @@ def test_library_cli_store_and_stats_agree_on_the_defaults(
     library = Embedder(device="cpu")
     resolved = library.config
     assert resolved == Embedder(EmbedderConfig(), device="cpu").config
-    assert resolved.model_dump(exclude={"layer", "pooling"}) == EmbedderConfig().model_dump(
-        exclude={"layer", "pooling"}
-    )
+    # Resolved against the model: the layer, the pooling and the semantic vector are named.
+    resolved_here = {"layer", "pooling", "semantic_layer"}
+    assert resolved.model_dump(exclude=resolved_here) == EmbedderConfig().model_dump(exclude=resolved_here)
     assert (resolved.layer, resolved.pooling) == ("head", "gem")
+    assert (EmbedderConfig().semantic_layer, resolved.semantic_layer) == ("auto", "gem-logits+penultimate")
     assert build_embedder(Settings(data_dir=tmp_path / "none", device="cpu")).config == resolved
 
     data = tmp_path / "data"

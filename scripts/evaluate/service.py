@@ -51,8 +51,10 @@ BASELINE_ENV = {
     "DEEPFEAT_SCALES": "1",
     "DEEPFEAT_REGIONS": "0",
     "DEEPFEAT_LOWPASS": "0",
+    "DEEPFEAT_SEMANTIC_LAYER": "logits",
 }
-"""The naive baseline as a server's settings: penultimate layer, centre crop, one scale."""
+"""The naive baseline as a server's settings: penultimate layer, centre crop, one scale, and the
+logits as its semantic vector."""
 
 P_AT = 10
 

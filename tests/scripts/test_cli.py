@@ -250,7 +250,12 @@ def test_add_semantic_to_an_older_store(
     code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "--similarity", "semantic", "--json")
     body = json.loads(out)
     assert code == 0 and body["results"][0]["source"].endswith("coffee.jpg")
-    assert body["model"]["semantic"] == {"layer": "logits", "dim": 1000}
+    assert body["model"]["semantic"] == {  # today's default, adopted by the older store
+        "layer": "gem-logits+penultimate",
+        "dim": 2280,
+        "gem_p": 3.0,
+        "penultimate_weight": 1.25,
+    }
     assert len(body["results"]) == len(photos) - 2  # the moved and the edited image have none
     # Nothing left to do that can be done; the visual side is unchanged.
     code, out, _ = run(capsys, "add-semantic", "--data-dir", data, "--json", "--precision", "fp32")
@@ -260,7 +265,7 @@ def test_add_semantic_to_an_older_store(
     code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "-k", "1")
     assert code == 0 and "coffee.jpg" in out
     manifest = json.loads((Path(data) / "manifest.json").read_text())
-    assert manifest["embedder"]["semantic_layer"] == "logits"
+    assert manifest["embedder"]["semantic_layer"] == "gem-logits+penultimate"
 
     # Re-indexing where the moved file went gives it its semantic vector (same content, no new row).
     code, out, _ = run(
