@@ -49,7 +49,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -304,7 +304,7 @@ def _backup_catalog(source: Path, target: Path) -> None:
     fsync_file(target)
 
 
-def _stage(data_dir: Path, staging: Path) -> Manifest:
+def _stage(data_dir: Path, staging: Path, extra_dirs: Sequence[str]) -> Manifest:
     """Fill ``staging`` with the read-only store layout; returns the manifest written there.
 
     The manifest and the index files it names are taken together under the store's shared lock, which
@@ -334,6 +334,9 @@ def _stage(data_dir: Path, staging: Path) -> Manifest:
     finally:
         lock.close()
     _backup_catalog(data_dir / CATALOG_FILE, staging / CATALOG_FILE)
+    for name in extra_dirs:
+        if (data_dir / name).is_dir():
+            shutil.copytree(data_dir / name, staging / name)
     published = replace(
         manifest,
         snapshot=snapshot,
@@ -360,7 +363,13 @@ def _numbers(names: list[str]) -> dict[int, list[str]]:
     return found
 
 
-def publish(data_dir: str | Path, location: str | Path | Location, *, keep: int = KEEP) -> Publication:
+def publish(
+    data_dir: str | Path,
+    location: str | Path | Location,
+    *,
+    keep: int = KEEP,
+    extra_dirs: Sequence[str] = (),
+) -> Publication:
     """Publish the store in ``data_dir`` as a self-contained generation at ``location``.
 
     Safe beside a live writer in another thread or process (it only reads the store, under the shared
@@ -372,6 +381,8 @@ def publish(data_dir: str | Path, location: str | Path | Location, *, keep: int 
         data_dir: The writer's data directory.
         location: Directory, ``file://`` URL or a ``pyarrow.fs`` URL.
         keep: Publications kept at the location, the new one included (at least 2).
+        extra_dirs: Directories of ``data_dir`` copied along (the service's trained classifier heads),
+            so replicas serve them too.
 
     Returns:
         The publication (``path`` is its directory for a local location, else the staging directory,
@@ -387,7 +398,7 @@ def publish(data_dir: str | Path, location: str | Path | Location, *, keep: int 
     loc = _as_location(location)
     started = time.monotonic()
     with _staging(data_dir) as staging:
-        manifest = _stage(data_dir, staging)
+        manifest = _stage(data_dir, staging, extra_dirs)
         files: dict[str, Any] = {
             "format": FORMAT,
             "published_at": time.time(),
