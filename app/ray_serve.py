@@ -580,15 +580,19 @@ def _gpus(options: RayServeOptions) -> float:
 def build_application(options: RayServeOptions) -> serve.Application:
     """The Serve application (call after ``ray.init``: GPUs are read from the cluster).
 
-    The writer runs with the CPU default; each search replica reserves ``replica_cpus`` and one GPU
-    when the cluster has GPUs. With ``replicas=None`` the replicas autoscale on the requests each one
+    The writer runs on this node (the data dir is here) and reserves no CPU; each search replica
+    reserves ``replica_cpus`` (Ray sizes its torch threads to that) and one GPU when the cluster has
+    GPUs. With ``replicas=None`` the replicas autoscale on the requests each one
     has in flight (``target_ongoing_requests``).
     """
     env = {"env_vars": dict(SERVER_ENV)}
+    # The writer must run where the data dir is: on this node (Ray's built-in "node:<ip>" resource).
+    # It reserves no CPU: it is idle between adds, and a node's CPUs are for the search replicas.
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     writer = serve.deployment(
         name="Writer",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 1, "runtime_env": env},
+        ray_actor_options={"num_cpus": 0, "resources": here, "runtime_env": env},
         max_ongoing_requests=64,
     )(Writer)
     scaling: dict[str, Any] = (

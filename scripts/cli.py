@@ -420,6 +420,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
         replicas=None if args.replicas == "auto" else int(args.replicas),
         publish_interval_s=args.publish_interval,
         publish_index=args.publish_index,
+        replica_cpus=args.replica_cpus,
     )
     echo(
         f"deepfeat on Ray Serve: writer on {settings.data_dir}, {args.replicas} search replica(s) on the "
@@ -572,6 +573,9 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     )
     ray.add_argument(
         "--replicas", default="2", help="search replicas, or 'auto' to scale on load (default 2)"
+    )
+    ray.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="CPUs (torch threads) per search replica (default 1)"
     )
     ray.add_argument(
         "--address", help="Ray cluster to join, e.g. auto or ray://head:10001 (default: start one)"
