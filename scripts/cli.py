@@ -323,6 +323,7 @@ _BENCHES = {
     "extract": "deepfeat.scripts.bench_extract",
     "search": "deepfeat.scripts.bench_search",
     "serve": "deepfeat.scripts.bench_serve",
+    "serve-ray": "deepfeat.scripts.bench_serve_ray",
     "build": "deepfeat.scripts.bench_build",
     "ray": "deepfeat.scripts.bench_ray",
     "cli": "deepfeat.scripts.bench_cli",
