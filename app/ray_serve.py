@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -131,11 +132,20 @@ class RayServeOptions:
         return self.settings.model_copy(update={"data_dir": data_dir, "read_only": True})
 
     def download_dir(self) -> Path:
-        if self.cache_dir is not None:
-            return self.cache_dir
+        """This replica's own download directory: ``<cache_dir>/<pid>``.
+
+        Replicas on one host must not share one: each prunes the publications it no longer serves,
+        which another replica may still serve. Directories of replicas that are gone (a crash leaves
+        one) are removed when a replica starts (:func:`_first_publication`).
+        """
         import tempfile
 
-        return Path(tempfile.gettempdir()) / "deepfeat-generations"
+        base = (
+            self.cache_dir
+            if self.cache_dir is not None
+            else Path(tempfile.gettempdir()) / "deepfeat-generations"
+        )
+        return base / str(os.getpid())
 
 
 # ============================================================================ in-process ASGI calls
@@ -462,8 +472,24 @@ class _Following:
     retired: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+def _remove_orphan_downloads(base: Path) -> None:
+    """Delete the download directories of replica processes on this host that no longer run."""
+    if not base.is_dir():
+        return
+    for entry in base.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            os.kill(int(entry.name), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 async def _first_publication(options: RayServeOptions) -> Publication:
     """Wait for a usable publication (the writer publishes one as it starts)."""
+    _remove_orphan_downloads(options.download_dir().parent)
     deadline = time.monotonic() + FIRST_PUBLICATION_TIMEOUT_S
     while True:
         try:
