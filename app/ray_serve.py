@@ -20,10 +20,9 @@ Two deployments in one Serve application::
   ``POST /v1/admin/publish``) are not run by a replica: :class:`ForwardWrites` sends the raw request to
   the **Writer** through a DeploymentHandle, which runs it on its own copy of the same app
   (:func:`call_asgi`), so status codes, error codes and bodies are those of ``deepfeat serve``.
-* Each replica keeps deepfeat's micro-batcher (:class:`deepfeat.app.inference.Inference`): routes are
-  synchronous and run in the replica's threads, where the batcher gathers concurrent requests into
-  one forward pass exactly as in ``deepfeat serve``; Serve's ``@serve.batch`` batches calls that reach
-  an ``async`` method through the replica's event loop, which these routes never are.
+* Concurrent requests on a replica share forward passes through Serve's ``@serve.batch``
+  (:class:`ServeBatcher`, with the ``DEEPFEAT_BATCH_*`` limits), which takes the place of the
+  micro-batcher ``deepfeat serve`` runs in a thread of its own.
 
 Visibility: an image added through the writer is searchable on the replicas once a publish that
 includes it has been fetched, i.e. within ``publish_interval_s`` + ``refresh_interval_s`` + the publish
@@ -34,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -42,7 +42,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,13 @@ from pydantic import BaseModel
 from ray import serve
 
 from deepfeat.app.deps import AppState, require_write
+from deepfeat.app.inference import Inference
 from deepfeat.app.main import create_app
 from deepfeat.classifiers import CLASSIFIERS_DIR, ClassifierRegistry
 from deepfeat.index.build import build_generation, process_rss_bytes
 from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, StoreError
 from deepfeat.index.publish import Location, Publication, fetch, latest, publish
+from deepfeat.models.errors import Overloaded
 from deepfeat.runtime import open_store
 from deepfeat.settings import Settings
 
@@ -458,6 +460,57 @@ class ServedHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class ServeBatcher:
+    """Inference's micro-batcher on a replica, made of Ray Serve's ``@serve.batch``.
+
+    Routes are plain ``def`` and run in the replica's worker threads; each image they submit becomes
+    one call of a ``@serve.batch`` coroutine on the replica's event loop, which Serve gathers into
+    batches of up to ``max_batch`` (waiting at most ``max_wait_s``) and runs one at a time; the forward
+    pass itself runs in a thread so the event loop keeps serving. At most ``max_queue`` images wait,
+    beyond which :class:`Overloaded` answers 503 ``overloaded`` as in ``deepfeat serve``. Called like
+    :class:`deepfeat.models.batching.MicroBatcher` (:class:`deepfeat.app.inference.Inference` takes it).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], Sequence[Any]],
+        *,
+        loop: asyncio.AbstractEventLoop,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        name: str = "batcher",
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._slots = threading.BoundedSemaphore(max_queue)
+        self.name = name
+
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_s)
+        async def run(items: list[Any]) -> list[Any]:
+            if on_batch is not None:
+                on_batch(len(items))
+            return list(await asyncio.to_thread(fn, items))
+
+        self._run = run
+
+    def submit_many(self, items: Sequence[Any]) -> list[Any]:
+        taken = 0
+        try:
+            for _ in items:
+                if not self._slots.acquire(blocking=False):
+                    raise Overloaded
+                taken += 1
+            futures = [asyncio.run_coroutine_threadsafe(self._run(item), self._loop) for item in items]
+            return [future.result() for future in futures]
+        finally:
+            for _ in range(taken):
+                self._slots.release()
+
+    def close(self) -> None:
+        """Nothing to stop: the batches run on the replica's event loop."""
+
+
 def _never_on_a_replica() -> PublishResponse:
     raise RuntimeError("require_write refuses publishing on a read-only replica before this runs")
 
@@ -485,6 +538,24 @@ def _remove_orphan_downloads(base: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         except PermissionError:
             pass  # another user's live process
+
+
+async def _batch_with_serve(state: AppState) -> None:
+    """Swap the replica's micro-batcher for one made of ``@serve.batch`` (same limits)."""
+    runtime = state.runtime
+    if runtime is None or not state.settings.batching:
+        return
+    old, settings = runtime.inference, state.settings
+    runtime.inference = Inference(
+        old.embedder,
+        runtime.metrics,
+        batching=True,
+        max_batch=settings.batch_max_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+        max_queue=settings.max_queue,
+        batcher=functools.partial(ServeBatcher, loop=asyncio.get_running_loop()),
+    )
+    await asyncio.to_thread(old.close)
 
 
 async def _first_publication(options: RayServeOptions) -> Publication:
@@ -574,6 +645,7 @@ class Search:
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             async with inner(app):
+                await _batch_with_serve(app.state.deepfeat)
                 follower = asyncio.create_task(_follow(app.state.deepfeat, options, following))
                 try:
                     yield

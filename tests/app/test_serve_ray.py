@@ -216,3 +216,55 @@ def test_a_killed_replica_is_restarted_and_clients_retrying_on_503_see_nothing_e
             replacement = name
     assert replacement is not None, f"no replacement replica answered within 120 s; answers {statuses}"
     print(f"answers while a replica was replaced ({time.monotonic() - started:.1f} s): {statuses}")
+
+
+def test_serve_batcher_gathers_concurrent_requests_and_bounds_the_queue(cluster: dict[str, Any]) -> None:
+    """The replicas' batcher, inside a Serve replica (``@serve.batch`` needs one): items submitted
+    from many threads share batches of up to ``max_batch``; a full queue answers Overloaded."""
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class BatcherCheck:
+        async def run(self) -> dict[str, Any]:
+            import asyncio
+            import threading
+            from concurrent.futures import ThreadPoolExecutor
+
+            from deepfeat.app.ray_serve import ServeBatcher
+            from deepfeat.models.errors import Overloaded
+
+            sizes: list[int] = []
+            gate = threading.Event()
+
+            def double(items: list[int]) -> list[int]:
+                gate.wait(5)
+                return [2 * i for i in items]
+
+            batcher = ServeBatcher(
+                double,
+                loop=asyncio.get_running_loop(),
+                max_batch=4,
+                max_wait_s=0.2,
+                max_queue=8,
+                on_batch=sizes.append,
+            )
+            with ThreadPoolExecutor(8) as pool:
+                futures = [pool.submit(batcher.submit_many, [i]) for i in range(8)]
+                await asyncio.sleep(0.5)  # all eight wait in the queue: it is full
+                try:
+                    await asyncio.to_thread(batcher.submit_many, [99])
+                    overloaded = False
+                except Overloaded:
+                    overloaded = True
+                gate.set()
+                results = [await asyncio.wrap_future(f) for f in futures]
+            more = await asyncio.to_thread(batcher.submit_many, [5, 6])
+            return {"results": results, "sizes": sizes, "overloaded": overloaded, "more": more}
+
+    handle = serve.run(BatcherCheck.bind(), name="batcher-check", route_prefix="/batcher-check")
+    try:
+        out = handle.run.remote().result(timeout_s=60)
+    finally:
+        serve.delete("batcher-check")
+    assert out["results"] == [[2 * i] for i in range(8)] and out["more"] == [10, 12]
+    assert out["overloaded"] is True
+    assert sum(out["sizes"]) == 10 and max(out["sizes"]) == 4  # batches of up to max_batch
