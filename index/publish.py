@@ -56,6 +56,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from deepfeat.index._fs import FileLock, atomic_write_bytes, fsync_dir, fsync_file, sha256_file
+from deepfeat.index.catalog import Catalog
 from deepfeat.index.errors import CorruptStoreError, InvalidArgumentError, StoreError
 from deepfeat.index.files import CATALOG_FILE, LOCK_FILE, MANIFEST_FILE, SNAPSHOT_FILE
 from deepfeat.index.generations import GENERATIONS_DIR
@@ -337,8 +338,14 @@ def _stage(data_dir: Path, staging: Path, extra_dirs: Sequence[str]) -> Manifest
     for name in extra_dirs:
         if (data_dir / name).is_dir():
             shutil.copytree(data_dir / name, staging / name)
+    copy = Catalog(staging / CATALOG_FILE, dim=manifest.dim, read_only=True)
+    try:
+        count = copy.count()  # the manifest's count is as of the writer's last snapshot
+    finally:
+        copy.close()
     published = replace(
         manifest,
+        count=count,
         snapshot=snapshot,
         generation=replace(generation, previous=None) if generation is not None else None,
     )

@@ -51,7 +51,7 @@ def test_publication_is_a_read_only_store_that_searches_like_the_writer(
     writer.add(unit_vectors(20, seed=2), new_images(20, start=1000))  # after the generation: the delta
     location = tmp_path / "gens"
     pub = publish(writer.data_dir, location)
-    assert pub.number == 1 and pub.path == location / "pub-000001"
+    assert pub.number == 1 and pub.path == location / "pub-000001" and pub.files["count"] == 320
     assert latest(location) == {"number": 1, "sha256": latest(location)["sha256"]}  # type: ignore[index]
     names = set(pub.files["files"])
     assert {
