@@ -7,7 +7,9 @@ a local Ray cluster of their own), adds a few real photos, publishes (Ray: ``POS
 loop as ``deepfeat bench serve`` (N clients, each sending its next search when the last returns).
 Every configuration gets the whole machine: plain ``serve`` uses all cores, a single Ray replica
 reserves all cores and two replicas half each, so the ratios measure Ray Serve's overhead (proxy,
-handle, one more hop) and what a second replica adds on one host, not a change in compute.
+handle, one more hop) and what a second replica adds on one host, not a change in compute. With
+``--rounds N`` the three configurations run N times, interleaved (a load that comes and goes on a
+shared machine then hits all three alike), and the table shows medians over the rounds.
 
     deepfeat bench serve-ray --clients 8 --requests 200
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -102,6 +105,24 @@ def run_config(
     return rows
 
 
+def _median_row(name: str, clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    mine = [r for r in runs if r["config"] == name and r["clients"] == clients]
+    errors: dict[int, int] = {}
+    for r in mine:
+        for status, count in r["errors"].items():
+            errors[status] = errors.get(status, 0) + count
+    return {
+        "config": name,
+        "clients": clients,
+        "ok": sum(r["ok"] for r in mine),
+        "req_s": round(statistics.median(r["req_s"] for r in mine), 2),
+        "p50_ms": round(statistics.median(r["p50_ms"] for r in mine), 1),
+        "p99_ms": round(statistics.median(r["p99_ms"] for r in mine), 1),
+        "rounds": [r["req_s"] for r in mine],
+        "errors": errors,
+    }
+
+
 def _ratio(by: dict[str, dict[str, Any]], a: str, b: str, key: str) -> float | None:
     return round(by[a][key] / by[b][key], 2) if by[b][key] else None
 
@@ -113,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="8", help="concurrent clients to test, e.g. 1,8 (default 8)")
     parser.add_argument("--requests", type=int, default=200, help="requests per client count (default 200)")
     parser.add_argument("--seconds", type=float, default=60, help="time limit per client count (default 60)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="times each configuration runs, interleaved (default 1)"
+    )
     parser.add_argument("--json", type=Path)
     args = begin(parser, argv)
     clients = [int(c) for c in args.clients.split(",") if c]
@@ -123,14 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         ("ray-1", [*ray_common, "--replicas", "1", "--replica-cpus", str(cores)]),
         ("ray-2", [*ray_common, "--replicas", "2", "--replica-cpus", str(cores / 2)]),
     ]
-    rows: list[dict[str, Any]] = []
-    for name, serve_args in configs:
-        rows += run_config(name, serve_args, clients=clients, requests=args.requests, seconds=args.seconds)
-    echo(f"{'config':<7} {'clients':>7} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  errors")
+    runs: list[dict[str, Any]] = []
+    for round_ in range(args.rounds):
+        for name, serve_args in configs:
+            for row in run_config(
+                name, serve_args, clients=clients, requests=args.requests, seconds=args.seconds
+            ):
+                runs.append({"round": round_, **row})
+    rows = [_median_row(name, n, runs) for name, _ in configs for n in clients]
+    echo(f"medians over {args.rounds} round(s), configurations interleaved")
+    echo(
+        f"{'config':<7} {'clients':>7} {'ok':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  req/s per round, errors"
+    )
     for row in rows:
         echo(
             f"{row['config']:<7} {row['clients']:>7} {row['ok']:>5} {row['req_s']:>8} {row['p50_ms']:>8} "
-            f"{row['p99_ms']:>8}  {row['errors'] or ''}"
+            f"{row['p99_ms']:>8}  {row['rounds']} {row['errors'] or ''}"
         )
     ratios: dict[int, dict[str, float | None]] = {}
     for n in clients:
@@ -139,14 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             "ray1_vs_serve_throughput": _ratio(by, "ray-1", "serve", "req_s"),
             "ray1_vs_serve_p50": _ratio(by, "ray-1", "serve", "p50_ms"),
             "ray2_vs_ray1_throughput": _ratio(by, "ray-2", "ray-1", "req_s"),
+            "ray2_vs_serve_throughput": _ratio(by, "ray-2", "serve", "req_s"),
         }
         echo(
             f"{n} clients: Ray Serve, 1 replica: {ratios[n]['ray1_vs_serve_throughput']}x the throughput of "
             f"deepfeat serve (p50 x{ratios[n]['ray1_vs_serve_p50']}); 2 replicas: "
-            f"{ratios[n]['ray2_vs_ray1_throughput']}x 1 replica"
+            f"{ratios[n]['ray2_vs_ray1_throughput']}x 1 replica, {ratios[n]['ray2_vs_serve_throughput']}x "
+            "deepfeat serve"
         )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows, "ratios": ratios}, indent=2))
+        report = {"machine": machine(), "rows": rows, "runs": runs, "ratios": ratios}
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 
