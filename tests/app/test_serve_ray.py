@@ -268,3 +268,52 @@ def test_serve_batcher_gathers_concurrent_requests_and_bounds_the_queue(cluster:
     assert out["results"] == [[2 * i] for i in range(8)] and out["more"] == [10, 12]
     assert out["overloaded"] is True
     assert sum(out["sizes"]) == 10 and max(out["sizes"]) == 4  # batches of up to max_batch
+
+
+def _writer_pids() -> list[int]:
+    """Processes Ray titled ``ray::ServeReplica:deepfeat:Writer`` (this machine is the whole cluster)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if title.startswith(b"ray::ServeReplica:deepfeat:Writer"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_killed_writer_is_restarted_and_loses_nothing_acknowledged(
+    cluster: dict[str, Any], photos: dict[str, Image.Image]
+) -> None:
+    client = cluster["client"]
+    count = client.get("/v1/stats").json()["count"]
+    (writer,) = _writer_pids()
+    os.kill(writer, signal.SIGKILL)
+    started = time.monotonic()
+    # Searches go on from the replicas' generation while the writer is down.
+    for _ in range(3):
+        assert _search(client, photos["rocket"]).status_code == 200
+    statuses: dict[int, int] = {}
+    while True:
+        resp = client.post("/v1/images", files=upload(photos["hopper"]), data={"source": "hopper"})
+        statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+        if resp.status_code != 503:
+            break
+        assert resp.json()["code"] == "writer_unavailable"
+        assert time.monotonic() - started < 120, statuses
+        time.sleep(0.5)
+    assert resp.status_code == 201, resp.text
+    assert _writer_pids() not in ([], [writer])
+    number = _publish(client)
+    _until(
+        lambda: _search(client, photos["hopper"]).headers["x-deepfeat-generation"] == str(number),
+        f"generation {number}",
+        within=VISIBLE_WITHIN_S,
+    )
+    assert client.get("/v1/stats").json()["count"] == count + 1
+    print(
+        f"write accepted {time.monotonic() - started:.1f} s after the writer was killed; answers {statuses}"
+    )
