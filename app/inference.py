@@ -10,7 +10,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -21,9 +21,21 @@ from deepfeat.models.batching import MicroBatcher
 from deepfeat.models.embedder import SIMILARITIES, Embedder, Prediction
 from deepfeat.models.errors import InvalidOptionError, Overloaded
 
-__all__ = ["Inference"]
+__all__ = ["Batcher", "Inference"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Protocol[R]):
+    """What :class:`Inference` needs of a batcher (:class:`deepfeat.models.batching.MicroBatcher`,
+    or Ray Serve's ``@serve.batch`` on a replica: :class:`deepfeat.app.ray_serve.ServeBatcher`)."""
+
+    def submit_many(self, items: Sequence[Any]) -> list[R]: ...
+
+    def close(self) -> None: ...
+
+
 Vectors = tuple[np.ndarray, np.ndarray | None]
 """One image's vectors from one forward pass: (m, dim) visual (global first), (d_s,) semantic or None."""
 
@@ -36,6 +48,7 @@ class Inference:
     max_batch: most images per forward pass.
     max_wait_ms: how long the first request of a batch waits for company.
     max_queue: images allowed to wait; beyond that requests get :class:`Overloaded` (503 ``overloaded``).
+    batcher: builds each batcher, called like :class:`MicroBatcher` (the default).
     """
 
     def __init__(
@@ -47,25 +60,26 @@ class Inference:
         max_batch: int = 16,
         max_wait_ms: float = 2.0,
         max_queue: int = 64,
+        batcher: Callable[..., Batcher[Any]] = MicroBatcher,
     ) -> None:
         self.embedder = embedder
         self.metrics = metrics
         self.batching = batching
         self._direct = threading.Lock()  # one forward pass at a time: each already uses every core
         self._waiting = threading.BoundedSemaphore(max_queue)
-        self._embedder_batcher: MicroBatcher[torch.Tensor, Vectors] | None = None
-        self._logits_batcher: MicroBatcher[torch.Tensor, torch.Tensor] | None = None
+        self._embedder_batcher: Batcher[Vectors] | None = None
+        self._logits_batcher: Batcher[torch.Tensor] | None = None
         if batching:
             # Both batchers gather concurrent requests the same way; they differ in what they run.
-            batcher = functools.partial(
-                MicroBatcher,
+            make = functools.partial(
+                batcher,
                 max_batch=max_batch,
                 max_wait_s=max_wait_ms / 1000,
                 max_queue=max_queue,
                 on_batch=self._observe,
             )
-            self._embedder_batcher = batcher(self._embed_batch, name="embed-batcher")
-            self._logits_batcher = batcher(self._logits_batch, name="classify-batcher")
+            self._embedder_batcher = make(self._embed_batch, name="embed-batcher")
+            self._logits_batcher = make(self._logits_batch, name="classify-batcher")
 
     # -- batch functions (run in the batcher thread) --------------------------------------------
 

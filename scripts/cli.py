@@ -323,6 +323,7 @@ _BENCHES = {
     "extract": "deepfeat.scripts.bench_extract",
     "search": "deepfeat.scripts.bench_search",
     "serve": "deepfeat.scripts.bench_serve",
+    "serve-ray": "deepfeat.scripts.bench_serve_ray",
     "build": "deepfeat.scripts.bench_build",
     "ray": "deepfeat.scripts.bench_ray",
     "cli": "deepfeat.scripts.bench_cli",
@@ -384,6 +385,8 @@ def _cap_malloc_arenas(arenas: int) -> bool:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     server_environment()
+    if args.engine == "ray":
+        return _serve_ray(args)
     import uvicorn
 
     from deepfeat.app.main import create_app
@@ -405,6 +408,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         proxy_headers=True,
     )
     return 0
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    from deepfeat.app.ray_serve import RayServeOptions, run
+
+    settings = settings_from_args(args)
+    generations = args.generations or str(settings.data_dir / "published")
+    options = RayServeOptions(
+        settings=settings,
+        generations=generations,
+        replicas=None if args.replicas == "auto" else int(args.replicas),
+        publish_interval_s=args.publish_interval,
+        publish_index=args.publish_index,
+        replica_cpus=args.replica_cpus,
+    )
+    echo(
+        f"deepfeat on Ray Serve: writer on {settings.data_dir}, {args.replicas} search replica(s) on the "
+        f"generations at {generations}, http://{settings.host}:{settings.port}/"
+    )
+    return run(options, address=args.address, host=settings.host, port=settings.port)
 
 
 _FILTER_HELP = (
@@ -547,6 +570,40 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="serve as a read replica of the data dir: latest published generation, writes refused (403)",
+    )
+    ray = p.add_argument_group("--engine ray (docs/deployment.md, 'Serving on Ray')")
+    ray.add_argument(
+        "--engine",
+        choices=["uvicorn", "ray"],
+        default="uvicorn",
+        help="uvicorn: one process (default); ray: a Ray Serve app with a writer and search replicas",
+    )
+    ray.add_argument(
+        "--replicas", default="2", help="search replicas, or 'auto' to scale on load (default 2)"
+    )
+    ray.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="CPUs (torch threads) per search replica (default 1)"
+    )
+    ray.add_argument(
+        "--address", help="Ray cluster to join, e.g. auto or ray://head:10001 (default: start one)"
+    )
+    ray.add_argument(
+        "--generations",
+        metavar="PATH_OR_URL",
+        help="where the writer publishes generations for the replicas: a shared directory or an object "
+        "store URL such as s3://bucket/deepfeat (default: DATA_DIR/published, one host only)",
+    )
+    ray.add_argument(
+        "--publish-interval",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds between publishes (default 60; 0: only on POST /v1/admin/publish)",
+    )
+    ray.add_argument(
+        "--publish-index",
+        metavar="FACTORY",
+        help="IVF index the writer rebuilds for the replicas when the catalog has grown by 10%% (e.g. IVF4096,PQ64)",
     )
     p.set_defaults(func=_cmd_serve)
 
