@@ -718,7 +718,11 @@ def build_application(options: RayServeOptions) -> serve.Application:
 def run(options: RayServeOptions, *, address: str | None, host: str, port: int) -> int:
     """Start (or join) a Ray cluster, run the application on ``host:port`` until SIGINT/SIGTERM."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": dict(SERVER_ENV)})
+        # Without --address a cluster of our own: ray.init(address=None) would silently join any cluster
+        # this machine already runs (RAY_ADDRESS, or the last `ray start`), as `deepfeat index` avoids too.
+        ray.init(
+            address=address or "local", include_dashboard=False, runtime_env={"env_vars": dict(SERVER_ENV)}
+        )
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(options), name=APP_NAME, route_prefix="/", blocking=False)
     stop = threading.Event()

@@ -47,7 +47,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     data_dir, generations = root / "writer" / "data", root / "published"
     port = _free_port()
     settings = Settings(data_dir=data_dir, refresh_interval_s=REFRESH_S, **FAST)  # type: ignore[arg-type]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = RayServeOptions(
