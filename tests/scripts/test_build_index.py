@@ -4,6 +4,11 @@ tiny store. No timing is asserted."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,69 +124,23 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc (PR_SET_PDEATHSIG)")
-def test_kill_9_of_the_command_stops_the_build(tmp_path: Path) -> None:
-    """`kill -9` of the PID the operator sees: the build child dies with it and publishes nothing."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+_BUILD_ARGV = ["build-index", "--index", "IVF256,PQ8", "--max-memory", "512MiB", "--no-progress"]
 
+
+@pytest.fixture
+def large_store(tmp_path: Path) -> Path:
+    """40,000 vectors: enough that the build child runs for seconds, long enough to be stopped."""
     data_dir = tmp_path / "store"
     with ImageStore.open(data_dir, fingerprint=FINGERPRINT, dim=DIM) as store:
         for start in range(0, 40_000, 10_000):
             store.add(unit_vectors(10_000, seed=start), new_images(10_000, start=start))
-    argv = ["build-index", "--data-dir", str(data_dir), "--index", "IVF256,PQ8", "--max-memory", "512MiB"]
+    return data_dir
+
+
+def _start_build(data_dir: Path) -> tuple[subprocess.Popen[str], list[int]]:
+    """``deepfeat build-index`` as a process of its own; returns it once its build child runs."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deepfeat.scripts.cli", *argv, "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not (children := _children(proc.pid)):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.02)
-    time.sleep(0.5)  # the child is importing FAISS or already training (the whole build takes seconds)
-    os.kill(proc.pid, signal.SIGKILL)  # that PID only
-    proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in children):
-        assert time.monotonic() < deadline, "the build child outlived the command"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    manifest = Manifest.load(data_dir / MANIFEST_FILE)
-    assert manifest is not None and manifest.generation is None
-    assert (
-        not list((data_dir / "generations").glob("gen-*.faiss"))
-        if (data_dir / "generations").exists()
-        else True
-    )
-    # A re-run completes and publishes; the abandoned partial directory is swept by that publish.
-    assert main([*argv, "--no-progress"]) == 0
-    manifest = Manifest.load(data_dir / MANIFEST_FILE)
-    assert manifest is not None and manifest.generation is not None
-    assert not list((data_dir / "generations").glob("*.partial"))
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc (PR_SET_PDEATHSIG)")
-def test_sigterm_stops_the_build_with_one_line(tmp_path: Path) -> None:
-    """SIGTERM (what systemd and `kill` send) stops the command and its build child: one line, exit 130,
-    nothing published, and a re-run publishes."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    data_dir = tmp_path / "store"
-    with ImageStore.open(data_dir, fingerprint=FINGERPRINT, dim=DIM) as store:
-        for start in range(0, 40_000, 10_000):
-            store.add(unit_vectors(10_000, seed=start), new_images(10_000, start=start))
-    argv = ["build-index", "--data-dir", str(data_dir), "--index", "IVF256,PQ8", "--max-memory", "512MiB"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deepfeat.scripts.cli", *argv, "--no-progress"],
+        [sys.executable, "-m", "deepfeat.scripts.cli", *_BUILD_ARGV, "--data-dir", str(data_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -191,17 +150,54 @@ def test_sigterm_stops_the_build_with_one_line(tmp_path: Path) -> None:
     while not (children := _children(proc.pid)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.02)
+    time.sleep(0.5)  # the child is importing FAISS or already training (the whole build takes seconds)
+    return proc, children
+
+
+def _wait_gone(children: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children):
+        assert time.monotonic() < deadline, "the build child outlived the command"
+        time.sleep(0.05)
+
+
+def _rebuild_publishes(data_dir: Path) -> None:
+    """A re-run completes and publishes; an abandoned partial directory is swept by that publish."""
+    assert main([*_BUILD_ARGV, "--data-dir", str(data_dir)]) == 0
+    manifest = Manifest.load(data_dir / MANIFEST_FILE)
+    assert manifest is not None and manifest.generation is not None
+    assert not list((data_dir / "generations").glob("*.partial"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc (PR_SET_PDEATHSIG)")
+def test_kill_9_of_the_command_stops_the_build(large_store: Path) -> None:
+    """`kill -9` of the PID the operator sees: the build child dies with it and publishes nothing."""
+    proc, children = _start_build(large_store)
+    os.kill(proc.pid, signal.SIGKILL)  # that PID only
+    proc.wait(timeout=10)
+    _wait_gone(children)
     time.sleep(0.5)
+    manifest = Manifest.load(large_store / MANIFEST_FILE)
+    assert manifest is not None and manifest.generation is None
+    assert (
+        not list((large_store / "generations").glob("gen-*.faiss"))
+        if (large_store / "generations").exists()
+        else True
+    )
+    _rebuild_publishes(large_store)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc (PR_SET_PDEATHSIG)")
+def test_sigterm_stops_the_build_with_one_line(large_store: Path) -> None:
+    """SIGTERM (what systemd and `kill` send) stops the command and its build child: one line, exit 130,
+    nothing published, and a re-run publishes."""
+    proc, children = _start_build(large_store)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("interrupted; everything committed so far is kept"), err
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in children):
-        assert time.monotonic() < deadline, "the build child outlived the command"
-        time.sleep(0.05)
-    manifest = Manifest.load(data_dir / MANIFEST_FILE)
+    _wait_gone(children)
+    manifest = Manifest.load(large_store / MANIFEST_FILE)
     assert manifest is not None and manifest.generation is None
-    assert main([*argv, "--no-progress"]) == 0
-    assert not list((data_dir / "generations").glob("*.partial"))
+    _rebuild_publishes(large_store)
