@@ -27,7 +27,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-__all__ = ["TRIM_INTERVAL_S", "heap_trimmer", "trim_forever"]
+__all__ = ["TRIM_INTERVAL_S", "cap_arenas", "glibc", "heap_trimmer", "trim_forever"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ TRIM_INTERVAL_S = 1.0
 """How often the server returns freed heap pages; one call costs well under a millisecond."""
 
 
-def heap_trimmer() -> Callable[[], None] | None:
-    """glibc's ``malloc_trim(0)`` as a function, or None where the C library is not glibc."""
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (which has ``mallopt`` and ``malloc_trim``), else None."""
     if not sys.platform.startswith("linux"):
         return None
     name = ctypes.util.find_library("c")
@@ -45,9 +45,24 @@ def heap_trimmer() -> Callable[[], None] | None:
     try:
         libc = ctypes.CDLL(name)
         libc.gnu_get_libc_version  # only glibc has it (musl has no malloc_trim)  # noqa: B018
-        trim = libc.malloc_trim
     except (OSError, AttributeError):
         return None
+    return libc
+
+
+def cap_arenas(arenas: int) -> bool:
+    """``mallopt(M_ARENA_MAX, arenas)`` on glibc; False where that is not available."""
+    libc = glibc()
+    m_arena_max = -8  # from glibc's malloc.h
+    return libc is not None and bool(libc.mallopt(m_arena_max, arenas))
+
+
+def heap_trimmer() -> Callable[[], None] | None:
+    """glibc's ``malloc_trim(0)`` as a function, or None where the C library is not glibc."""
+    libc = glibc()
+    if libc is None:
+        return None
+    trim = libc.malloc_trim
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
 

@@ -370,17 +370,9 @@ def server_environment() -> None:
 
 def _cap_malloc_arenas(arenas: int) -> bool:
     """``mallopt(M_ARENA_MAX, arenas)`` on glibc; False where that is not available."""
-    import ctypes
-    import ctypes.util
+    from deepfeat.app.memory import cap_arenas  # stdlib only: no web stack, no torch
 
-    m_arena_max = -8  # from glibc's malloc.h
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(name).mallopt(m_arena_max, arenas))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    return cap_arenas(arenas)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
