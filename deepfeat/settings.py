@@ -41,7 +41,7 @@ class Settings(BaseSettings, EmbedderFields):
     backend: Literal["auto", "torch", "openvino"] = Field(
         "auto",
         description="What runs the embedding trunk: auto (the faster one measured for this model and "
-        "CPU class, else torch), torch, or openvino (CPU; pip install 'deepfeat[engines]')",
+        "CPU class, else torch), torch, or openvino (CPU only)",
     )
     max_pixels: int = Field(
         40_000_000, gt=0, description="Reject images with more pixels (decompression bombs)"

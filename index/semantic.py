@@ -35,6 +35,70 @@ REPLAY_BATCH = 10_000
 QUERY_EXPANSION = 5
 """Stored neighbours each semantic query is expanded with (alpha-QE); 0 searches the query as it is."""
 
+RERANK_SHORTLIST = 100
+"""Hits of the expanded query re-ranked with database-side augmentation inside the shortlist
+(:func:`rerank_dba`); 0 returns the expanded query's ranking as it is."""
+DBA_NEIGHBOURS = 5
+"""Neighbours each vector is augmented with (the query among the stored vectors, a hit among the
+shortlist)."""
+DBA_POWER = 3.0
+"""Neighbours weigh their similarity to this power: near ones count, loose ones barely."""
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def rerank_dba(
+    query: np.ndarray,
+    query_scores: np.ndarray,
+    query_neighbours: np.ndarray,
+    shortlist: np.ndarray,
+    *,
+    neighbours: int = DBA_NEIGHBOURS,
+    power: float = DBA_POWER,
+    expansion: int = QUERY_EXPANSION,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Database-side augmentation, computed at query time inside a shortlist: the order and scores
+    of ``shortlist`` for one query.
+
+    Classic DBA replaces every stored vector by a weighted sum of itself and its nearest stored
+    neighbours, then searches with an expanded query. An incremental store cannot rewrite vectors as
+    images arrive, so the same sums are formed where they matter, per query: the query from its
+    nearest stored vectors (``query_neighbours``, (n, d), with their ``query_scores``), each
+    shortlisted vector from its nearest fellows in the shortlist ((m, d), ranked by the expanded
+    query). The augmented query is then expanded over the ``expansion - 1`` augmented hits nearest
+    to it (the query itself counted twice, as the expansion of an indexed query counts its own
+    match), and the shortlist is re-ranked by cosine to that. On the category collections' tuning
+    parts this lifted P@10 of the default semantic vector from 0.788 (expansion alone) to 0.837,
+    against 0.841 for DBA over the whole store (docs/quality.md). The cost is an m x m product per
+    query, whatever the store's size.
+
+    Returns:
+        (scores, order): cosines of the re-ranked shortlist, best first, and their positions in
+        ``shortlist``.
+    """
+    m = shortlist.shape[0]
+    w = np.clip(query_scores[:neighbours], 0, None) ** power
+    q = _l2(query + w @ query_neighbours[:neighbours])
+    within = shortlist @ shortlist.T
+    np.fill_diagonal(within, -np.inf)
+    k = min(neighbours, m - 1)
+    if k > 0:
+        nearest = np.argpartition(-within, k - 1, axis=1)[:, :k]
+        sims = np.take_along_axis(within, nearest, 1)
+        augmented = _l2(
+            shortlist + np.einsum("ij,ijd->id", np.clip(sims, 0, None) ** power, shortlist[nearest])
+        )
+    else:
+        augmented = _l2(shortlist)
+    to_query = augmented @ q
+    top = np.argsort(-to_query, kind="stable")[: max(expansion - 1, 0)]
+    expanded = _l2(2 * q + np.clip(to_query[top], 0, None) @ augmented[top])
+    scores = augmented @ expanded
+    order = np.argsort(-scores, kind="stable")
+    return scores[order].astype(np.float32), order
+
 
 class SemanticIndex:
     """An exact ``IndexIDMap(IndexFlatIP)`` of semantic vectors and its three catalog watermarks.
@@ -128,6 +192,7 @@ class SemanticIndex:
         *,
         expansion: int = QUERY_EXPANSION,
         among: np.ndarray | None = None,
+        rerank: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(m, d_s) queries -> ``(scores, seqs)``, (m, min(k, count)) each, best first.
 
@@ -138,27 +203,49 @@ class SemanticIndex:
         also the best for ``gem-logits+penultimate`` (0.788; docs/quality.md); the second search
         costs what the first does.
 
+        The expanded query's ``rerank`` best hits (default :data:`RERANK_SHORTLIST`; 0 skips it) are
+        then re-ranked by :func:`rerank_dba`, and scores are cosines to its augmented query.
+
         ``among`` (a filter's seqs) restricts the hits, not the expansion: the query is the same
         whatever the filter, and the flat index scores exactly the images it allows.
         """
         if queries.shape[1] != self.dim:
             raise InvalidVectorError(f"semantic queries must have shape (m, {self.dim}), got {queries.shape}")
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if expansion > 0 and self.count:
-            scores, ids = self._index.search(q, min(int(expansion), self.count))  # (m, n)
-            expanded = q.copy()
-            for row in range(q.shape[0]):
-                for score, seq in zip(scores[row], ids[row], strict=True):
+        raw = np.ascontiguousarray(queries, dtype=np.float32)
+        q = raw
+        shortlist = RERANK_SHORTLIST if rerank is None else int(rerank)
+        first = max(int(expansion), DBA_NEIGHBOURS if shortlist > 0 else 0)
+        if first > 0 and self.count:
+            first_scores, first_ids = self._index.search(raw, min(first, self.count))  # (m, n)
+            expanded = raw.copy()
+            for row in range(raw.shape[0]):
+                for score, seq in zip(first_scores[row, :expansion], first_ids[row, :expansion], strict=True):
                     if seq >= 0 and score > 0:
                         expanded[row] += float(score) * self._index.reconstruct(int(seq))
             q = expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
         kk = max(1, min(int(k), self.count))
+        wanted = max(kk, min(shortlist, self.count)) if shortlist > 0 else kk
         if among is None:
-            scores, ids = self._index.search(q, kk)
+            scores, ids = self._index.search(q, wanted)
         else:
             selector, bitmap = id_selector(among)
             params = faiss.SearchParameters()
             params.sel = selector
-            scores, ids = self._index.search(q, kk, params=params)
+            scores, ids = self._index.search(q, wanted, params=params)
             del bitmap
-        return scores, ids
+        if shortlist <= 0 or not self.count:
+            return scores, ids
+        out_scores = np.full((q.shape[0], kk), np.finfo(np.float32).min, np.float32)
+        out_ids = np.full((q.shape[0], kk), -1, np.int64)
+        for row in range(q.shape[0]):
+            hits = ids[row][ids[row] >= 0]
+            if not hits.size:
+                continue
+            vectors = np.stack([self._index.reconstruct(int(seq)) for seq in hits])
+            near = first_ids[row][first_ids[row] >= 0]
+            near_vectors = np.stack([self._index.reconstruct(int(seq)) for seq in near]).reshape(-1, self.dim)
+            ranked, order = rerank_dba(raw[row], first_scores[row][: near.size], near_vectors, vectors)
+            n = min(kk, order.size)
+            out_scores[row, :n] = ranked[:n]
+            out_ids[row, :n] = hits[order[:n]]
+        return out_scores, out_ids

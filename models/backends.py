@@ -42,6 +42,7 @@ __all__ = [
     "cache_dir",
     "cpu_class",
     "cpu_flags",
+    "isa_cap",
     "mixes_with_torch",
     "openvino_version",
     "resolve_backend",
@@ -52,10 +53,18 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "openvino")
 
 ADOPTED: dict[tuple[str, str], str] = {
-    # resnet50, 224 px, batch 16, bf16: OpenVINO 1.67x eager PyTorch (101.9 against 61.0 img/s),
-    # cosine >= 0.99999 with fp32 PyTorch. efficientnet_lite0 stays on PyTorch there: OpenVINO fp32
-    # agrees but is 1.21x, OpenVINO bf16 is faster but agrees only to cosine 0.984.
+    # 224 px crop, batch 16, 2 threads, against eager PyTorch channels-last at the class's ``auto``
+    # precision; every adopted pair agrees with fp32 PyTorch at cosine >= 0.999 on real photos.
+    # AVX-512 BF16 (bf16): resnet50 OpenVINO 1.67x (101.9 against 61.0 img/s). efficientnet_lite0 stays
+    # on PyTorch: OpenVINO fp32 is 1.21x of PyTorch bf16, OpenVINO bf16 agrees only to cosine 0.984.
     ("avx512_bf16", "resnet50"): "openvino",
+    # AVX-512 without BF16 (fp32): lite0 2.47x (316.4 against 128.3), resnet50 1.90x (49.0 against 25.8).
+    ("avx512", "efficientnet_lite0"): "openvino",
+    ("avx512", "resnet50"): "openvino",
+    # AVX2 (fp32; kernels capped at AVX2 with ONEDNN_MAX_CPU_ISA): lite0 2.71x (180.9 against 66.8),
+    # resnet50 1.53x (27.2 against 17.8).
+    ("avx2", "efficientnet_lite0"): "openvino",
+    ("avx2", "resnet50"): "openvino",
 }
 """(CPU class, model) -> the backend ``auto`` picks there; absent pairs run PyTorch."""
 
@@ -79,10 +88,46 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+_CLASSES = ("other", "avx2", "avx512", "avx512_bf16", "amx")
+"""CPU classes from least to most capable: what a measured choice is keyed by."""
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA, read by PyTorch's and OpenVINO's oneDNN alike) -> the class
+# they cap kernels at; unlisted names (DEFAULT, ALL, the AMX ones) do not cap.
+_ONEDNN_CAPS = {
+    "SSE41": "other",
+    "AVX": "other",
+    "AVX2": "avx2",
+    "AVX2_VNNI": "avx2",
+    "AVX2_VNNI_2": "avx2",
+    "AVX512_CORE": "avx512",
+    "AVX512_CORE_VNNI": "avx512",
+    "AVX512_CORE_BF16": "avx512_bf16",
+    "AVX512_CORE_FP16": "avx512_bf16",
+    "AVX10_1_512": "avx512_bf16",
+}
+# ATen's own vectorised kernels (ATEN_CPU_CAPABILITY); avx512 does not cap the oneDNN side.
+_ATEN_CAPS = {"default": "other", "avx2": "avx2"}
+
+
+def isa_cap() -> str | None:
+    """The class the environment caps kernels at (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``), or
+    None. A capped process runs the capped class's kernels, so its choices must be that class's: this
+    is how one machine reproduces another's numerics, and how an AVX2-only CPU is measured on a
+    larger one."""
+    caps = [
+        _ONEDNN_CAPS.get(os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()),
+        _ATEN_CAPS.get(os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()),
+    ]
+    found = [c for c in caps if c is not None]
+    return min(found, key=_CLASSES.index) if found else None
+
+
 def cpu_class() -> str:
     """The CPU class a measured choice applies to: ``amx``, ``avx512_bf16``, ``avx512``, ``avx2`` or
-    ``other`` (x86 flags from /proc/cpuinfo; anything else is ``other``)."""
+    ``other`` (x86 flags from /proc/cpuinfo, lowered to :func:`isa_cap` where the environment caps
+    the kernels; anything else is ``other``)."""
     flags = cpu_flags()
+    hardware = "other"
     for name, needs in (
         ("amx", "amx_bf16"),
         ("avx512_bf16", "avx512_bf16"),
@@ -90,8 +135,12 @@ def cpu_class() -> str:
         ("avx2", "avx2"),
     ):
         if needs in flags:
-            return name
-    return "other"
+            hardware = name
+            break
+    cap = isa_cap()
+    if cap is not None and _CLASSES.index(cap) < _CLASSES.index(hardware):
+        return cap
+    return hardware
 
 
 def openvino_version() -> str | None:
@@ -120,7 +169,7 @@ def resolve_backend(backend: str, *, model: str, device: torch.device) -> str:
             raise InvalidOptionError("the openvino backend runs on CPU; use device=cpu or backend=torch")
         if openvino_version() is None:
             raise InvalidOptionError(
-                "the openvino backend needs the openvino package: pip install 'deepfeat[engines]'"
+                "the openvino backend needs the openvino package, one of deepfeat's dependencies: pip install openvino"
             )
     return backend
 

@@ -26,7 +26,7 @@ from torchvision.transforms import v2 as T
 
 from deepfeat.models.backends import (
     OpenVinoTrunk,
-    cpu_flags,
+    cpu_class,
     mixes_with_torch,
     openvino_trunk,
     resolve_backend,
@@ -98,11 +98,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: oneDNN runs bf16 convolutions natively. (Without them oneDNN still accepts
-    bf16 but emulates it, which is slower than fp32, so "supported" is not enough.)"""
+    """AVX-512 BF16 or AMX, and not capped below them (``ONEDNN_MAX_CPU_ISA``): oneDNN runs bf16
+    convolutions natively. (Without them oneDNN still accepts bf16 but emulates it, which is slower
+    than fp32, so "supported" is not enough.)"""
     if not torch.backends.mkldnn.is_available():
         return False
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return cpu_class() in ("avx512_bf16", "amx")
 
 
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

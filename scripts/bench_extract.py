@@ -135,12 +135,15 @@ def matmul_ceiling(*, device: str = "cpu", size: int | None = None, repeats: int
     (``torch.backends.cudnn.allow_tf32``), so that is the ceiling an fp32 model is held to there."""
     import torch
 
+    from deepfeat.models.embedder import cpu_has_native_bf16
+
     cuda = device.startswith("cuda")
     size = size or (8192 if cuda else 2048)
-    kinds: list[tuple[str, torch.dtype, bool]] = [
-        ("fp32", torch.float32, False),
-        ("bf16", torch.bfloat16, False),
-    ]
+    kinds: list[tuple[str, torch.dtype, bool]] = [("fp32", torch.float32, False)]
+    # Emulated bf16 (a CPU without AVX-512 BF16 / AMX, or one capped below them) is no ceiling of
+    # anything deepfeat runs, and takes minutes at this size.
+    if cuda or cpu_has_native_bf16():
+        kinds.append(("bf16", torch.bfloat16, False))
     if cuda:
         kinds += [("tf32", torch.float32, True), ("fp16", torch.float16, False)]
     out: dict[str, float] = {}
@@ -356,6 +359,8 @@ def end_to_end_configs(device: str, *, with_defaults: bool, compile: bool) -> li
         # what the richer vectors cost.
         configs.append(("1 vector, 1 scale (earlier defaults)", [*EARLIER_DEFAULTS]))
         configs.append(("retrieval defaults, auto precision", []))
+        if device == "cpu" and openvino_version() is not None:
+            configs += [(f"retrieval defaults, --backend {b}", ["--backend", b]) for b in ("torch", "openvino")]
     return configs
 
 
@@ -429,8 +434,11 @@ def _device_report(device: str) -> dict[str, Any]:
 def _model_only(models: list[str], device: str, *, compile: bool) -> dict[str, Any]:
     """Forward-pass throughput per model, backend and precision against this machine's matmul ceiling."""
     from deepfeat.models.backends import openvino_version
+    from deepfeat.models.embedder import cpu_has_native_bf16
 
     cuda = device.startswith("cuda")
+    # bf16 without native support is emulated, slower than fp32, and never what `auto` runs.
+    cpu_precisions = ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",)
     ceiling = matmul_ceiling(device=device)
     echo("matmul ceiling: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in ceiling.items()))
     echo()
@@ -439,12 +447,12 @@ def _model_only(models: list[str], device: str, *, compile: bool) -> dict[str, A
     variants: list[tuple[str, bool, bool, str]] = (
         [(p, True, False, "torch") for p in ("fp32", "bf16", "fp16")] + [("fp32", False, False, "torch")]
         if cuda
-        else [(p, cl, False, "torch") for p in ("fp32", "bf16") for cl in (False, True)]
+        else [(p, cl, False, "torch") for p in cpu_precisions for cl in (False, True)]
     )
     if compile:
-        variants.append(("bf16", True, True, "torch"))
+        variants.append((cpu_precisions[-1] if not cuda else "bf16", True, True, "torch"))
     if not cuda and openvino_version() is not None:
-        variants += [(p, False, False, "openvino") for p in ("fp32", "bf16")]
+        variants += [(p, False, False, "openvino") for p in cpu_precisions]
     batch = 256 if cuda else 32
     rows = []
     for model in models:

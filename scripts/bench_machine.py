@@ -26,8 +26,12 @@ def machine() -> dict[str, Any]:
                 flags = set(value.split())
     except OSError:
         pass
+    from deepfeat.models.backends import cpu_class, isa_cap
+
     return {
         "cpu": model,
+        "class": cpu_class(),
+        "isa_cap": isa_cap(),
         "flags": [f for f in _FLAGS if f in flags],
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),
@@ -36,4 +40,6 @@ def machine() -> dict[str, Any]:
 
 def describe() -> str:
     info = machine()
-    return f"machine: {info['cpu']}, {info['cores']} cores, flags: {' '.join(info['flags']) or 'none of ' + '/'.join(_FLAGS)}"
+    flags = " ".join(info["flags"]) or "none of " + "/".join(_FLAGS)
+    capped = f" (kernels capped at {info['isa_cap']} by ONEDNN_MAX_CPU_ISA/ATEN_CPU_CAPABILITY)" if info["isa_cap"] else ""
+    return f"machine: {info['cpu']}, {info['cores']} cores, flags: {flags}; class {info['class']}{capped}"

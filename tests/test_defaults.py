@@ -92,7 +92,10 @@ def test_library_cli_store_and_stats_agree_on_the_defaults(
     assert manifest.fingerprint == json.loads(json.dumps(library.fingerprint))
     # What computed the vectors, beside what they are: the defaults' backend and precision here.
     assert manifest.extra["written_by"] == library.numerics
-    assert library.numerics["backend"] == "torch"  # the default model runs on PyTorch everywhere
+    # What `auto` measured fastest for the default model on this CPU class (models/backends.py).
+    from deepfeat.models.backends import ADOPTED, cpu_class
+
+    assert library.numerics["backend"] == ADOPTED.get((cpu_class(), "efficientnet_lite0"), "torch")
 
     with TestClient(create_app(Settings(data_dir=data, device="cpu"))) as client:
         stats = client.get("/v1/stats").json()
@@ -100,7 +103,7 @@ def test_library_cli_store_and_stats_agree_on_the_defaults(
     model = stats["model"]
     assert model["config"] == json.loads(resolved.model_dump_json())
     assert model["precision"] in ("fp32", "bf16")  # what auto resolved to, never "auto"
-    assert model["backend"] == "torch"  # likewise for the backend
+    assert model["backend"] == library.numerics["backend"]  # likewise for the backend
     assert ready["model"] == model
     per_image = 1 + int(resolved.lowpass > 0) + resolved.regions**2  # global, low-pass, regional grid
     assert (stats["count"], stats["vectors_per_image"], stats["vectors"]) == (1, per_image, per_image)

@@ -44,7 +44,7 @@ SimilarityParam = Annotated[
     Literal["visual", "semantic"],
     Query(
         description="visual: the same scene or object (copies, crops, near-duplicates); semantic: "
-        "the same kind of content (the model's penultimate vector); 409 semantic_unavailable on a "
+        "the same kind of content (class scores and penultimate features, re-ranked); 409 semantic_unavailable on a "
         "store without semantic vectors"
     ),
 ]

@@ -21,7 +21,13 @@ from deepfeat.index.errors import (
     SemanticUnavailableError,
 )
 from deepfeat.index.filters import parse_filter
-from deepfeat.index.semantic import QUERY_EXPANSION, SemanticIndex
+from deepfeat.index.semantic import (
+    DBA_NEIGHBOURS,
+    DBA_POWER,
+    QUERY_EXPANSION,
+    RERANK_SHORTLIST,
+    SemanticIndex,
+)
 from deepfeat.index.store import CATALOG_FILE, ImageStore
 from tests.index._helpers import DIM, new_images, unit_vectors
 
@@ -30,21 +36,50 @@ SDIM = 24
 N = 60
 
 
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def semantic_top(
-    semantic: np.ndarray, queries: np.ndarray, k: int, alive: np.ndarray | None = None
+    semantic: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    alive: np.ndarray | None = None,
+    shortlist: int = RERANK_SHORTLIST,
 ) -> list[list[int]]:
     """Brute force of what the store does: alpha-query expansion (each query plus its QUERY_EXPANSION
-    nearest live vectors weighted by similarity, normalised), then the top k."""
+    nearest live vectors weighted by similarity, normalised), then, over that query's ``shortlist``
+    best, database-side augmentation: the query plus its DBA_NEIGHBOURS nearest, each hit plus its
+    DBA_NEIGHBOURS nearest fellow hits (weights similarity ** DBA_POWER), the augmented query expanded
+    over its QUERY_EXPANSION - 1 nearest augmented hits (itself twice), hits ranked by cosine to it."""
     live = np.ones(len(semantic), dtype=bool) if alive is None else alive
     first = queries @ semantic.T
     first[:, ~live] = -np.inf
-    near = np.argsort(-first, axis=1, kind="stable")[:, :QUERY_EXPANSION]
+    order = np.argsort(-first, axis=1, kind="stable")
+    near = order[:, :QUERY_EXPANSION]
     weights = np.take_along_axis(first, near, axis=1).clip(min=0)
-    expanded = queries + np.einsum("qn,qnd->qd", weights, semantic[near])
-    expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
+    expanded = _l2(queries + np.einsum("qn,qnd->qd", weights, semantic[near]))
     scores = expanded @ semantic.T
     scores[:, ~live] = -np.inf
-    return [list(map(int, row)) for row in np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+    ranked = np.argsort(-scores, axis=1, kind="stable")
+    if not shortlist:
+        return [list(map(int, row)) for row in ranked[:, :k]]
+    out = []
+    for row in range(len(queries)):
+        hits = ranked[row, : max(k, min(shortlist, int(live.sum())))]
+        own = order[row, :DBA_NEIGHBOURS]
+        q = _l2(queries[row] + first[row, own].clip(min=0) ** DBA_POWER @ semantic[own])
+        vectors = semantic[hits]
+        within = vectors @ vectors.T
+        np.fill_diagonal(within, -np.inf)
+        fellows = np.argsort(-within, axis=1, kind="stable")[:, :DBA_NEIGHBOURS]
+        w = np.take_along_axis(within, fellows, axis=1).clip(min=0) ** DBA_POWER
+        augmented = _l2(vectors + np.einsum("hn,hnd->hd", w, vectors[fellows]))
+        to_query = augmented @ q
+        top = np.argsort(-to_query, kind="stable")[: QUERY_EXPANSION - 1]
+        final = _l2(2 * q + to_query[top].clip(min=0) @ augmented[top])
+        out.append([int(x) for x in hits[np.argsort(-(augmented @ final), kind="stable")][:k]])
+    return out
 
 
 def found(store: ImageStore, queries: np.ndarray, k: int) -> list[list[int]]:
@@ -80,6 +115,11 @@ def writer(open_store: Opener, semantic: np.ndarray) -> ImageStore:
 def test_semantic_search_equals_brute_force(writer: ImageStore, semantic: np.ndarray) -> None:
     queries = unit_vectors(8, SDIM, seed=9)
     assert found(writer, queries, 5) == semantic_top(semantic, queries, 5)
+    # The re-ranking moves hits: without it the order is the expanded query's alone.
+    assert semantic_top(semantic, queries, 5) != semantic_top(semantic, queries, 5, shortlist=0)
+    index = writer.semantic_index()
+    _, plain = index.search(queries, 5, rerank=0)
+    assert (plain - 1).tolist() == semantic_top(semantic, queries, 5, shortlist=0)  # seqs are 1-based
     assert [h[0].record.metadata["i"] for h in writer.search(semantic[10:14], 1, similarity="semantic")] == [
         10,
         11,
@@ -171,6 +211,11 @@ def test_set_semantic_fills_old_rows_everywhere(open_store: Opener, semantic: np
     assert list(writer.iter_missing_semantic()) == []
     queries = unit_vectors(5, SDIM, seed=2)
     assert found(writer, queries, 5) == semantic_top(semantic, queries, 5)
+    # The re-ranking moves hits: without it the order is the expanded query's alone.
+    assert semantic_top(semantic, queries, 5) != semantic_top(semantic, queries, 5, shortlist=0)
+    index = writer.semantic_index()
+    _, plain = index.search(queries, 5, rerank=0)
+    assert (plain - 1).tolist() == semantic_top(semantic, queries, 5, shortlist=0)  # seqs are 1-based
     reader.refresh()  # the update log reaches the other process
     assert found(reader, queries, 5) == semantic_top(semantic, queries, 5)
     # Setting again replaces, never duplicates.
@@ -279,11 +324,28 @@ def test_adding_known_content_with_a_semantic_vector_fills_it(open_store: Opener
     assert found(reader, sem[:2], 1) == [[0], [1]] and reader.semantic_index().count == 2
 
 
-def test_without_expansion_the_search_is_plain_cosine(semantic: np.ndarray) -> None:
+def test_without_expansion_or_reranking_the_search_is_plain_cosine(semantic: np.ndarray) -> None:
     index = SemanticIndex(SDIM)
     index._add(np.arange(1, N + 1, dtype=np.int64), semantic)
     queries = unit_vectors(5, SDIM, seed=3)
-    scores, seqs = index.search(queries, 4, expansion=0)
+    scores, seqs = index.search(queries, 4, expansion=0, rerank=0)
     expected = np.argsort(-(queries @ semantic.T), axis=1, kind="stable")[:, :4] + 1
     assert seqs.tolist() == expected.tolist()
     np.testing.assert_allclose(scores, np.sort(queries @ semantic.T, axis=1)[:, ::-1][:, :4], atol=1e-5)
+
+
+def test_reranking_stays_inside_the_shortlist_and_handles_tiny_stores(semantic: np.ndarray) -> None:
+    index = SemanticIndex(SDIM)
+    index._add(np.arange(1, N + 1, dtype=np.int64), semantic)
+    queries = unit_vectors(3, SDIM, seed=4)
+    _, plain = index.search(queries, 10, rerank=0)
+    _, reranked = index.search(queries, 10, rerank=10)
+    for a, b in zip(plain.tolist(), reranked.tolist(), strict=True):
+        assert sorted(a) == sorted(b)  # a shortlist of k: the same images, reordered
+    one = SemanticIndex(SDIM)
+    one._add(np.array([7], dtype=np.int64), semantic[:1])
+    scores, seqs = one.search(queries, 5)
+    assert seqs.tolist() == [[7]] * 3 and np.all(np.abs(scores) <= 1 + 1e-6)
+    empty = SemanticIndex(SDIM)
+    _, seqs = empty.search(queries, 5)
+    assert (seqs < 0).all()

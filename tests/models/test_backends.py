@@ -123,19 +123,30 @@ def test_vectors_that_would_not_mix_are_refused_by_the_store(
 
 def test_auto_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    # The default model: PyTorch on every CPU class measured so far.
-    assert resolve_backend("auto", model="efficientnet_lite0", device=cpu) == "torch"
-    expected = ADOPTED.get((cpu_class(), "resnet50"), "torch")
-    assert resolve_backend("auto", model="resnet50", device=cpu) == expected
-    monkeypatch.setattr(backends, "cpu_class", lambda: "avx512_bf16")
-    assert resolve_backend("auto", model="resnet50", device=cpu) == "openvino"
-    monkeypatch.setattr(backends, "cpu_class", lambda: "avx2")
-    assert resolve_backend("auto", model="resnet50", device=cpu) == "torch"
+    for model in ("efficientnet_lite0", "resnet50", "vgg16"):
+        expected = ADOPTED.get((cpu_class(), model), "torch")
+        assert resolve_backend("auto", model=model, device=cpu) == expected
+    measured = {
+        # (class, model): lite0 keeps PyTorch bf16 where the CPU has it (OpenVINO bf16 does not agree,
+        # OpenVINO fp32 is not 1.3x); at fp32 OpenVINO wins on both models.
+        ("avx512_bf16", "efficientnet_lite0"): "torch",
+        ("avx512_bf16", "resnet50"): "openvino",
+        ("avx512", "efficientnet_lite0"): "openvino",
+        ("avx512", "resnet50"): "openvino",
+        ("avx2", "efficientnet_lite0"): "openvino",
+        ("avx2", "resnet50"): "openvino",
+        ("avx2", "vgg16"): "torch",  # never measured
+        ("other", "efficientnet_lite0"): "torch",
+        ("amx", "efficientnet_lite0"): "torch",
+    }
+    for (klass, model), backend in measured.items():
+        monkeypatch.setattr(backends, "cpu_class", lambda klass=klass: klass)
+        assert resolve_backend("auto", model=model, device=cpu) == backend, (klass, model)
     # Never on a GPU, and never without the package.
-    monkeypatch.setattr(backends, "cpu_class", lambda: "avx512_bf16")
-    assert resolve_backend("auto", model="resnet50", device=torch.device("cuda")) == "torch"
+    monkeypatch.setattr(backends, "cpu_class", lambda: "avx2")
+    assert resolve_backend("auto", model="efficientnet_lite0", device=torch.device("cuda")) == "torch"
     monkeypatch.setattr(backends, "openvino_version", lambda: None)
-    assert resolve_backend("auto", model="resnet50", device=cpu) == "torch"
+    assert resolve_backend("auto", model="efficientnet_lite0", device=cpu) == "torch"
 
 
 def test_every_adopted_backend_mixes_with_pytorch_at_the_precision_auto_gives_there() -> None:
@@ -155,9 +166,67 @@ def test_bad_backend_requests_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(InvalidOptionError, match="runs on CPU"):
         resolve_backend("openvino", model="resnet50", device=torch.device("cuda"))
     monkeypatch.setattr(backends, "openvino_version", lambda: None)
-    with pytest.raises(InvalidOptionError, match=r"pip install 'deepfeat\[engines\]'"):
+    with pytest.raises(InvalidOptionError, match="needs the openvino package.*pip install openvino"):
         resolve_backend("openvino", model="resnet50", device=cpu)
 
 
-def test_cpu_class_reads_the_flags() -> None:
+def test_cpu_class_reads_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     assert cpu_class() in ("amx", "avx512_bf16", "avx512", "avx2", "other")
+    flags = {"avx2", "fma", "avx512f", "avx512_bf16"}
+    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset(flags))
+    assert cpu_class() == "avx512_bf16"
+    flags.discard("avx512_bf16")
+    assert cpu_class() == "avx512"
+    flags.discard("avx512f")
+    assert cpu_class() == "avx2"
+    flags.clear()
+    assert cpu_class() == "other"
+
+
+@pytest.mark.parametrize(
+    ("onednn", "aten", "expected"),
+    [
+        ("AVX2", None, "avx2"),
+        ("avx2_vnni", None, "avx2"),
+        ("AVX512_CORE", None, "avx512"),
+        ("AVX512_CORE_BF16", None, "avx512_bf16"),
+        (None, "avx2", "avx2"),
+        (None, "default", "other"),
+        ("AVX512_CORE", "avx2", "avx2"),  # the lower cap wins
+        ("ALL", None, "amx"),  # no cap: the hardware's class
+        (None, "avx512", "amx"),  # ATen's avx512 does not cap oneDNN
+        ("NOT_AN_ISA", None, "amx"),
+    ],
+)
+def test_an_isa_cap_lowers_the_class_and_never_raises_it(
+    monkeypatch: pytest.MonkeyPatch, onednn: str | None, aten: str | None, expected: str
+) -> None:
+    """ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY make PyTorch and OpenVINO run a lower class's kernels,
+    so the measured choices must be that class's; a cap above the hardware changes nothing."""
+    for name, value in (("ONEDNN_MAX_CPU_ISA", onednn), ("ATEN_CPU_CAPABILITY", aten)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+    assert cpu_class() == expected
+    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert cpu_class() == ("other" if expected == "other" else "avx2")
+
+
+def test_a_capped_process_runs_fp32_where_the_hardware_has_bf16() -> None:
+    """``auto`` precision follows the cap: bf16 emulated on AVX2 kernels would be slower than fp32."""
+    code = (
+        "import torch; from deepfeat.models.embedder import _resolve_precision; "
+        "from deepfeat.models.backends import cpu_class; "
+        "print(cpu_class(), _resolve_precision('auto', torch.device('cpu')))"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if "avx2" not in backends.cpu_flags():
+        assert done.stdout.split()[0] == "other"
+    else:
+        assert done.stdout.split() == ["avx2", "None"]
