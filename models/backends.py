@@ -52,21 +52,22 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino")
 
-ADOPTED: dict[tuple[str, str], str] = {
+ADOPTED: dict[tuple[str, str], tuple[str, str]] = {
     # 224 px crop, batch 16, 2 threads, against eager PyTorch channels-last at the class's ``auto``
     # precision; every adopted pair agrees with fp32 PyTorch at cosine >= 0.999 on real photos.
     # AVX-512 BF16 (bf16): resnet50 OpenVINO 1.67x (101.9 against 61.0 img/s). efficientnet_lite0 stays
     # on PyTorch: OpenVINO fp32 is 1.21x of PyTorch bf16, OpenVINO bf16 agrees only to cosine 0.984.
-    ("avx512_bf16", "resnet50"): "openvino",
+    ("avx512_bf16", "resnet50"): ("openvino", "bf16"),
     # AVX-512 without BF16 (fp32): lite0 2.47x (316.4 against 128.3), resnet50 1.90x (49.0 against 25.8).
-    ("avx512", "efficientnet_lite0"): "openvino",
-    ("avx512", "resnet50"): "openvino",
+    ("avx512", "efficientnet_lite0"): ("openvino", "fp32"),
+    ("avx512", "resnet50"): ("openvino", "fp32"),
     # AVX2 (fp32; kernels capped at AVX2 with ONEDNN_MAX_CPU_ISA): lite0 2.71x (180.9 against 66.8),
     # resnet50 1.53x (27.2 against 17.8).
-    ("avx2", "efficientnet_lite0"): "openvino",
-    ("avx2", "resnet50"): "openvino",
+    ("avx2", "efficientnet_lite0"): ("openvino", "fp32"),
+    ("avx2", "resnet50"): ("openvino", "fp32"),
 }
-"""(CPU class, model) -> the backend ``auto`` picks there; absent pairs run PyTorch."""
+"""(CPU class, model) -> the backend ``auto`` picks there and the precision it was measured at (the
+class's ``auto`` precision); other precisions, and absent pairs, run PyTorch."""
 
 MIXES_WITH_TORCH: frozenset[tuple[str, str]] = frozenset(
     {
@@ -151,8 +152,11 @@ def openvino_version() -> str | None:
         return None
 
 
-def resolve_backend(backend: str, *, model: str, device: torch.device) -> str:
+def resolve_backend(backend: str, *, model: str, device: torch.device, precision: str | None = None) -> str:
     """What ``backend`` means for this model on this machine: ``torch`` or ``openvino``.
+
+    ``precision`` is the one in use (``fp32``, ``bf16``, ...): ``auto`` adopts a backend only at the
+    precision it was measured at, so bf16 forced on an AVX2 CPU stays on PyTorch.
 
     Raises:
         InvalidOptionError: an unknown backend, or OpenVINO asked for where it cannot run (a CUDA
@@ -163,7 +167,10 @@ def resolve_backend(backend: str, *, model: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type != "cpu" or openvino_version() is None:
             return "torch"
-        return ADOPTED.get((cpu_class(), model), "torch")
+        adopted = ADOPTED.get((cpu_class(), model))
+        if adopted is None or (precision is not None and precision != adopted[1]):
+            return "torch"
+        return adopted[0]
     if backend == "openvino":
         if device.type != "cpu":
             raise InvalidOptionError("the openvino backend runs on CPU; use device=cpu or backend=torch")

@@ -289,7 +289,9 @@ class Embedder:
                 self._pair = build_trunk(net, {n: n for n in self._pair_nodes()})
             # Every selectable layer and the logits from one pass: classify, embed+classify, variants.
             self._all = build_trunk(net, {spec.node: spec.node for spec in self.spec.layers})
-        self.backend = resolve_backend(backend, model=self.spec.name, device=self.device)
+        self.backend = resolve_backend(
+            backend, model=self.spec.name, device=self.device, precision=self.precision_in_use
+        )
         if self.backend == "openvino" and self.precision_in_use not in ("fp32", "bf16"):
             raise InvalidOptionError(
                 "the openvino backend runs fp32 or bf16; use precision auto, fp32 or bf16"

@@ -360,7 +360,9 @@ def end_to_end_configs(device: str, *, with_defaults: bool, compile: bool) -> li
         configs.append(("1 vector, 1 scale (earlier defaults)", [*EARLIER_DEFAULTS]))
         configs.append(("retrieval defaults, auto precision", []))
         if device == "cpu" and openvino_version() is not None:
-            configs += [(f"retrieval defaults, --backend {b}", ["--backend", b]) for b in ("torch", "openvino")]
+            configs += [
+                (f"retrieval defaults, --backend {b}", ["--backend", b]) for b in ("torch", "openvino")
+            ]
     return configs
 
 

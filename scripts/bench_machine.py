@@ -41,5 +41,9 @@ def machine() -> dict[str, Any]:
 def describe() -> str:
     info = machine()
     flags = " ".join(info["flags"]) or "none of " + "/".join(_FLAGS)
-    capped = f" (kernels capped at {info['isa_cap']} by ONEDNN_MAX_CPU_ISA/ATEN_CPU_CAPABILITY)" if info["isa_cap"] else ""
+    capped = (
+        f" (kernels capped at {info['isa_cap']} by ONEDNN_MAX_CPU_ISA/ATEN_CPU_CAPABILITY)"
+        if info["isa_cap"]
+        else ""
+    )
     return f"machine: {info['cpu']}, {info['cores']} cores, flags: {flags}; class {info['class']}{capped}"

@@ -95,7 +95,7 @@ def test_library_cli_store_and_stats_agree_on_the_defaults(
     # What `auto` measured fastest for the default model on this CPU class (models/backends.py).
     from deepfeat.models.backends import ADOPTED, cpu_class
 
-    assert library.numerics["backend"] == ADOPTED.get((cpu_class(), "efficientnet_lite0"), "torch")
+    assert library.numerics["backend"] == ADOPTED.get((cpu_class(), "efficientnet_lite0"), ("torch", ""))[0]
 
     with TestClient(create_app(Settings(data_dir=data, device="cpu"))) as client:
         stats = client.get("/v1/stats").json()

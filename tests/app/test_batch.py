@@ -60,7 +60,11 @@ def test_embed_and_classify_batches_match_the_single_routes(
     classes = client.post("/v1/classify/batch?k=3", files=_files(photos, at=0)).json()["items"]
     assert [i["status"] for i in classes] == [415, 200, 200, 200]
     assert classes[1]["result"]["predictions"][0]["class_index"] in (281, 282, 285)  # the cat
-    assert classes[1]["result"] == client.post("/v1/classify?k=3", files=upload(photos["chelsea"])).json()
+    # The same answer as the single route (a batch may round differently on some engines).
+    alone = client.post("/v1/classify?k=3", files=upload(photos["chelsea"])).json()["predictions"]
+    batched = classes[1]["result"]["predictions"]
+    assert [p["class_index"] for p in batched] == [p["class_index"] for p in alone]
+    assert [p["probability"] for p in batched] == pytest.approx([p["probability"] for p in alone], abs=1e-3)
 
 
 def test_batch_limits_and_errors(make_client: MakeClient, photos: dict[str, Image.Image]) -> None:

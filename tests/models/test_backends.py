@@ -124,7 +124,7 @@ def test_vectors_that_would_not_mix_are_refused_by_the_store(
 def test_auto_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     for model in ("efficientnet_lite0", "resnet50", "vgg16"):
-        expected = ADOPTED.get((cpu_class(), model), "torch")
+        expected = ADOPTED.get((cpu_class(), model), ("torch", ""))[0]
         assert resolve_backend("auto", model=model, device=cpu) == expected
     measured = {
         # (class, model): lite0 keeps PyTorch bf16 where the CPU has it (OpenVINO bf16 does not agree,
@@ -142,6 +142,13 @@ def test_auto_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     for (klass, model), backend in measured.items():
         monkeypatch.setattr(backends, "cpu_class", lambda klass=klass: klass)
         assert resolve_backend("auto", model=model, device=cpu) == backend, (klass, model)
+    # Only at the precision it was measured at: bf16 forced on AVX2 (emulated there) stays on PyTorch.
+    monkeypatch.setattr(backends, "cpu_class", lambda: "avx2")
+    assert resolve_backend("auto", model="resnet50", device=cpu, precision="fp32") == "openvino"
+    assert resolve_backend("auto", model="resnet50", device=cpu, precision="bf16") == "torch"
+    monkeypatch.setattr(backends, "cpu_class", lambda: "avx512_bf16")
+    assert resolve_backend("auto", model="resnet50", device=cpu, precision="bf16") == "openvino"
+    assert resolve_backend("auto", model="resnet50", device=cpu, precision="fp32") == "torch"
     # Never on a GPU, and never without the package.
     monkeypatch.setattr(backends, "cpu_class", lambda: "avx2")
     assert resolve_backend("auto", model="efficientnet_lite0", device=torch.device("cuda")) == "torch"
@@ -151,9 +158,10 @@ def test_auto_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_adopted_backend_mixes_with_pytorch_at_the_precision_auto_gives_there() -> None:
     """So ``auto`` never changes a fingerprint: stores and Ray actors on other machines agree."""
-    for (cpu, model), backend in ADOPTED.items():
+    for (cpu, model), (backend, measured) in ADOPTED.items():
         assert backend == "openvino"
         precision = "bf16" if cpu in ("amx", "avx512_bf16") else "fp32"
+        assert measured == precision, (cpu, model)
         assert backends.mixes_with_torch(model, precision), (cpu, model)
 
 
@@ -210,7 +218,9 @@ def test_an_isa_cap_lowers_the_class_and_never_raises_it(
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(
+        backends, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    )
     assert cpu_class() == expected
     monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2"}))
     assert cpu_class() == ("other" if expected == "other" else "avx2")

