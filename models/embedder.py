@@ -296,6 +296,11 @@ class Embedder:
             raise InvalidOptionError(
                 "the openvino backend runs fp32 or bf16; use precision auto, fp32 or bf16"
             )
+        if self.backend == "openvino" and self.precision_in_use == "bf16" and not cpu_has_native_bf16():
+            raise InvalidOptionError(
+                f"the openvino backend runs bf16 only on CPUs with AVX-512 BF16 or AMX (this one is "
+                f"{cpu_class()}); use precision auto or fp32, or backend torch"
+            )
         self.compiled = bool(compile) and self.backend == "torch"
         if self.compiled:
             self._single = compile_trunk(self._single)

@@ -240,3 +240,15 @@ def test_a_capped_process_runs_fp32_where_the_hardware_has_bf16() -> None:
         assert done.stdout.split()[0] == "other"
     else:
         assert done.stdout.split() == ["avx2", "None"]
+
+
+def test_openvino_bf16_without_native_bf16_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO would only fail at the first inference; the embedder says so when it is built."""
+    from deepfeat.models import embedder
+
+    monkeypatch.setattr(embedder, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(embedder, "cpu_class", lambda: "avx2")
+    with pytest.raises(
+        InvalidOptionError, match=r"bf16 only on CPUs with AVX-512 BF16 or AMX \(this one is avx2\)"
+    ):
+        Embedder("efficientnet_lite0", device="cpu", precision="bf16", backend="openvino", **CHEAP)
