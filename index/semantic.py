@@ -215,14 +215,18 @@ class SemanticIndex:
         q = raw
         shortlist = RERANK_SHORTLIST if rerank is None else int(rerank)
         first = max(int(expansion), DBA_NEIGHBOURS if shortlist > 0 else 0)
+        # Each query's nearest stored vectors, read once: the expansion and the re-ranking share them.
+        near: list[tuple[np.ndarray, np.ndarray]] = []
         if first > 0 and self.count:
             first_scores, first_ids = self._index.search(raw, min(first, self.count))  # (m, n)
-            expanded = raw.copy()
             for row in range(raw.shape[0]):
-                for score, seq in zip(first_scores[row, :expansion], first_ids[row, :expansion], strict=True):
-                    if seq >= 0 and score > 0:
-                        expanded[row] += float(score) * self._index.reconstruct(int(seq))
-            q = expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
+                found = first_ids[row] >= 0
+                vectors = np.stack([self._index.reconstruct(int(seq)) for seq in first_ids[row][found]])
+                near.append((first_scores[row][found], vectors.reshape(-1, self.dim)))
+            weights = [np.clip(scores[:expansion], 0, None) for scores, _ in near]
+            q = _l2(
+                raw + np.stack([w @ vectors[: w.size] for w, (_, vectors) in zip(weights, near, strict=True)])
+            )
         kk = max(1, min(int(k), self.count))
         wanted = max(kk, min(shortlist, self.count)) if shortlist > 0 else kk
         if among is None:
@@ -237,14 +241,12 @@ class SemanticIndex:
             return scores, ids
         out_scores = np.full((q.shape[0], kk), np.finfo(np.float32).min, np.float32)
         out_ids = np.full((q.shape[0], kk), -1, np.int64)
-        for row in range(q.shape[0]):
+        for row, (near_scores, near_vectors) in enumerate(near):
             hits = ids[row][ids[row] >= 0]
             if not hits.size:
                 continue
             vectors = np.stack([self._index.reconstruct(int(seq)) for seq in hits])
-            near = first_ids[row][first_ids[row] >= 0]
-            near_vectors = np.stack([self._index.reconstruct(int(seq)) for seq in near]).reshape(-1, self.dim)
-            ranked, order = rerank_dba(raw[row], first_scores[row][: near.size], near_vectors, vectors)
+            ranked, order = rerank_dba(raw[row], near_scores, near_vectors, vectors)
             n = min(kk, order.size)
             out_scores[row, :n] = ranked[:n]
             out_ids[row, :n] = hits[order[:n]]

@@ -452,7 +452,7 @@ def _model_only(models: list[str], device: str, *, compile: bool) -> dict[str, A
         else [(p, cl, False, "torch") for p in cpu_precisions for cl in (False, True)]
     )
     if compile:
-        variants.append((cpu_precisions[-1] if not cuda else "bf16", True, True, "torch"))
+        variants.append(("bf16" if cuda else cpu_precisions[-1], True, True, "torch"))
     if not cuda and openvino_version() is not None:
         variants += [(p, False, False, "openvino") for p in cpu_precisions]
     batch = 256 if cuda else 32

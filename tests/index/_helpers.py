@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,3 +38,12 @@ def new_images(n: int, *, start: int = 0, thumbnail: bool = False, **metadata: A
         )
         for i in range(start, start + n)
     ]
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
+    """Corrupt one byte of ``path`` in place (XOR with ``mask``), as a bad disk or copy would."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ mask]))

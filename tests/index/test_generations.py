@@ -33,7 +33,7 @@ from deepfeat.index.errors import (
 from deepfeat.index.generations import GENERATIONS_DIR, Generation, load_generation, merge_top_k
 from deepfeat.index.manifest import GenerationInfo, Manifest
 from deepfeat.index.store import LOCK_FILE, MANIFEST_FILE, ImageStore
-from tests.index._helpers import DIM, FINGERPRINT, new_images, unit_vectors
+from tests.index._helpers import DIM, FINGERPRINT, flip_byte, new_images, unit_vectors
 
 Opener = Callable[..., ImageStore]
 
@@ -314,14 +314,6 @@ def test_an_older_build_is_not_published_over_a_newer_one(
 # ---------------------------------------------------------------- corruption
 
 
-def _flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([byte[0] ^ 0xFF]))
-
-
 def test_corrupt_generation_falls_back_to_the_previous_then_to_memory(
     writer: ImageStore, open_store: Opener, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -331,7 +323,7 @@ def test_corrupt_generation_falls_back_to_the_previous_then_to_memory(
     second = build(data_dir)
     queries = unit_vectors(10, seed=8)
     expected = ids_of(writer.search(queries, 5))
-    _flip_byte(data_dir / GENERATIONS_DIR / second.data_file, 100)
+    flip_byte(data_dir / GENERATIONS_DIR / second.data_file, 100)
     with pytest.raises(CorruptStoreError, match="checksum mismatch"):
         load_generation(data_dir, second)
 

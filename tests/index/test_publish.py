@@ -15,21 +15,13 @@ from deepfeat.index.build import build_generation, process_rss_bytes
 from deepfeat.index.errors import CorruptStoreError, ReadOnlyStoreError
 from deepfeat.index.publish import FILES_FILE, LATEST_FILE, Location, fetch, latest, publish
 from deepfeat.index.store import CATALOG_FILE, ImageStore
-from tests.index._helpers import new_images, unit_vectors
+from tests.index._helpers import flip_byte, new_images, unit_vectors
 
 Opener = Callable[..., ImageStore]
 
 
 def ids_of(results: list) -> list[list[str]]:
     return [[h.id for h in hits] for hits in results]
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([byte[0] ^ 0x01]))
 
 
 @pytest.fixture
@@ -107,7 +99,7 @@ def test_one_flipped_byte_refuses_the_publication(writer: ImageStore, tmp_path: 
     second = publish(writer.data_dir, location)
     assert second.number == 2
     path = second.path / victim
-    flip_byte(path, path.stat().st_size // 2)
+    flip_byte(path, path.stat().st_size // 2, mask=0x01)
     with pytest.raises(CorruptStoreError, match="checksum|does not match"):
         fetch(location, cache_dir=tmp_path / "cache", current=first.number)
     with pytest.raises(CorruptStoreError):
