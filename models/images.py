@@ -391,17 +391,29 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device | str) -> list[tor
     return results
 
 
-def thumbnail_from_tensor(image: torch.Tensor, *, size: int = 256, quality: int = 85) -> bytes:
-    """:func:`make_thumbnail` for a (3, H, W) uint8 tensor, on the tensor's device (nvJPEG encodes on
-    CUDA): the GPU path of the batch indexer never brings full-size pixels back to the host."""
-    from torchvision.io import encode_jpeg
+def _shrink_for_thumbnail(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> the same, longest side at most ``size``: torch's antialiased bicubic resize,
+    on the tensor's device (a few times cheaper on CPU than Pillow's Lanczos, and as sharp)."""
     from torchvision.transforms.v2 import functional as TF
 
     h, w = int(image.shape[-2]), int(image.shape[-1])
     scale = min(1.0, size / max(h, w))
-    if scale < 1.0:
-        image = TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
-    encoded = encode_jpeg(image.contiguous(), quality=quality)
+    if scale >= 1.0:
+        return image
+    return TF.resize(
+        image,
+        [max(1, round(h * scale)), max(1, round(w * scale))],
+        interpolation=TF.InterpolationMode.BICUBIC,
+        antialias=True,
+    )
+
+
+def thumbnail_from_tensor(image: torch.Tensor, *, size: int = 256, quality: int = 85) -> bytes:
+    """:func:`make_thumbnail` for a (3, H, W) uint8 tensor, on the tensor's device (nvJPEG encodes on
+    CUDA): the GPU path of the batch indexer never brings full-size pixels back to the host."""
+    from torchvision.io import encode_jpeg
+
+    encoded = encode_jpeg(_shrink_for_thumbnail(image, size).contiguous(), quality=quality)
     assert isinstance(encoded, torch.Tensor)
     return bytes(encoded.cpu().numpy().tobytes())
 
@@ -501,12 +513,14 @@ def make_thumbnail(image: Image.Image, *, size: int = 256, quality: int = 85) ->
         raise InvalidOptionError(f"thumbnail size must be a positive integer, got {size!r}")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise InvalidOptionError(f"thumbnail quality must be an integer in 1..100, got {quality!r}")
-    rgb = to_rgb(image)
-    thumb = rgb.copy() if rgb is image else rgb  # thumbnail() works in place; never touch the caller's
-    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
-    thumb.info = {}  # belt and braces: nothing from the source may ride along into the encoder
+    from torchvision.transforms.v2 import functional as TF
+
+    # The resize is torch's, as on the GPU path: Pillow's Lanczos took about half of the decode
+    # threads' time on 0.2 MP photos, this about a sixth of that. A fresh tensor, so the caller's image
+    # is never touched; the encoder gets bare pixels, so no metadata can ride along.
+    pixels = _shrink_for_thumbnail(TF.pil_to_tensor(to_rgb(image)), size)
     buffer = io.BytesIO()
-    thumb.save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 

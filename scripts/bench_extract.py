@@ -42,6 +42,10 @@ CAMERA_SIZES = [
     (2048, 1536),
     (1280, 960),
 ]
+# ImageNet-like JPEGs (about 0.2 MP): decoding costs little, so the loop's rate shows how well the
+# cores are shared rather than what libjpeg costs per 12 MP photo.
+IMAGENET_SIZES = [(500, 375), (375, 500), (500, 333), (640, 480), (500, 400)]
+PHOTO_SIZES = {"camera": CAMERA_SIZES, "imagenet": IMAGENET_SIZES}
 
 
 def make_photo_set(
@@ -394,7 +398,15 @@ def _parser() -> argparse.ArgumentParser:
     naive.add_argument("device", nargs="?", default="cpu")
     parser.add_argument("--photos", type=int, default=400, help="number of benchmark photos (default 400)")
     parser.add_argument(
-        "--photo-dir", type=Path, default=Path(tempfile.gettempdir()) / "deepfeat-bench-photos"
+        "--photo-size",
+        choices=sorted(PHOTO_SIZES),
+        default="camera",
+        help="camera: 1-12 MP JPEGs (default); imagenet: about 0.2 MP, where decoding is cheap",
+    )
+    parser.add_argument(
+        "--photo-dir",
+        type=Path,
+        help="where the benchmark photos are made and kept (default: a folder per --photo-size in the temp dir)",
     )
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -486,7 +498,7 @@ def _model_only(models: list[str], device: str, *, compile: bool) -> dict[str, A
 
 def _end_to_end(args: argparse.Namespace, models: list[str], device: str) -> dict[str, Any]:
     """The naive baseline and deepfeat's configurations as fresh processes on the benchmark photos."""
-    files = make_photo_set(args.photo_dir, args.photos)
+    files = make_photo_set(args.photo_dir, args.photos, sizes=PHOTO_SIZES[args.photo_size])
     megapixels = statistics.median(_megapixels(f) for f in files[:50])
     configs = end_to_end_configs(device, with_defaults=args.with_defaults, compile=args.compile)
     rows = []
@@ -502,8 +514,35 @@ def _end_to_end(args: argparse.Namespace, models: list[str], device: str) -> dic
     return {"end_to_end": rows, "photos_median_megapixels": round(megapixels, 1)}
 
 
+def loop_against_model_only(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each end-to-end configuration's indexing loop as a share of the fastest model-only rate of its
+    model at the precision ``auto`` resolves to (both at batch 32): how much of the model's speed
+    survives decoding, hashing, thumbnails and commits on the same cores."""
+    best: dict[str, float] = {}
+    for row in report.get("model_only", []):
+        if row["precision"] == report["auto_precision"] and not row["compiled"]:
+            best[row["model"]] = max(best.get(row["model"], 0.0), row["img_s"])
+    rows = []
+    for row in report.get("end_to_end", []):
+        ceiling = best.get(row["model"])
+        if ceiling and row["deepfeat_config"].startswith("same work"):
+            rows.append(
+                {
+                    "model": row["model"],
+                    "deepfeat_config": row["deepfeat_config"],
+                    "indexing_loop_img_s": row["indexing_loop_img_s"],
+                    "best_model_only_img_s": ceiling,
+                    "loop_of_model_only": f"{row['indexing_loop_img_s'] / ceiling:.0%}",
+                }
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.photo_dir is None:
+        suffix = "" if args.photo_size == "camera" else f"-{args.photo_size}"
+        args.photo_dir = Path(tempfile.gettempdir()) / f"deepfeat-bench-photos{suffix}"
     if args.command == "naive":  # the baseline's own process: nothing but its work is timed
         files = [Path(line) for line in args.list_file.read_text().splitlines() if line]
         naive_index(files, args.model, args.device)
@@ -519,6 +558,14 @@ def main(argv: list[str] | None = None) -> int:
         report.update(_model_only(models, device, compile=args.compile))
     if not args.skip_end_to_end:
         report.update(_end_to_end(args, models, device))
+    against = loop_against_model_only(report)
+    if against:
+        report["loop_against_model_only"] = against
+        echo(
+            f"indexing loop against the fastest engine's model-only rate at {report['auto_precision']}, batch 32:\n"
+            + table(against)
+        )
+        echo()
     if args.rss:
         counts = [int(c) for c in args.rss.split(",") if c]
         rss = rss_scaling(args.photo_dir.parent, models[0], counts, device=device)

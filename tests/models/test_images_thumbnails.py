@@ -45,3 +45,19 @@ def test_thumbnail_options_are_checked(chelsea: Image.Image) -> None:
     for kwargs in ({"size": 0}, {"quality": 0}, {"quality": 101}):
         with pytest.raises(InvalidOptionError):
             make_thumbnail(chelsea, **kwargs)
+
+
+def test_thumbnail_of_an_image_and_of_its_tensor_agree(chelsea: Image.Image) -> None:
+    # The CPU indexer and the upload route thumbnail PIL images, the GPU indexer decoded tensors: a
+    # store's previews must not depend on which path an image took.
+    import numpy as np
+    from torchvision.transforms.v2 import functional as TF
+
+    from deepfeat.models.images import thumbnail_from_tensor
+
+    with Image.open(io.BytesIO(make_thumbnail(chelsea, size=100))) as a:
+        from_pil = np.asarray(a.convert("RGB"), dtype=np.float64)
+    with Image.open(io.BytesIO(thumbnail_from_tensor(TF.pil_to_tensor(chelsea), size=100))) as b:
+        from_tensor = np.asarray(b.convert("RGB"), dtype=np.float64)
+    assert from_pil.shape == from_tensor.shape and max(from_pil.shape[:2]) == 100
+    assert np.abs(from_pil - from_tensor).mean() < 2.0  # two JPEG encoders of the same pixels

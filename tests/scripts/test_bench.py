@@ -9,9 +9,11 @@ from PIL import Image
 
 from deepfeat.models.backends import openvino_version
 from deepfeat.scripts.bench_extract import (
+    IMAGENET_SIZES,
     MATCHED,
     _write_photos,
     end_to_end_configs,
+    loop_against_model_only,
     make_photo_set,
     matmul_ceiling,
     model_flops,
@@ -37,6 +39,51 @@ def test_photo_set_is_the_same_whichever_process_writes_it(tmp_path: Path) -> No
     single.mkdir()
     _write_photos([(i, single / f.name) for i, f in enumerate(files[:3])], 0, sizes)
     assert [f.read_bytes() for f in files[:3]] == [(single / f.name).read_bytes() for f in files[:3]]
+
+
+def test_loop_is_held_to_the_fastest_engine_at_the_auto_precision() -> None:
+    def only(model: str, backend: str, precision: str, img_s: float, compiled: bool = False) -> dict:
+        return {
+            "model": model,
+            "backend": backend,
+            "precision": precision,
+            "compiled": compiled,
+            "img_s": img_s,
+        }
+
+    def e2e(model: str, label: str, loop: float) -> dict:
+        return {"model": model, "deepfeat_config": label, "indexing_loop_img_s": loop}
+
+    report = {
+        "auto_precision": "fp32",
+        "model_only": [
+            only("resnet50", "torch", "fp32", 16.0),
+            only("resnet50", "openvino", "fp32", 25.0),
+            only("resnet50", "openvino", "bf16", 90.0),  # not what auto runs here
+            only("resnet50", "torch", "fp32", 40.0, compiled=True),  # never the indexer's path
+        ],
+        "end_to_end": [
+            e2e("resnet50", "same work, auto precision, auto backend", 22.5),
+            e2e("resnet50", "retrieval defaults, auto precision", 3.0),  # other work: not comparable
+            e2e("vgg16", "same work, auto precision, auto backend", 5.0),  # no model-only row
+        ],
+    }
+    assert loop_against_model_only(report) == [
+        {
+            "model": "resnet50",
+            "deepfeat_config": "same work, auto precision, auto backend",
+            "indexing_loop_img_s": 22.5,
+            "best_model_only_img_s": 25.0,
+            "loop_of_model_only": "90%",
+        }
+    ]
+    assert loop_against_model_only({"auto_precision": "fp32"}) == []
+
+
+def test_imagenet_sized_photos_are_small(tmp_path: Path) -> None:
+    files = make_photo_set(tmp_path / "small", 3, sizes=IMAGENET_SIZES)
+    assert [Image.open(f).size for f in files] == IMAGENET_SIZES[:3]
+    assert all(f.stat().st_size < 200_000 for f in files)
 
 
 def test_end_to_end_configs_do_the_baselines_work() -> None:
