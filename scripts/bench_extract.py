@@ -333,6 +333,92 @@ def run_end_to_end(
     return rows
 
 
+def best_model_only(model_only: list[dict[str, Any]], precision: str) -> dict[str, float]:
+    """Per model, the fastest engine's model-only img/s at ``precision`` (what ``auto`` runs), eager
+    only: the indexer never compiles unless asked."""
+    best: dict[str, float] = {}
+    for row in model_only:
+        if row["precision"] == precision and not row["compiled"]:
+            best[row["model"]] = max(best.get(row["model"], 0.0), row["img_s"])
+    return best
+
+
+def indexer_embedder(model: str, flags: list[str], device: str = "cpu") -> Any:
+    """The embedder ``deepfeat index --model M *flags`` builds (through the CLI's own parser and
+    settings), so what is profiled here is what the end-to-end runs index with."""
+    from deepfeat.runtime import build_embedder
+    from deepfeat.scripts.cli import build_parser
+    from deepfeat.scripts.cli_common import settings_from_args
+
+    with tempfile.TemporaryDirectory() as tmp:  # no store there: no manifest's options mix in
+        argv = ["index", "-", "--data-dir", str(Path(tmp) / "none"), "--model", model]
+        argv += ["--weights", "none", "--device", device, *flags]
+        return build_embedder(settings_from_args(build_parser(argv).parse_args(argv)))
+
+
+HOST_STAGES = ("read", "hash", "decode", "model_input", "thumbnail")
+"""The CPU indexer's per-file work before the model, in order (scripts/index_images.py, prepare_file)."""
+
+
+def host_stages(files: list[Path], embedder: Any, *, count: int = 50) -> dict[str, float]:
+    """Median milliseconds per file of each of :data:`HOST_STAGES` on one thread, over the first
+    ``count`` files, and their ``total``: the core time each photo costs besides the model, which
+    bounds the indexing loop on the same cores whatever the split (docs/performance.md)."""
+    import hashlib
+
+    import torch
+
+    from deepfeat.models.images import ImageLimits, load_image, make_thumbnail
+
+    limits = ImageLimits()
+    times: dict[str, list[float]] = {name: [] for name in (*HOST_STAGES, "total")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a decode thread's view: torch ops there run on that thread alone
+    try:
+        for path in files[:count]:
+            marks = [time.perf_counter()]
+            data = path.read_bytes()
+            marks.append(time.perf_counter())
+            hashlib.sha256(data).hexdigest()
+            marks.append(time.perf_counter())
+            loaded = load_image(data, limits=limits, draft_size=embedder.decode_size)
+            marks.append(time.perf_counter())
+            embedder.transform(loaded.image)
+            marks.append(time.perf_counter())
+            make_thumbnail(loaded.image)
+            marks.append(time.perf_counter())
+            for name, start, end in zip(HOST_STAGES, marks, marks[1:], strict=False):
+                times[name].append(end - start)
+            times["total"].append(marks[-1] - marks[0])
+    finally:
+        torch.set_num_threads(threads)
+    return {name: round(statistics.median(values) * 1e3, 2) for name, values in times.items()}
+
+
+def host_report(
+    files: list[Path], models: list[str], *, with_defaults: bool, model_only: list[dict[str, Any]], auto: str
+) -> list[dict[str, Any]]:
+    """:func:`host_stages` per model for the baseline's work (and the defaults), with the loop's
+    ceiling on this machine where the model-only rate is known: every core busy, the model at its
+    model-only rate, so a photo costs its host milliseconds plus the model's core milliseconds."""
+    cores = os.cpu_count() or 1
+    best = best_model_only(model_only, auto)
+    work = [("same work", MATCHED)] + ([("retrieval defaults", [])] if with_defaults else [])
+    rows = []
+    for model in models:
+        for label, flags in work:
+            stages = host_stages(files, indexer_embedder(model, flags))
+            row: dict[str, Any] = {"model": model, "work": label, **{f"{k}_ms": v for k, v in stages.items()}}
+            if label == "same work" and model in best:
+                model_ms = cores * 1e3 / best[model]  # core-ms per image at the model-only rate
+                ceiling = cores * 1e3 / (model_ms + stages["total"])
+                row["model_core_ms"] = round(model_ms, 2)
+                row["loop_ceiling_img_s"] = round(ceiling, 1)
+                row["ceiling_of_model_only"] = f"{ceiling / best[model]:.0%}"
+            rows.append(row)
+    return rows
+
+
 def end_to_end_configs(device: str, *, with_defaults: bool, compile: bool) -> list[tuple[str, list[str]]]:
     """deepfeat's side: the baseline's own work (MATCHED) at the automatic precision; on CUDA each
     precision with nvJPEG decoding, and bf16 with the decode left to CPU workers for comparison."""
@@ -496,10 +582,25 @@ def _model_only(models: list[str], device: str, *, compile: bool) -> dict[str, A
     return {"matmul_gflops": {k: round(v, 1) for k, v in ceiling.items()}, "model_only": rows}
 
 
-def _end_to_end(args: argparse.Namespace, models: list[str], device: str) -> dict[str, Any]:
-    """The naive baseline and deepfeat's configurations as fresh processes on the benchmark photos."""
+def _end_to_end(
+    args: argparse.Namespace, models: list[str], device: str, report: dict[str, Any]
+) -> dict[str, Any]:
+    """The naive baseline and deepfeat's configurations as fresh processes on the benchmark photos,
+    after (on CPU) the host work per photo."""
     files = make_photo_set(args.photo_dir, args.photos, sizes=PHOTO_SIZES[args.photo_size])
     megapixels = statistics.median(_megapixels(f) for f in files[:50])
+    out: dict[str, Any] = {}
+    if device == "cpu":
+        host = host_report(
+            files, models, with_defaults=args.with_defaults,
+            model_only=report.get("model_only", []), auto=report["auto_precision"],
+        )  # fmt: skip
+        echo(
+            f"host work per photo before the model (ms on one thread, median of {min(50, len(files))};"
+            " the loop's ceiling: model-only rate with every core also doing this work):\n" + table(host)
+        )
+        echo()
+        out["host_stages"] = host
     configs = end_to_end_configs(device, with_defaults=args.with_defaults, compile=args.compile)
     rows = []
     for model in models:
@@ -511,17 +612,14 @@ def _end_to_end(args: argparse.Namespace, models: list[str], device: str) -> dic
         + table(rows)
     )
     echo()
-    return {"end_to_end": rows, "photos_median_megapixels": round(megapixels, 1)}
+    return {**out, "end_to_end": rows, "photos_median_megapixels": round(megapixels, 1)}
 
 
 def loop_against_model_only(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Each end-to-end configuration's indexing loop as a share of the fastest model-only rate of its
     model at the precision ``auto`` resolves to (both at batch 32): how much of the model's speed
     survives decoding, hashing, thumbnails and commits on the same cores."""
-    best: dict[str, float] = {}
-    for row in report.get("model_only", []):
-        if row["precision"] == report["auto_precision"] and not row["compiled"]:
-            best[row["model"]] = max(best.get(row["model"], 0.0), row["img_s"])
+    best = best_model_only(report.get("model_only", []), report["auto_precision"])
     rows = []
     for row in report.get("end_to_end", []):
         ceiling = best.get(row["model"])
@@ -557,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_model_only:
         report.update(_model_only(models, device, compile=args.compile))
     if not args.skip_end_to_end:
-        report.update(_end_to_end(args, models, device))
+        report.update(_end_to_end(args, models, device, report))
     against = loop_against_model_only(report)
     if against:
         report["loop_against_model_only"] = against

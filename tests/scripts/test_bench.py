@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,13 @@ from PIL import Image
 
 from deepfeat.models.backends import openvino_version
 from deepfeat.scripts.bench_extract import (
+    HOST_STAGES,
     IMAGENET_SIZES,
     MATCHED,
     _write_photos,
     end_to_end_configs,
+    host_report,
+    indexer_embedder,
     loop_against_model_only,
     make_photo_set,
     matmul_ceiling,
@@ -78,6 +82,30 @@ def test_loop_is_held_to_the_fastest_engine_at_the_auto_precision() -> None:
         }
     ]
     assert loop_against_model_only({"auto_precision": "fp32"}) == []
+
+
+def test_host_work_is_profiled_on_the_indexers_own_embedder(tmp_path: Path) -> None:
+    same = indexer_embedder("efficientnet_lite0", MATCHED)
+    assert (same.layer.name, same.resize_mode, same.scales) == ("penultimate", "crop", (1.0,))
+    assert same.vectors_per_image == 1 and same.semantic is None
+    defaults = indexer_embedder("efficientnet_lite0", [])
+    from deepfeat.models.identity import resolve
+
+    assert defaults.config == resolve(Settings(weights="none").embedder)
+
+    files = make_photo_set(tmp_path / "p", 3, sizes=IMAGENET_SIZES)
+    only = [{"model": "efficientnet_lite0", "precision": "fp32", "compiled": False, "img_s": 100.0}]
+    rows = host_report(files, ["efficientnet_lite0"], with_defaults=True, model_only=only, auto="fp32")
+    assert [r["work"] for r in rows] == ["same work", "retrieval defaults"]
+    same_row = rows[0]
+    assert all(same_row[f"{stage}_ms"] > 0 for stage in HOST_STAGES)
+    assert same_row["total_ms"] >= max(same_row[f"{stage}_ms"] for stage in HOST_STAGES)
+    # every core doing the model's share and the host work: 100 img/s -> cores x 10 ms of model per image
+    cores = os.cpu_count() or 1
+    expected = cores * 1e3 / (cores * 10.0 + same_row["total_ms"])
+    assert same_row["model_core_ms"] == pytest.approx(cores * 10.0)
+    assert same_row["loop_ceiling_img_s"] == pytest.approx(expected, abs=0.06)
+    assert "loop_ceiling_img_s" not in rows[1]  # the defaults do other work than the model-only rate
 
 
 def test_imagenet_sized_photos_are_small(tmp_path: Path) -> None:
