@@ -81,12 +81,29 @@ def make_rng() -> Callable[[int], np.random.Generator]:
     return np.random.default_rng
 
 
+_RUN_CACHE = pytest.StashKey[str]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Converted models (the OpenVINO backend) go to a cache of this run, never the user's, in this
     process and the CLI processes tests start."""
     import tempfile
 
-    os.environ["DEEPFEAT_CACHE_DIR"] = tempfile.mkdtemp(prefix="deepfeat-test-cache-")
+    cache = tempfile.mkdtemp(prefix="deepfeat-test-cache-")
+    os.environ["DEEPFEAT_CACHE_DIR"] = cache
+    config.stash[_RUN_CACHE] = cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's converted models go with it: a whole suite converts several GB of them, and a
+    machine that runs the suite repeatedly would otherwise fill its disk."""
+    import shutil
+
+    cache = config.stash.get(_RUN_CACHE, None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+        if os.environ.get("DEEPFEAT_CACHE_DIR") == cache:
+            del os.environ["DEEPFEAT_CACHE_DIR"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
