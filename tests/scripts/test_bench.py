@@ -84,6 +84,13 @@ def test_loop_is_held_to_the_fastest_engine_at_the_auto_precision() -> None:
     assert loop_against_model_only({"auto_precision": "fp32"}) == []
 
 
+def test_auto_precision_is_named_as_the_model_only_rows_name_it() -> None:
+    from deepfeat.models.embedder import cpu_has_native_bf16
+    from deepfeat.scripts.bench_extract import _device_report
+
+    assert _device_report("cpu")["auto_precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+
+
 def test_host_work_is_profiled_on_the_indexers_own_embedder(tmp_path: Path) -> None:
     same = indexer_embedder("efficientnet_lite0", MATCHED)
     assert (same.layer.name, same.resize_mode, same.scales) == ("penultimate", "crop", (1.0,))
@@ -104,8 +111,8 @@ def test_host_work_is_profiled_on_the_indexers_own_embedder(tmp_path: Path) -> N
     cores = os.cpu_count() or 1
     expected = cores * 1e3 / (cores * 10.0 + same_row["total_ms"])
     assert same_row["model_core_ms"] == pytest.approx(cores * 10.0)
-    assert same_row["loop_ceiling_img_s"] == pytest.approx(expected, abs=0.06)
-    assert "loop_ceiling_img_s" not in rows[1]  # the defaults do other work than the model-only rate
+    assert same_row["no_overlap_img_s"] == pytest.approx(expected, abs=0.06)
+    assert "no_overlap_img_s" not in rows[1]  # the defaults do other work than the model-only rate
 
 
 def test_imagenet_sized_photos_are_small(tmp_path: Path) -> None:
