@@ -303,6 +303,11 @@ class ImageStore(ReplicaMixin, RelayoutMixin):
         base = self._base
         return self._vectors.images + (base.visible if base is not None else 0)
 
+    def committed_count(self) -> int:
+        """Images the catalog holds: what survives a crash. An interrupt between an add's catalog
+        commit and its index update leaves :attr:`count` short until the next open reconciles."""
+        return self._catalog.count()
+
     @property
     def generation(self) -> GenerationInfo | None:
         """The published generation this instance searches (replicas only; None otherwise)."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from deepfeat.scripts.cli_common import add_setting_arguments
 
 if TYPE_CHECKING:
+    from deepfeat.index.store import ImageStore
     from deepfeat.scripts.index_images import IndexSummary
 
 __all__ = [
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     embedder = build_embedder(settings)
     report_path = args.report or settings.data_dir / "index-report.jsonl"
     store = open_store(settings, embedder)
-    before = store.count
+    before = store.committed_count()
     try:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         summary = index_paths(
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         store.snapshot()  # part of success: a snapshot that fails is not a finished run
     except StoreError as exc:
         # Every acknowledged add is in the catalog; say how many, in the one line the CLI prints.
-        total = store.count
+        total = _committed(store)
         store.close(snapshot=False)
         sys.stderr.write(
             f"error [{exc.code}]: {exc}; {total - before} images were committed before it and the store "
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the deepfeat command turns it into this)
         # Stop without a final snapshot: an add may have been cut between its commit and the index
         # update, and the next open reconciles the index with the catalog exactly.
-        total = store.count
+        total = _committed(store)
         store.close(snapshot=False)
         sys.stderr.write(
             f"interrupted: {total - before} images were committed and the store holds {total} "
@@ -195,3 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _committed(store: ImageStore) -> int:
+    """The catalog's count, which a re-run will find; the searchable count if the catalog cannot be
+    read either (the failure being reported may be the catalog's own)."""
+    from deepfeat.index.errors import StoreError
+
+    try:
+        return store.committed_count()
+    except StoreError:
+        return store.count

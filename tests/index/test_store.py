@@ -554,3 +554,24 @@ def test_quarantine_keeps_only_the_newest_damaged_files(data_dir: Path, open_sto
         store.close()
     kept = sorted(p.read_bytes() for p in (data_dir / QUARANTINE_DIR).iterdir())
     assert len(kept) == QUARANTINE_KEEP and b"garbage 0" not in kept
+
+
+def test_an_interrupt_after_the_commit_is_counted_as_committed(
+    open_store: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C between an add's catalog commit and its index update: the searchable count lags, the
+    committed count is what the next open (and a resumed indexer) finds."""
+    store = open_store(snapshot_every=0)
+    store.add(unit_vectors(20), new_images(20))
+    assert store.committed_count() == store.count == 20
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "_sync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.add(unit_vectors(8, seed=5), new_images(8, start=20))
+    assert (store.count, store.committed_count()) == (20, 28)
+    store.close(snapshot=False)
+    reopened = open_store(snapshot_every=0)
+    assert reopened.count == reopened.committed_count() == 28
