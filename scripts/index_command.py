@@ -183,6 +183,17 @@ def echo_summary(summary: IndexSummary, *, total: int, report_path: Path, detail
         echo(f"failures listed in {report_path}")
 
 
+def _committed(store: ImageStore) -> int:
+    """The catalog's count, which a re-run will find; the searchable count if the catalog cannot be
+    read either (the failure being reported may be the catalog's own)."""
+    from deepfeat.index.errors import StoreError
+
+    try:
+        return store.committed_count()
+    except StoreError:
+        return store.count
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from deepfeat.scripts.cli_common import add_common_arguments
 
@@ -196,14 +207,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _committed(store: ImageStore) -> int:
-    """The catalog's count, which a re-run will find; the searchable count if the catalog cannot be
-    read either (the failure being reported may be the catalog's own)."""
-    from deepfeat.index.errors import StoreError
-
-    try:
-        return store.committed_count()
-    except StoreError:
-        return store.count

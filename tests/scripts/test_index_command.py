@@ -258,3 +258,20 @@ def test_a_data_dir_on_a_network_filesystem_is_one_line_for_writers_and_readable
     assert main(["export", "--data-dir", str(data), "--out", str(out), "--format", "jsonl"]) == 0
     assert "exported 3 images" in capsys.readouterr().out
     assert sorted(p.name for p in data.iterdir()) == files  # nothing written to the share
+
+
+def test_the_committed_count_falls_back_when_the_catalog_cannot_be_read(tmp_path: Path) -> None:
+    """The failure being reported may be the catalog's own: the one-line message still gets a count."""
+    from deepfeat.index.errors import CorruptStoreError
+    from deepfeat.scripts.index_command import _committed
+    from tests.index._helpers import DIM, FINGERPRINT, new_images, unit_vectors
+
+    with ImageStore.open(tmp_path / "data", fingerprint=FINGERPRINT, dim=DIM) as store:
+        store.add(unit_vectors(5), new_images(5))
+        assert _committed(store) == 5
+
+        def unreadable() -> int:
+            raise CorruptStoreError("the catalog cannot be read")
+
+        store.committed_count = unreadable  # type: ignore[method-assign]
+        assert _committed(store) == store.count == 5
