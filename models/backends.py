@@ -53,25 +53,25 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "openvino")
 
 ADOPTED: dict[tuple[str, str], tuple[str, str]] = {
-    # 224 px crop, batch 16, 2 threads, against eager PyTorch channels-last at the class's ``auto``
-    # precision (``deepfeat bench engines``, docs/performance.md "Inference engines"); every adopted
-    # pair agrees with fp32 PyTorch at cosine >= 0.999 on real photos. Pairs under 1.3x stay on PyTorch.
+    # 224 px crop, batch 16, 2 threads, against eager PyTorch channels-last (batch norms folded) at
+    # the class's ``auto`` precision (``deepfeat bench engines``, docs/performance.md "Inference
+    # engines"); every adopted pair agrees with fp32 PyTorch at cosine >= 0.999 on real photos. Pairs
+    # under 1.3x stay on PyTorch.
     # AVX-512 BF16 (bf16). efficientnet_lite0/1/2 stay on PyTorch: OpenVINO bf16 agrees only to
-    # cosine 0.98-0.99, OpenVINO fp32 is about PyTorch bf16's speed.
-    ("avx512_bf16", "resnet18"): ("openvino", "bf16"),  # 1.43x
-    ("avx512_bf16", "resnet50"): ("openvino", "bf16"),  # 1.67x
-    ("avx512_bf16", "resnet101"): ("openvino", "bf16"),  # 1.47x
-    ("avx512_bf16", "vgg16"): ("openvino", "bf16"),  # 1.35x
+    # cosine 0.98-0.99. resnet101 (1.27x) stays on PyTorch.
+    ("avx512_bf16", "resnet18"): ("openvino", "bf16"),  # 1.41x
+    ("avx512_bf16", "resnet50"): ("openvino", "bf16"),  # 1.40x
+    ("avx512_bf16", "vgg16"): ("openvino", "bf16"),  # 1.35x (no batch norms to fold)
     # AVX-512 without BF16 (fp32; measured with ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI).
-    ("avx512", "resnet18"): ("openvino", "fp32"),  # 1.36x
-    ("avx512", "resnet101"): ("openvino", "fp32"),  # 1.50x
-    ("avx512", "efficientnet_lite1"): ("openvino", "fp32"),  # 1.63x
-    ("avx512", "efficientnet_lite2"): ("openvino", "fp32"),  # 1.64x
+    ("avx512", "resnet18"): ("openvino", "fp32"),  # 1.37x
+    ("avx512", "resnet101"): ("openvino", "fp32"),  # 1.37x
+    ("avx512", "efficientnet_lite1"): ("openvino", "fp32"),  # 1.58x
+    ("avx512", "efficientnet_lite2"): ("openvino", "fp32"),  # 1.81x
     # AVX2 (fp32; measured with ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2).
-    ("avx2", "efficientnet_lite0"): ("openvino", "fp32"),  # 2.71x
-    ("avx2", "resnet50"): ("openvino", "fp32"),  # 1.53x
-    ("avx2", "efficientnet_lite1"): ("openvino", "fp32"),  # 1.48x
-    ("avx2", "efficientnet_lite2"): ("openvino", "fp32"),  # 1.36x
+    ("avx2", "efficientnet_lite0"): ("openvino", "fp32"),  # 1.71x
+    ("avx2", "resnet50"): ("openvino", "fp32"),  # 1.33x
+    ("avx2", "efficientnet_lite1"): ("openvino", "fp32"),  # 1.49x
+    ("avx2", "efficientnet_lite2"): ("openvino", "fp32"),  # 1.56x
 }
 """(CPU class, model) -> the backend ``auto`` picks there and the precision it was measured at (the
 class's ``auto`` precision); other precisions, and absent pairs, run PyTorch."""

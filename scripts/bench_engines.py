@@ -284,6 +284,8 @@ class Engine:
     cached: bool = False
     status: str = "ok"
     note: str = ""
+    backend: str = ""
+    """What the Embedder runs its trunk on, for the PyTorch engines (``torch``, whatever ``auto`` picks)."""
 
 
 class ConvMap:
@@ -438,9 +440,14 @@ def build_torch(ctx: Context, engine: str, precision: str) -> Engine:
 
     compiled = engine == "compile"
     emb, seconds = _timed(
-        lambda: Embedder(
-            ctx.emb.config, device="cpu", precision=precision, channels_last=True, compile=compiled
-        )
+        lambda: Embedder(  # backend torch: ``auto`` runs OpenVINO where it was adopted
+            ctx.emb.config,
+            device="cpu",
+            precision=precision,
+            channels_last=True,
+            compile=compiled,
+            backend="torch",
+        )  # fmt: skip
     )
     name = emb.layer.name
 
@@ -451,7 +458,9 @@ def build_torch(ctx: Context, engine: str, precision: str) -> Engine:
     note = "channels-last" + (", autocast bf16" if precision == "bf16" else "")
     if compiled:
         note += ", inductor freezing (setup = compile)"
-    return Engine(engine, precision, run, seconds + (first if compiled else 0.0), note=note)
+    return Engine(
+        engine, precision, run, seconds + (first if compiled else 0.0), note=note, backend=emb.backend
+    )
 
 
 def build_onnxruntime(ctx: Context, precision: str) -> Engine:
@@ -667,6 +676,7 @@ def trunk_embedder(name: str, weights: str | None = None) -> Embedder:
     return Embedder(
         name, weights=weights, device="cpu", precision="fp32", channels_last=True, resize_mode="crop",
         scales=(1.0,), layer=None, pooling="gem", regions=0, lowpass=0.0, semantic_layer="none",
+        backend="torch",
     )  # fmt: skip
 
 

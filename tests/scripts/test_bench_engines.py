@@ -41,6 +41,26 @@ def test_exported_module_is_the_embedders_trunk(emb: Any, batch: torch.Tensor) -
     np.testing.assert_allclose(ours, emb.embed_tensors(batch), atol=1e-5)
 
 
+def test_the_pytorch_rows_run_pytorch_where_auto_would_pick_openvino(
+    emb: Any, batch: torch.Tensor, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The baseline an engine must beat is PyTorch itself: on a class where ``auto`` adopted OpenVINO
+    (lite0 with kernels capped at AVX2), the eager rows and the reference still run PyTorch."""
+    from deepfeat.models.backends import resolve_backend
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert resolve_backend(
+        "auto", model="efficientnet_lite0", device=torch.device("cpu"), precision="fp32"
+    ) == ("openvino")
+    reference = be.trunk_embedder("efficientnet_lite0")
+    assert reference.backend == "torch"
+    ctx = be.Context(
+        emb=reference, cache=tmp_path, key="k", threads=1, batch=2, example=batch, calib=batch, calib_seed=0
+    )
+    engine = be.build_torch(ctx, "eager", "fp32")
+    assert engine.backend == "torch"
+
+
 def test_onnx_export_run_by_onnxruntime_agrees_with_eager(
     emb: Any, batch: torch.Tensor, tmp_path: Path
 ) -> None:
