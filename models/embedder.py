@@ -292,10 +292,9 @@ class Embedder:
             # Batch norms folded into the convs: the trunks share one folded copy of those weights,
             # and ``net`` keeps its own for fine-tuning.
             folded: dict[int, torch.nn.Conv2d] = {}
-            for name in ("_single", "_pair", "_all"):
-                trunk = getattr(self, name)
-                if trunk is not None:
-                    setattr(self, name, fold_batch_norms(trunk, folded))
+            self._single = fold_batch_norms(self._single, folded)
+            self._pair = None if self._pair is None else fold_batch_norms(self._pair, folded)
+            self._all = fold_batch_norms(self._all, folded)
         self.backend = resolve_backend(
             backend, model=self.spec.name, device=self.device, precision=self.precision_in_use
         )

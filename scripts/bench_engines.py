@@ -285,7 +285,7 @@ class Engine:
     status: str = "ok"
     note: str = ""
     backend: str = ""
-    """What the Embedder runs its trunk on, for the PyTorch engines (``torch``, whatever ``auto`` picks)."""
+    """For the PyTorch engines, the Embedder's backend: ``torch`` even where ``auto`` adopted OpenVINO."""
 
 
 class ConvMap:
@@ -447,7 +447,7 @@ def build_torch(ctx: Context, engine: str, precision: str) -> Engine:
             channels_last=True,
             compile=compiled,
             backend="torch",
-        )  # fmt: skip
+        )
     )
     name = emb.layer.name
 
