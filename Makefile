@@ -32,7 +32,9 @@ test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest $(PYTEST_ARGS)
+	# -X faulthandler: pytest hands its fault handler back at exit, so a crash in a native library's
+	# teardown after the summary still prints every thread's Python stack.
+	$(PY) -X faulthandler -m pytest $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

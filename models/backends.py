@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,7 @@ class OpenVinoTrunk:
 
     def __init__(
         self,
-        trunk: torch.nn.Module,
+        build: Callable[[], torch.nn.Module],
         nodes: Sequence[str],
         *,
         key: dict[str, Any],
@@ -260,7 +260,11 @@ class OpenVinoTrunk:
 
         self.nodes = tuple(nodes)
         root = cache_dir() if cache is None else cache
-        identity = {**key, "nodes": self.nodes, "openvino": openvino_version(), "torch": torch.__version__}
+        # "ir": what is saved. 2: fp32 weights (1 was save_model's default, weights compressed to
+        # fp16, so a process loading the cache computed other vectors than the one that converted).
+        identity = {
+            **key, "nodes": self.nodes, "ir": 2, "openvino": openvino_version(), "torch": torch.__version__
+        }  # fmt: skip
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
         folder = root / "openvino" / digest
         xml = folder / "model.xml"
@@ -269,7 +273,7 @@ class OpenVinoTrunk:
             model = core.read_model(str(xml))
             self.converted = False
         else:
-            model = self._convert(trunk, example)
+            model = self._convert(_Outputs(build(), self.nodes), example)
             self._save(model, folder, identity)
             self.converted = True
         model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, -1, -1])})
@@ -306,7 +310,8 @@ class OpenVinoTrunk:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         try:
-            ov.save_model(model, str(tmp / "model.xml"))
+            # Uncompressed: save_model's default halves the weights to fp16.
+            ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
             (tmp / "identity.json").write_text(json.dumps(identity, sort_keys=True, default=str))
             try:
                 os.replace(tmp, folder)
@@ -329,7 +334,7 @@ class OpenVinoTrunk:
 
 
 def openvino_trunk(
-    trunk: torch.nn.Module,
+    build: Callable[[], torch.nn.Module],
     nodes: Sequence[str],
     *,
     key: dict[str, Any],
@@ -337,7 +342,8 @@ def openvino_trunk(
     example: torch.Tensor,
     cache: Path | None = None,
 ) -> OpenVinoTrunk:
-    """``trunk`` (returning {node: tensor}) converted for OpenVINO's CPU plugin, or read from the cache.
+    """The trunk ``build()`` makes (returning {node: tensor}) converted for OpenVINO's CPU plugin, or
+    read from the cache without calling ``build`` (tracing a trunk costs more than loading its IR).
 
     Args:
         key: what identifies the weights and the graph (the embedder's fingerprint).
@@ -346,6 +352,6 @@ def openvino_trunk(
         cache: the cache root (default :func:`cache_dir`).
     """
     return OpenVinoTrunk(
-        _Outputs(trunk, nodes), nodes, key=key, precision=precision,
+        build, nodes, key=key, precision=precision,
         threads=torch.get_num_threads(), example=example, cache=cache,
     )  # fmt: skip

@@ -219,6 +219,41 @@ def make_config(config: EmbedderConfig | str | None = None, **options: Any) -> E
         raise InvalidOptionError(f"{field}: {first['msg']} (got {value!r})") from None
 
 
+def gaussian_blur(batch: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(n, c, H, W) -> the same, blurred by a Gaussian of ``sigma`` pixels over ±3 sigma, edges
+    reflected: torchvision's ``gaussian_blur`` with kernel size ``2 * ceil(3 * sigma) + 1``.
+
+    Run as two matrix products, ``B_H @ x @ B_W.T``, with the taps and the reflected edges in banded
+    (H, H) and (W, W) matrices. At the low-pass vector's sizes that is half the time of
+    torchvision's 2-D convolution and a third of two depthwise 1-D ones, which PyTorch's CPU
+    kernels run slowly."""
+    height, width = batch.shape[2:]
+    rows = _blur_matrix(height, sigma).to(batch)
+    cols = _blur_matrix(width, sigma).to(batch)
+    return rows @ (batch @ cols.T)
+
+
+@functools.lru_cache(maxsize=64)
+def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """(n, n) float64: row i holds the Gaussian taps centred on i, the ones past an edge reflected
+    back into the image (torch's ``reflect`` padding: the edge pixel itself is not repeated)."""
+    radius = math.ceil(3 * sigma)
+    offsets = torch.arange(-radius, radius + 1)
+    taps = torch.exp(-0.5 * (offsets.double() / sigma) ** 2)
+    taps = taps / taps.sum()
+    source = torch.arange(n)[:, None] + offsets[None, :]
+    if n == 1:
+        source = torch.zeros_like(source)
+    while bool(((source < 0) | (source > n - 1)).any()):  # taps past both edges reflect again
+        source = torch.where(source < 0, -source, source)
+        source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    matrix.index_put_(
+        (torch.arange(n)[:, None].expand_as(source), source), taps.expand_as(source), accumulate=True
+    )
+    return matrix
+
+
 class Embedder:
     """Batch-first feature extractor and classifier over one pretrained backbone.
 
@@ -277,24 +312,6 @@ class Embedder:
         self.pretrained = resolved.pretrained
         self.categories = resolved.categories
         self.classify_transform = build_transform(self.spec.preprocess)
-        # Both trunks are traced here, once: FX tracing patches torch.nn.Module.__call__ process-wide,
-        # so tracing while another thread runs a forward pass would corrupt that pass. After __init__
-        # nothing is ever traced again, whatever layer a request asks for.
-        with _TRACE_LOCK:
-            # Hot path (indexing, search): pruned right after the chosen layer.
-            self._single: torch.nn.Module | None = build_trunk(net, {self.layer.node: self.layer.node})
-            # The embedding layer and the semantic one from one pass (indexing, the service's batches).
-            self._pair: torch.nn.Module | None = None
-            if self.semantic is not None and self.semantic.source.node != self.layer.node:
-                self._pair = build_trunk(net, {n: n for n in self._pair_nodes()})
-            # Every selectable layer and the logits from one pass: classify, embed+classify, variants.
-            self._all = build_trunk(net, {spec.node: spec.node for spec in self.spec.layers})
-            # Batch norms folded into the convs: the trunks share one folded copy of those weights,
-            # and ``net`` keeps its own for fine-tuning.
-            folded: dict[int, torch.nn.Conv2d] = {}
-            self._single = fold_batch_norms(self._single, folded)
-            self._pair = None if self._pair is None else fold_batch_norms(self._pair, folded)
-            self._all = fold_batch_norms(self._all, folded)
         self.backend = resolve_backend(
             backend, model=self.spec.name, device=self.device, precision=self.precision_in_use
         )
@@ -308,12 +325,36 @@ class Embedder:
                 f"{cpu_class()}); use precision auto or fp32, or backend torch"
             )
         self.compiled = bool(compile) and self.backend == "torch"
+        # The trunks are traced here, once: FX tracing patches torch.nn.Module.__call__ process-wide,
+        # so tracing while another thread runs a forward pass would corrupt that pass. After __init__
+        # nothing is ever traced again, whatever layer a request asks for.
+        with _TRACE_LOCK:
+            # Batch norms folded into the convs: the trunks share one folded copy of those weights,
+            # and ``net`` keeps its own for fine-tuning.
+            folded: dict[int, torch.nn.Conv2d] = {}
+
+            def trunk(nodes: Sequence[str]) -> torch.nn.Module:
+                return fold_batch_norms(build_trunk(net, {node: node for node in nodes}), folded)
+
+            def hot(nodes: Sequence[str]) -> torch.nn.Module:
+                if self.backend == "openvino":
+                    # A converted model in the cache needs no torch trunk: traced only to convert.
+                    return self._on_openvino(functools.partial(trunk, nodes), nodes)
+                return trunk(nodes)
+
+            # Hot path (indexing, search): pruned right after the chosen layer.
+            single = hot((self.layer.node,))
+            # The embedding layer and the semantic one from one pass (indexing, the service's batches).
+            pair = None
+            if self.semantic is not None and self.semantic.source.node != self.layer.node:
+                pair = hot(self._pair_nodes())
+            # Every selectable layer and the logits from one pass: classify, embed+classify, variants.
+            self._all = trunk([spec.node for spec in self.spec.layers])
         if self.compiled:
-            self._single = compile_trunk(self._single)
-            if self._pair is not None:
-                self._pair = compile_trunk(self._pair)
-        if self.backend == "openvino":
-            self._hot_paths_on_openvino()
+            single = compile_trunk(single)
+            pair = None if pair is None else compile_trunk(pair)
+        self._single: torch.nn.Module | None = single
+        self._pair: torch.nn.Module | None = pair
         log.info(
             "loaded %s (%s) layer=%s pooling=%s dim=%d on %s precision=%s",
             self.spec.name,
@@ -325,22 +366,18 @@ class Embedder:
             self.precision_in_use,
         )
 
-    def _hot_paths_on_openvino(self) -> None:
-        """The indexing and search trunks run by OpenVINO; the rarely used all-layers trunk (classify,
-        variants) stays on PyTorch."""
+    def _on_openvino(self, build: Callable[[], torch.nn.Module], nodes: Sequence[str]) -> torch.nn.Module:
+        """A hot-path trunk run by OpenVINO (the rarely used all-layers trunk, for classify and
+        variants, stays on PyTorch). ``build`` makes the torch trunk, called only when the cache has
+        no converted model for this fingerprint yet."""
         side = self.spec.preprocess.crop
-        example = torch.zeros(1, 3, side, side)
-        key = {"fingerprint": self.fingerprint}  # it names the weights, the layer and every option
-        precision = self.precision_in_use
-        single = self._single
-        if single is not None:
-            self._single = openvino_trunk(  # type: ignore[assignment]
-                single, (self.layer.node,), key=key, precision=precision, example=example
-            )
-        if self._pair is not None:
-            self._pair = openvino_trunk(  # type: ignore[assignment]
-                self._pair, self._pair_nodes(), key=key, precision=precision, example=example
-            )
+        return openvino_trunk(  # type: ignore[return-value]
+            build,
+            nodes,
+            key={"fingerprint": self.fingerprint},  # it names the weights, the layer and every option
+            precision=self.precision_in_use,
+            example=torch.zeros(1, 3, side, side),
+        )
 
     def _apply_config(self, config: EmbedderConfig) -> None:
         """Derive what the forward pass needs from a resolved config (layer named, pooling decided)."""
@@ -587,19 +624,16 @@ class Embedder:
 
         The image is halved first and blurred at half scale with half the sigma: a quarter of the
         pixels and a quarter of the kernel taps of blurring at full size, and the same vector (cosine
-        >= 0.9998 with blurring first, lite0 fp32 on 80 real photos). torchvision's blur convolves
-        with the full 2-D kernel, which at full size cost more than the forward pass it feeds.
+        >= 0.9998 with blurring first, lite0 fp32 on 80 real photos). The blur is separable
+        (:func:`gaussian_blur`): torchvision's convolves with the full 2-D kernel, which at full size
+        cost more than the forward pass it feeds.
 
         Args:
             half: ``rescale(batch, 0.5)`` when the caller has it already (the 0.5 scale's input).
         """
-        from torchvision.transforms.v2.functional import gaussian_blur
-
         sigma = max(0.5, self.config.lowpass * min(batch.shape[2:])) * 0.5
-        kernel = 2 * math.ceil(3 * sigma) + 1
         small = self.rescale(batch, 0.5) if half is None else half
-        blurred = gaussian_blur(small, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
-        return self.pool(self.forward_intermediates(blurred)[self.layer.name])
+        return self.pool(self.forward_intermediates(gaussian_blur(small, sigma))[self.layer.name])
 
     def _descriptors(
         self, batch: torch.Tensor, *, regions: bool = False, semantic: bool = False

@@ -534,14 +534,14 @@ def _ov_model(ctx: Context) -> tuple[Any, bool, str]:
 
     from deepfeat.models.backends import openvino_core
 
-    path = ctx.path("fp32", "ov", _version("openvino"), "torch", _version("torch"), suffix=".xml")
+    path = ctx.path("fp32", "ov", _version("openvino"), "torch", _version("torch"), "ir2", suffix=".xml")
     core = openvino_core()
     if path.exists():
         return core.read_model(str(path)), True, "cached IR"
     with _quiet():
         model = ov.convert_model(ConvMap.build(ctx.emb), example_input=ctx.example[:1])
     model.reshape({model.inputs[0]: ov.PartialShape([-1, *ctx.example.shape[1:]])})
-    ov.save_model(model, str(path))
+    ov.save_model(model, str(path), compress_to_fp16=False)  # the default halves the weights to fp16
     return model, False, "converted from the torch module"
 
 
@@ -564,7 +564,7 @@ def build_openvino(ctx: Context, precision: str) -> Engine:
             return Engine("openvino", precision, status="skipped: nncf not installed")
         qpath = ctx.path(
             "int8", "ov", _version("openvino"), "nncf", _version("nncf"), "calib", len(ctx.calib),
-            ctx.calib_seed, suffix=".xml",
+            ctx.calib_seed, "ir2", suffix=".xml",
         )  # fmt: skip
         cached = qpath.exists()
         if cached:
@@ -573,7 +573,7 @@ def build_openvino(ctx: Context, precision: str) -> Engine:
             items = [ctx.calib[i : i + 1].numpy() for i in range(len(ctx.calib))]
             with _quiet():
                 model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))
-            ov.save_model(model, str(qpath))
+            ov.save_model(model, str(qpath), compress_to_fp16=False)
         note = f"NNCF default preset on {len(ctx.calib)} calibration images" + (" (cached)" if cached else "")
     model.reshape({model.inputs[0]: ov.PartialShape(list(ctx.example.shape))})
     compiled = openvino_core().compile_model(

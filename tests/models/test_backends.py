@@ -16,6 +16,7 @@ from PIL import Image
 from deepfeat.index.errors import IncompatibleIndexError
 from deepfeat.index.store import ImageStore
 from deepfeat.models import backends
+from deepfeat.models import embedder as embedder_module
 from deepfeat.models.backends import ADOPTED, cpu_class, resolve_backend
 from deepfeat.models.embedder import Embedder
 from deepfeat.models.errors import InvalidOptionError
@@ -68,9 +69,22 @@ def test_the_conversion_is_cached_and_reused(
     saved = sorted(p.name for p in (cache / "openvino").iterdir() if p.name != "blobs")
     assert saved and not any(name.startswith(".") for name in saved)  # no temp folder left
     monkeypatch.setenv("DEEPFEAT_CACHE_DIR", str(cache))
+    traced: list[tuple[str, ...]] = []
+    build_trunk = embedder_module.build_trunk
+
+    def counting(net: torch.nn.Module, nodes: dict[str, str]) -> torch.nn.Module:
+        traced.append(tuple(nodes))
+        return build_trunk(net, nodes)
+
+    monkeypatch.setattr(embedder_module, "build_trunk", counting)
     again = Embedder("efficientnet_lite0", device="cpu", precision="fp32", backend="openvino", **CHEAP)
     assert again._pair is None  # the semantic vector reads the visual layer's map
     assert again._single is not None and again._single.converted is False  # type: ignore[union-attr]
+    # Loading the converted model traces nothing: only the all-layers trunk (classify) is built.
+    assert traced == [tuple(spec.node for spec in again.spec.layers)]
+    # And what it loaded computes what the first conversion computed.
+    batch = torch.rand(2, 3, 192, 256)
+    np.testing.assert_allclose(again.embed_tensors(batch), ov_fp32.embed_tensors(batch), atol=1e-6)
     assert sorted(p.name for p in (cache / "openvino").iterdir() if p.name != "blobs") == saved
 
 

@@ -134,3 +134,44 @@ def test_the_low_pass_vector_blurs_at_half_scale_what_blurring_at_full_size_give
     assert (vectors * reference).sum(dim=1).min() >= 0.999
     reused = embedder.lowpass_descriptors(batch, half=embedder.rescale(batch, 0.5))
     torch.testing.assert_close(reused, vectors)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.92, 3.84])
+def test_the_blur_is_torchvisions_gaussian_blur(photos: dict[str, Image.Image], sigma: float) -> None:
+    """The banded matrix products give what torchvision's 2-D kernel gives, edges included
+    (reflected), whatever the memory format."""
+    import math
+
+    import torch
+    from torchvision.transforms.v2.functional import gaussian_blur as tv_blur
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from deepfeat.models.embedder import gaussian_blur
+
+    batch = (
+        torch.stack([pil_to_tensor(p.convert("RGB").resize((256, 192))) for p in photos.values()]).float()
+        / 255
+    )
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    expected = tv_blur(batch, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+    torch.testing.assert_close(gaussian_blur(batch, sigma), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gaussian_blur(batch.contiguous(memory_format=torch.channels_last), sigma),
+        expected,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 5), (3, 7), (6, 40)])
+def test_the_blur_keeps_a_flat_image_flat_even_when_its_kernel_outgrows_the_image(
+    size: tuple[int, int],
+) -> None:
+    """Sides shorter than the kernel's radius, which torchvision's reflect padding refuses, reflect
+    as often as it takes: every output pixel is still a weighted mean of the image's own pixels."""
+    import torch
+
+    from deepfeat.models.embedder import gaussian_blur
+
+    flat = torch.full((2, 3, *size), 0.25)
+    torch.testing.assert_close(gaussian_blur(flat, 1.92), flat)
