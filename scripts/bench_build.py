@@ -276,7 +276,8 @@ def measure_recall(
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(
-        prog="bench_build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="deepfeat bench build",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", "`"),
     )
     parser.add_argument("--n", type=int, default=1_000_000, help="stored vectors (default 1000000)")
     parser.add_argument(

@@ -477,7 +477,8 @@ def rss_scaling(root: Path, model: str, counts: list[int], *, device: str) -> li
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bench_extract", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="deepfeat bench extract",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", "`"),
     )
     sub = parser.add_subparsers(dest="command")
     naive = sub.add_parser("naive", help=argparse.SUPPRESS)

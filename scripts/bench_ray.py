@@ -78,7 +78,8 @@ def _summarise(engine: str, n: int, results: list[dict[str, float]]) -> dict[str
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bench_ray", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="deepfeat bench ray",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", "`"),
     )
     parser.add_argument(
         "--sizes",

@@ -151,7 +151,8 @@ def parse_factories(text: str, n: int, dim: int) -> list[FactorySpec]:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``deepfeat bench search`` (pass a subparser to attach them to it)."""
     parser = parser or argparse.ArgumentParser(
-        prog="bench_search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="deepfeat bench search",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", "`"),
     )
     parser.add_argument("--sizes", default="100000", help="comma-separated collection sizes (default 100000)")
     parser.add_argument(

@@ -174,7 +174,8 @@ def run_config(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="bench_serve", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="deepfeat bench serve",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", "`"),
     )
     parser.add_argument("--clients", default="1,8", help="concurrent clients to test, e.g. 1,8")
     parser.add_argument("--requests", type=int, default=160, help="requests per client count (default 160)")

@@ -129,7 +129,8 @@ def _ratio(by: dict[str, dict[str, Any]], a: str, b: str, key: str) -> float | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="bench_serve_ray", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="deepfeat bench serve-ray",
+        description=(__doc__ or "").split("\n\n")[0].replace("``", "`"),
     )
     parser.add_argument("--clients", default="8", help="concurrent clients to test, e.g. 1,8 (default 8)")
     parser.add_argument("--requests", type=int, default=200, help="requests per client count (default 200)")

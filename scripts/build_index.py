@@ -180,8 +180,8 @@ def build(args: argparse.Namespace) -> int:
     )
     echo(f"peak memory {peak / mib:.0f} MiB of a {budget / mib:.0f} MiB budget")
     echo(
-        "read replicas (deepfeat serve --read-only) pick it up at their next refresh; "
-        + (f"generation {info.previous.number} is kept until the next publish" if info.previous else "")
+        "read replicas (deepfeat serve --read-only) pick it up at their next refresh"
+        + (f"; generation {info.previous.number} is kept until the next publish" if info.previous else "")
     )
     return 0
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from deepfeat.index.errors import StoreError
 from deepfeat.index.filters import parse_filter
-from deepfeat.models.errors import ModelError
+from deepfeat.models.errors import ImageError, ModelError
 from deepfeat.scripts.cli_common import (
     add_common_arguments,
     echo,
@@ -81,15 +81,27 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    from deepfeat.models.images import load_image
-    from deepfeat.runtime import build_embedder, image_limits, open_store
+def _check_readable(path: str) -> None:
+    """Fail on a query file that cannot be opened before loading the model, which takes seconds
+    (with the message and code ``load_image`` would give after it)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ImageError(f"cannot read image file {path!r}: {exc.strerror or exc}") from exc
 
+
+def _cmd_search(args: argparse.Namespace) -> int:
     if (args.image is None) == (args.image_id is None):
         sys.stderr.write("error [usage]: give a query image or --id ID (one of them)\n")
         return 2
     where = parse_filter(args.filter)  # a bad filter fails before the model loads
     settings = settings_from_args(args)
+    if args.image is not None:
+        _check_readable(args.image)
+    from deepfeat.models.images import load_image
+    from deepfeat.runtime import build_embedder, image_limits, open_store
+
     manifest = existing_manifest(settings)
     if manifest is None:
         return 2
@@ -185,6 +197,7 @@ def _classify_with(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    _check_readable(args.image)
     predictions, model, voters = _classify_with(args, settings)
     if args.json:
         echo_json(
@@ -547,7 +560,9 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
 
 def _args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "rest", nargs=argparse.REMAINDER, help="options of the evaluation (see `deepfeat eval --help`)"
+        "rest",
+        nargs=argparse.REMAINDER,
+        help="the mode (category, copy, service, duplicates) and its options",
     )
     p.set_defaults(func=_cmd_eval)
 
@@ -607,17 +622,27 @@ def _args_weights(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_weights)
 
 
-def _from_module(module: str, *, common: bool = False) -> Callable[[argparse.ArgumentParser], None]:
-    """A script's own ``add_arguments``/``run``, imported only when its command is the one run."""
+def _from_module(
+    module: str, *, common: bool = False, arguments: str | None = None
+) -> Callable[[argparse.ArgumentParser], None]:
+    """A script's own ``add_arguments``/``run``, imported only when its command is the one run.
+
+    ``arguments``: ``"module:function"`` adding the flags, for a script whose module is too heavy to
+    import for ``--help`` (it is then imported only to run)."""
 
     def configure(p: argparse.ArgumentParser) -> None:
         import importlib
 
         if common:
             add_common_arguments(p)
-        script = importlib.import_module(module)
-        script.add_arguments(p)
-        p.set_defaults(func=script.run)
+        if arguments is None:
+            script = importlib.import_module(module)
+            script.add_arguments(p)
+            p.set_defaults(func=script.run)
+            return
+        where, function = arguments.split(":")
+        getattr(importlib.import_module(where), function)(p)
+        p.set_defaults(func=lambda args: importlib.import_module(module).run(args))
 
     return configure
 
@@ -632,11 +657,17 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "classify": ("top-k classes of IMAGE: ImageNet's, kNN's or a trained classifier's", _args_classify),
     "train-classifier": (
         "train your own classifier from a folder with one sub-folder per class (linear or finetune)",
-        _from_module("deepfeat.scripts.train_classifier"),
+        _from_module(
+            "deepfeat.scripts.train_classifier",
+            arguments="deepfeat.scripts.classifier_args:add_train_arguments",
+        ),
     ),
     "compare-classifiers": (
         "linear probe vs kNN vs fine-tuning vs the mapped ImageNet head on one held-out split",
-        _from_module("deepfeat.scripts.compare_classifiers"),
+        _from_module(
+            "deepfeat.scripts.compare_classifiers",
+            arguments="deepfeat.scripts.classifier_args:add_compare_arguments",
+        ),
     ),
     "add-semantic": (
         "compute the semantic vectors (search --similarity semantic) of stored images that lack them",
@@ -674,7 +705,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = None if argv is None else _command_in(argv)
     for name, (text, configure) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
+        # eval's --help is its evaluation's own (the modes and their options), not this wrapper's.
+        p = sub.add_parser(name, help=text, description=text, add_help=name != "eval")
         if argv is None or name == wanted:
             configure(p)
     return parser
@@ -682,7 +714,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command == "eval":
+        # argparse leaves options that come before eval's first positional (`eval --help`) unparsed
+        # instead of in its remainder; they are the evaluation's.
+        args.rest = [*unknown, *args.rest]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -46,7 +46,9 @@ from deepfeat.models.heads import (
     train_linear,
 )
 from deepfeat.runtime import build_embedder, image_limits
-from deepfeat.scripts.cli_common import add_common_arguments, echo, settings_from_args
+from deepfeat.scripts.classifier_args import COMPARE_METHODS
+from deepfeat.scripts.classifier_args import add_compare_arguments as add_arguments
+from deepfeat.scripts.cli_common import echo, settings_from_args
 from deepfeat.scripts.train_classifier import (
     Dataset,
     check_class_sizes,
@@ -61,7 +63,7 @@ __all__ = ["IMAGENET_MAPS", "METHODS", "imagenet_groups", "compare", "add_argume
 
 log = logging.getLogger(__name__)
 
-METHODS = ("linear", "knn", "linear-crop", "finetune", "imagenet")
+METHODS = COMPARE_METHODS
 
 # ImageNet-1k indices per class, by WordNet meaning (not tuned on any data):
 #   birds:    7-24 (cock ... great grey owl), 80-100 (black grouse ... black swan), 127-146 (white stork ... albatross)
@@ -370,25 +372,6 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{cell('top2_accuracy')} | {entry['seconds_mean']:.1f} s |"
         )
     return "\n".join(lines) + "\n"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("folder", metavar="TRAIN_DIR", help="folder with one sub-folder of images per class")
-    parser.add_argument("--out", type=Path, default=Path("classifier-comparison"), help="output folder")
-    parser.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
-    )
-    parser.add_argument("--test-fraction", type=float, default=0.3, help="held-out share per class (0.3)")
-    parser.add_argument("--repeats", type=int, default=1, help="random splits to average over (1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--neighbours", type=int, default=10, help="k of the kNN vote (10)")
-    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (10)")
-    parser.add_argument("--unfreeze", type=int, default=1, help="top blocks fine-tuning trains (1)")
-    parser.add_argument(
-        "--imagenet-map", default="auto", help="auto, none, a built-in name (tuxpaint) or a JSON file"
-    )
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,7 +53,8 @@ from deepfeat.models.heads import (
     train_linear,
 )
 from deepfeat.runtime import build_embedder, image_limits
-from deepfeat.scripts.cli_common import add_common_arguments, echo, echo_json, settings_from_args
+from deepfeat.scripts.classifier_args import add_train_arguments as add_arguments
+from deepfeat.scripts.cli_common import echo, echo_json, settings_from_args
 from deepfeat.scripts.train_dataset import Dataset, check_class_sizes, dataset_images, scan_class_folders
 from deepfeat.scripts.train_features import CACHE_FILE, FeatureCache, dataset_features
 from deepfeat.scripts.train_features import FeatureStats as FeatureStats
@@ -322,31 +323,6 @@ def _head_manifest(
             "config": training.extra.get("config"),
         },
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("folder", metavar="TRAIN_DIR", help="folder with one sub-folder of images per class")
-    parser.add_argument(
-        "--name", required=True, help="the classifier's name (POST /v1/classify?classifier=NAME)"
-    )
-    parser.add_argument("--method", choices=METHODS, default="linear", help="linear probe or fine-tuning")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="held-out share per class (0.2)")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share of the rest (0.2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (10)")
-    parser.add_argument("--unfreeze", type=int, default=1, help="top blocks fine-tuning trains (1)")
-    parser.add_argument(
-        "--lr", type=float, help="fine-tuning learning rate of the unfrozen blocks (1e-4; the new head: 10x)"
-    )
-    parser.add_argument("--train-batch-size", type=int, default=16, help="fine-tuning batch size (16)")
-    parser.add_argument("--no-augment", action="store_true", help="fine-tune without augmentation")
-    parser.add_argument(
-        "--skip-bad", action="store_true", help="train without unusable files instead of failing"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a classifier of the same name")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:

@@ -110,9 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepfeat eval",
         description="Measure retrieval quality (category retrieval or copy detection): sweep embedding "
         "choices on the tuning part of each collection, choose one, and report it with the shipped "
-        "default and the naive baseline on the validation part.",
+        "default and the naive baseline on the validation part. Two more modes have options of their "
+        "own: `deepfeat eval service --help` (the HTTP API at the shipped defaults) and "
+        "`deepfeat eval duplicates --help` (the duplicates threshold).",
     )
-    parser.add_argument("mode", choices=("category", "copy"))
+    parser.add_argument(
+        "mode",
+        choices=("category", "copy"),
+        help="category: one sub-folder per class; copy: originals searched for after copy transforms",
+    )
     parser.add_argument(
         "folders",
         type=Path,

@@ -166,7 +166,7 @@ def _modules_after(argv: list[str], tmp_path: Path) -> set[str]:
 def test_help_and_models_load_no_heavy_library(tmp_path: Path) -> None:
     # The first run on a machine reads torchvision's weights metadata once and caches it.
     assert "torchvision" in _modules_after(["models"], tmp_path)
-    for argv in (["--help"], ["models"]):
+    for argv in (["--help"], ["models"], ["train-classifier", "--help"], ["compare-classifiers", "--help"]):
         loaded = _modules_after(argv, tmp_path)
         assert not loaded & {"torch", "torchvision", "faiss", "fastapi", "starlette", "uvicorn", "ray"}, argv
 
@@ -289,3 +289,33 @@ def test_the_server_sleeps_its_openmp_threads_unless_told_otherwise(given: str |
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_a_missing_query_fails_before_the_model_loads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "missing.jpg")
+    for command in ("search", "classify"):
+        code, _, err = run(capsys, command, missing, "--data-dir", str(tmp_path / "data"))
+        assert (
+            code == 2
+            and err.startswith("error [invalid_image]: cannot read image file")
+            and "missing.jpg" in err
+        )
+        loaded = _modules_after([command, missing, "--data-dir", str(tmp_path / "data")], tmp_path)
+        assert "torch" not in loaded, command
+
+
+def test_eval_help_is_the_evaluations_own(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["eval", "--help"], ["eval", "-h"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and out.startswith("usage: deepfeat eval")
+        assert "{category,copy}" in out and "deepfeat eval service --help" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "service", "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: deepfeat eval service")
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--no-such-flag", "q.jpg"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

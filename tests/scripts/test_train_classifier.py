@@ -277,3 +277,10 @@ def test_compare_methods_on_one_split(folder: Path, shared: Path, tmp_path: Path
             imagenet_map="tuxpaint",
             embedder=lite0,
         )
+
+
+def test_the_method_flag_offers_what_the_heads_can_store() -> None:
+    from deepfeat.models.heads import METHODS
+    from deepfeat.scripts.classifier_args import TRAIN_METHODS
+
+    assert TRAIN_METHODS == METHODS
