@@ -7,7 +7,7 @@ of the generation it publishes against exact search.
    store's own write path, without a FAISS index), in transactions of ``--fill-batch`` rows. With
    ``--data-dir`` pointing at a store this benchmark filled before with the same arguments, the fill
    is skipped (the vectors are regenerated from the seed and checked against a few stored rows).
-3. **Build**: ``python -m scripts.build_index --json`` (what ``deepfeat build-index`` runs) in a child
+3. **Build**: ``python -m deepfeat.scripts.build_index --json`` (what ``deepfeat build-index`` runs) in a child
    process. Its peak resident memory is the child's own ``VmHWM`` (``/proc/<pid>/status``), read by
    the child at the end and also sampled by this process every 20 ms while it runs (``ru_maxrss``
    from ``wait4`` is not used: Linux carries it across ``exec`` from this process, which holds the
@@ -19,7 +19,7 @@ of the generation it publishes against exact search.
    (median of ``--runs``) and one at a time (median latency over ``--single-queries``), on
    ``--threads`` threads.
 
-    python -m scripts.bench_build --n 1000000 --dim 256 --index IVF4096,PQ32 --max-memory 1GiB
+    deepfeat bench build --n 1000000 --dim 256 --index IVF4096,PQ32 --max-memory 1GiB
     deepfeat bench build --n 100000 --dim 256 --index IVF1024,PQ32 --max-memory 512MiB --json /tmp/b.json
 
 Prints a summary; ``--json`` writes everything. No figure is asserted anywhere.
@@ -138,7 +138,7 @@ def fill_store(data_dir: Path, data: Dataset, *, batch: int, seed: int) -> dict[
 
 
 def run_build(data_dir: Path, *, factory: str, budget: str, extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Run ``python -m scripts.build_index --json`` in a child; its summary plus sampled peak memory."""
+    """Run ``python -m deepfeat.scripts.build_index --json`` in a child; its summary plus sampled peak memory."""
     cmd = [
         sys.executable,
         "-m",

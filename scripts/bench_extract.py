@@ -5,7 +5,7 @@ torchvision transforms, one image at a time, fp32, default memory format. Both s
 processes on the same files, so the end-to-end figures include interpreter start, model load and
 decoding. Model-only throughput is compared with this machine's measured matrix-multiply ceiling.
 
-    python -m scripts.bench_extract --photos 400 --models efficientnet_lite0,resnet50
+    deepfeat bench extract --photos 400 --models efficientnet_lite0,resnet50
     deepfeat bench extract --photos 400 --rss 1000,10000
     deepfeat bench extract --device cuda --photos 1000 --compile
 

@@ -10,7 +10,7 @@ with several ``--sizes`` the marginal images/s between the smallest and largest 
 time difference, so interpreter, model, Ray and actor start-up cancel out) separates that fixed cost
 from the per-image rate.
 
-    python -m scripts.bench_ray --sizes 120,400 --repeats 3
+    deepfeat bench ray --sizes 120,400 --repeats 3
     deepfeat bench ray --sizes 120
 
 Prints medians and ratios; ``--json`` writes everything. No timing is asserted anywhere.

@@ -36,7 +36,7 @@ factory may carry search settings to sweep after ``@``: ``HNSW32@efSearch=32|64|
 ``IVF{nlist},PQ32x4fs,RFlat@nprobe=16|32,k_factor_rf=4|8`` (every combination is measured on one
 build); without ``@`` it gets :func:`index.choose.default_search_params`.
 
-    python -m scripts.bench_search --sizes 100000 --dim 256 --data synthetic --json /tmp/out.json
+    deepfeat bench search --sizes 100000 --dim 256 --data synthetic --json /tmp/out.json
     deepfeat bench search --sizes 100000,1000000 --dim 256 --data real
 
 Prints medians and ratios; ``--json`` writes everything. No timing is asserted anywhere.

@@ -6,7 +6,7 @@ few real photos, then every client sends search requests (real photos, re-encode
 a fixed number of requests or seconds, whichever ends first. Reports throughput and p50/p99 latency
 and the batched/unbatched ratios.
 
-    python -m scripts.bench_serve --clients 8 --requests 200
+    deepfeat bench serve --clients 8 --requests 200
     deepfeat bench serve --clients 1,8
 """
 

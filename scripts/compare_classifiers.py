@@ -193,6 +193,14 @@ def compare(
     results: dict[str, dict[str, Any]] = {
         m: {"runs": []} for m in methods if m != "imagenet" or inputs.groups
     }
+    skipped: dict[str, str] = {}
+    if "imagenet" in methods and not inputs.groups:
+        skipped["imagenet"] = (
+            "--imagenet-map none"
+            if imagenet_map == "none"
+            else f"no built-in ImageNet mapping ({', '.join(IMAGENET_MAPS)}) names every class "
+            f"({', '.join(classes)}); give one with --imagenet-map FILE"
+        )
     for r in range(repeats):
         split_seed = seed + r
         train_idx, test_idx = stratified_split(y, test_fraction, seed=split_seed)
@@ -219,6 +227,7 @@ def compare(
         "imagenet_map": inputs.groups,
         "finetune": finetune.__dict__,
         "methods": results,
+        "skipped": skipped,
     }
 
 
@@ -405,12 +414,14 @@ def run(args: argparse.Namespace) -> int:
             + (f" over {args.repeats} splits" if args.repeats > 1 else " held-out"),
         )
     echo(table)
+    for method, why in result["skipped"].items():
+        echo(f"{method} not run: {why}")
     echo(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'} and confusion-<method>.png in {out}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scripts.compare_classifiers ...`` = ``deepfeat compare-classifiers ...``."""
+    """``python -m deepfeat.scripts.compare_classifiers ...`` = ``deepfeat compare-classifiers ...``."""
     from deepfeat.scripts.cli import main as cli_main
 
     return cli_main(["compare-classifiers", *(sys.argv[1:] if argv is None else argv)])

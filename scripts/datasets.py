@@ -46,9 +46,9 @@ records it so the split can be read without running anything.
 
 Usage::
 
-    python -m scripts.datasets list
-    python -m scripts.datasets prepare tuxpaint datasets/tuxpaint
-    python -m scripts.datasets prepare-all datasets          # every collection, as datasets/<name>
+    deepfeat datasets list
+    deepfeat datasets prepare tuxpaint datasets/tuxpaint
+    deepfeat datasets prepare-all datasets          # every collection, as datasets/<name>
 """
 
 from __future__ import annotations

@@ -39,9 +39,11 @@ from deepfeat.models.heads import (
     FineTunedNet,
     HeadExistsError,
     HeadManifest,
+    IncompatibleHeadError,
     LinearConfig,
     TrainingDataError,
     TrainingLog,
+    check_compatible,
     check_head_name,
     fine_tune,
     finetune_bytes,
@@ -52,7 +54,7 @@ from deepfeat.models.heads import (
     stratified_split,
     train_linear,
 )
-from deepfeat.runtime import build_embedder, image_limits
+from deepfeat.runtime import build_embedder, image_limits, read_manifest
 from deepfeat.scripts.classifier_args import add_train_arguments as add_arguments
 from deepfeat.scripts.cli_common import echo, echo_json, settings_from_args
 from deepfeat.scripts.train_dataset import Dataset, check_class_sizes, dataset_images, scan_class_folders
@@ -154,6 +156,7 @@ def train(
         )
         y, train_idx, test_idx = _split(dataset, min_per_class, options, report)
         fitted = _fit_finetune(embedder, pictures, y, dataset.classes, train_idx, test_idx, options, settings)
+    report["counts"] = dataset.counts()  # what it trained and tested on: --skip-bad's files left out
     report["training"] = fitted.training.to_dict()
     report["skipped"] = dataset.skipped
     metrics = held_out_metrics(dataset, y, test_idx, fitted.probabilities, report)
@@ -168,6 +171,18 @@ def train(
     manifest = _head_manifest(report, fitted, classes=dataset.classes, embedder=embedder, metrics=metrics)
     path = save_head(root, manifest, fitted.files, overwrite=options.overwrite)
     report["path"] = str(path)
+    store = read_manifest(settings)
+    if store is not None:
+        # Saved all the same (it serves a server started with these flags), but said now rather than
+        # as a 409 from the server on this data dir.
+        try:
+            check_compatible(manifest, store.fingerprint)
+        except IncompatibleHeadError as exc:
+            report["warning"] = (
+                f"the store in {settings.data_dir} was made with other features, so a server on it refuses "
+                f"this classifier: {exc}"
+            )
+            echo_fn(f"warning: {report['warning']}")
     return report
 
 
@@ -349,10 +364,15 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     )
 
 
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     options = options_from_args(args)
-    report = train(args.folder, args.name, settings, options, echo_fn=echo)
+    # With --json, stdout is the report alone; progress lines go to stderr.
+    report = train(args.folder, args.name, settings, options, echo_fn=_to_stderr if args.json else echo)
     if args.json:
         echo_json(report)
         return 0
@@ -372,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scripts.train_classifier ...`` = ``deepfeat train-classifier ...``."""
+    """``python -m deepfeat.scripts.train_classifier ...`` = ``deepfeat train-classifier ...``."""
     from deepfeat.scripts.cli import main as cli_main
 
     return cli_main(["train-classifier", *(sys.argv[1:] if argv is None else argv)])

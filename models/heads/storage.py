@@ -185,7 +185,8 @@ def check_compatible(manifest: HeadManifest, fingerprint: dict[str, Any]) -> Non
         parts = fingerprints.describe(diffs, sides=("head", "server"), max_chars=120)
         raise IncompatibleHeadError(
             f"classifier {manifest.name!r} was trained on other features than this embedder's ({parts}); "
-            "retrain it with `deepfeat train-classifier` against this data dir",
+            "retrain it with `deepfeat train-classifier` on this data dir, without flags that change the "
+            "features (--model, --weights, --layer, ...)",
             differences=fingerprints.without_missing(diffs),
         )
 

@@ -306,7 +306,7 @@ def test_a_missing_query_fails_before_the_model_loads(
         assert "torch" not in loaded, command
 
 
-def test_eval_help_is_the_evaluations_own(capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_and_datasets_help_is_their_own(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["eval", "--help"], ["eval", "-h"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
@@ -316,6 +316,11 @@ def test_eval_help_is_the_evaluations_own(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "service", "--help"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: deepfeat eval service")
+    with pytest.raises(SystemExit) as exit_:
+        main(["datasets", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: deepfeat datasets") and "prepare-all" in out
+    assert main(["datasets", "list"]) == 0 and "tuxpaint" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         main(["search", "--no-such-flag", "q.jpg"])
     assert exit_.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

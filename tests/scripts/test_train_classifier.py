@@ -187,6 +187,7 @@ def test_unreadable_files_are_named_and_nothing_is_saved(
 
     report = train(root, "pets", settings, TrainOptions(test_fraction=0.5, skip_bad=True), embedder=lite0)
     assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["notes.jpg", "truncated.jpg"]
+    assert report["counts"] == {"cats": 2, "dogs": 2}  # what it trained and tested on
     assert _no_leftovers(settings.data_dir) == ["pets"]
 
 
@@ -203,6 +204,10 @@ def test_cli_train_then_classify_and_errors(
     out = capsys.readouterr().out
     assert "trained linear classifier 'pets-cli': 4 classes" in out and "held-out accuracy" in out
     assert "confusion.png" in out and "classifier=pets-cli" in out
+    assert cli.main([*args[:3], "pets-json", *args[4:], "--json", *data, *FAST_FLAGS]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["name"] == "pets-json"  # stdout is the report alone
+    assert "features of" in captured.err
 
     query = tmp_path / "cat.jpg"
     query.write_bytes(jpeg_bytes(photos["chelsea"]))
@@ -269,6 +274,14 @@ def test_compare_methods_on_one_split(folder: Path, shared: Path, tmp_path: Path
     assert result["imagenet_map"]["cat"] == [281, 282, 283, 284, 285]
     table = markdown_table(result)
     assert "| linear |" in table and "| knn |" in table and "| imagenet |" in table
+    assert result["skipped"] == {}
+    unmapped = compare(
+        folder, settings=_settings(shared), methods=["knn", "imagenet"], test_fraction=0.34, neighbours=3,
+        embedder=lite0,
+    )  # fmt: skip
+    assert set(unmapped["methods"]) == {"knn"}
+    assert "no built-in ImageNet mapping" in unmapped["skipped"]["imagenet"]
+    assert "--imagenet-map FILE" in unmapped["skipped"]["imagenet"]
     with pytest.raises(TrainingDataError, match="no entry for class"):
         compare(
             folder,
@@ -284,3 +297,23 @@ def test_the_method_flag_offers_what_the_heads_can_store() -> None:
     from deepfeat.scripts.classifier_args import TRAIN_METHODS
 
     assert TRAIN_METHODS == METHODS
+
+
+def test_a_head_the_stores_server_would_refuse_is_saved_with_a_warning(
+    folder: Path, tmp_path: Path, lite0: Any
+) -> None:
+    """Training with flags that change the features (here the weights) on a data dir whose store was
+    made with others: the server there answers 409 for this head, so the trainer says so at once."""
+    settings = _settings(tmp_path)
+    other = {**lite0.fingerprint, "weights": "none(seed=0)", "pretrained": False}
+    ImageStore.open(settings.data_dir, fingerprint=other, dim=lite0.dim).close()
+    lines: list[str] = []
+    report = train(
+        folder, "odd", settings, TrainOptions(test_fraction=0.34), embedder=lite0, echo_fn=lines.append
+    )
+    assert "odd" in _no_leftovers(settings.data_dir)  # saved: a server started with these flags serves it
+    assert "refuses this classifier" in report["warning"] and "weights" in report["warning"]
+    assert any(line.startswith("warning: ") for line in lines)
+    matching = _settings(tmp_path / "b")
+    ImageStore.open(matching.data_dir, fingerprint=lite0.fingerprint, dim=lite0.dim).close()
+    assert "warning" not in train(folder, "same", matching, TrainOptions(test_fraction=0.34), embedder=lite0)
