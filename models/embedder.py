@@ -233,7 +233,7 @@ def gaussian_blur(batch: torch.Tensor, sigma: float) -> torch.Tensor:
     return rows @ (batch @ cols.T)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
     """(n, n) float64: row i holds the Gaussian taps centred on i, the ones past an edge reflected
     back into the image (torch's ``reflect`` padding: the edge pixel itself is not repeated)."""
