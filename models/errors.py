@@ -14,6 +14,7 @@ __all__ = [
     "WeightsUnavailableError",
     "InvalidOptionError",
     "ImageError",
+    "unreadable_image_file",
     "UnsupportedFormatError",
     "CorruptImageError",
     "ImageTooLargeError",
@@ -56,6 +57,12 @@ class ImageError(ModelError):
     """The input could not be turned into an RGB image."""
 
     code = "invalid_image"
+
+
+def unreadable_image_file(path: str, exc: OSError) -> ImageError:
+    """The error for an image file that cannot be read (missing, a folder, no permission): one
+    message wherever it is found, by the loader or by the CLI before it loads a model."""
+    return ImageError(f"cannot read image file {path!r}: {exc.strerror or exc}")
 
 
 class UnsupportedFormatError(ImageError):

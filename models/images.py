@@ -39,6 +39,7 @@ from deepfeat.models.errors import (
     ImageTooSmallError,
     InvalidOptionError,
     UnsupportedFormatError,
+    unreadable_image_file,
 )
 
 __all__ = [
@@ -538,8 +539,7 @@ def _read_source(source: bytes | str | os.PathLike[str], *, max_bytes: int) -> b
             with open(path, "rb") as fh:
                 data = fh.read(max_bytes + 1)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ImageError(f"cannot read image file {path!r}: {reason}") from exc
+            raise unreadable_image_file(path, exc) from exc
     else:
         raise TypeError(f"source must be bytes or a path, got {type(source).__name__}")
     if len(data) > max_bytes:

@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from deepfeat.index.errors import StoreError
 from deepfeat.index.filters import parse_filter
-from deepfeat.models.errors import ImageError, ModelError
+from deepfeat.models.errors import ModelError, unreadable_image_file
+from deepfeat.scripts.classifier_args import add_compare_arguments, add_train_arguments
 from deepfeat.scripts.cli_common import (
     add_common_arguments,
     echo,
@@ -88,7 +89,7 @@ def _check_readable(path: str) -> None:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise ImageError(f"cannot read image file {path!r}: {exc.strerror or exc}") from exc
+        raise unreadable_image_file(path, exc) from exc
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -634,12 +635,12 @@ def _args_weights(p: argparse.ArgumentParser) -> None:
 
 
 def _from_module(
-    module: str, *, common: bool = False, arguments: str | None = None
+    module: str, *, common: bool = False, arguments: Callable[[argparse.ArgumentParser], None] | None = None
 ) -> Callable[[argparse.ArgumentParser], None]:
     """A script's own ``add_arguments``/``run``, imported only when its command is the one run.
 
-    ``arguments``: ``"module:function"`` adding the flags, for a script whose module is too heavy to
-    import for ``--help`` (it is then imported only to run)."""
+    ``arguments``: adds the flags instead of the script's ``add_arguments``, for a script too heavy
+    to import for ``--help`` (it is then imported only to run)."""
 
     def configure(p: argparse.ArgumentParser) -> None:
         import importlib
@@ -651,8 +652,7 @@ def _from_module(
             script.add_arguments(p)
             p.set_defaults(func=script.run)
             return
-        where, function = arguments.split(":")
-        getattr(importlib.import_module(where), function)(p)
+        arguments(p)
         p.set_defaults(func=lambda args: importlib.import_module(module).run(args))
 
     return configure
@@ -670,14 +670,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         "train your own classifier from a folder with one sub-folder per class (linear or finetune)",
         _from_module(
             "deepfeat.scripts.train_classifier",
-            arguments="deepfeat.scripts.classifier_args:add_train_arguments",
+            arguments=add_train_arguments,
         ),
     ),
     "compare-classifiers": (
         "linear probe vs kNN vs fine-tuning vs the mapped ImageNet head on the same held-out split(s)",
         _from_module(
             "deepfeat.scripts.compare_classifiers",
-            arguments="deepfeat.scripts.classifier_args:add_compare_arguments",
+            arguments=add_compare_arguments,
         ),
     ),
     "add-semantic": (
