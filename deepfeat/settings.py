@@ -37,7 +37,9 @@ class Settings(BaseSettings, EmbedderFields):
         "auto",
         description="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16",
     )
-    compile: bool = Field(False, description="torch.compile the embedding trunk (batch indexing)")
+    compile: bool = Field(
+        False, description="torch.compile the embedding trunk on the torch backend (batch indexing)"
+    )
     backend: Literal["auto", "torch", "openvino"] = Field(
         "auto",
         description="What runs the embedding trunk: auto (the faster one measured for this model and "

@@ -39,6 +39,7 @@ __all__ = [
     "ADOPTED",
     "MIXES_WITH_TORCH",
     "OpenVinoTrunk",
+    "adopted",
     "cache_dir",
     "cpu_class",
     "cpu_flags",
@@ -57,6 +58,17 @@ ADOPTED: dict[tuple[str, str], tuple[str, str]] = {
     # the class's ``auto`` precision (``deepfeat bench engines``, docs/performance.md "Inference
     # engines"); every adopted pair agrees with fp32 PyTorch at cosine >= 0.999 on real photos. Pairs
     # under 1.3x stay on PyTorch.
+    # AMX (amx_bf16; bf16). The ResNets and VGG16 run OpenVINO bf16, whose
+    # AMX kernels PyTorch's eager bf16 does not match. lite0 runs OpenVINO fp32: faster than PyTorch
+    # bf16 there, and exact. lite1 (1.21x) and lite2 (1.17x) stay on PyTorch; their OpenVINO bf16
+    # agrees only to cosine 0.996-0.997.
+    ("amx", "efficientnet_lite0"): ("openvino", "fp32"),  # 1.35x PyTorch bf16
+    ("amx", "resnet18"): ("openvino", "bf16"),  # 2.44x
+    ("amx", "resnet34"): ("openvino", "bf16"),  # 1.78x
+    ("amx", "resnet50"): ("openvino", "bf16"),  # 2.81x
+    ("amx", "resnet101"): ("openvino", "bf16"),  # 2.19x
+    ("amx", "resnet152"): ("openvino", "bf16"),  # 2.18x
+    ("amx", "vgg16"): ("openvino", "bf16"),  # 2.53x
     # AVX-512 BF16 (bf16). efficientnet_lite0/1/2 stay on PyTorch: OpenVINO bf16 agrees only to
     # cosine 0.98-0.99. resnet101 (1.27x) stays on PyTorch.
     ("avx512_bf16", "resnet18"): ("openvino", "bf16"),  # 1.41x
@@ -73,8 +85,9 @@ ADOPTED: dict[tuple[str, str], tuple[str, str]] = {
     ("avx2", "efficientnet_lite1"): ("openvino", "fp32"),  # 1.49x
     ("avx2", "efficientnet_lite2"): ("openvino", "fp32"),  # 1.56x
 }
-"""(CPU class, model) -> the backend ``auto`` picks there and the precision it was measured at (the
-class's ``auto`` precision); other precisions, and absent pairs, run PyTorch."""
+"""(CPU class, model) -> the backend ``auto`` picks there and the precision it runs at. That is the
+class's ``auto`` precision, except where an fp32 engine beat PyTorch at the class's bf16 (then
+``auto`` precision is fp32 for that model). Other precisions, and absent pairs, run PyTorch."""
 
 MIXES_WITH_TORCH: frozenset[tuple[str, str]] = frozenset(
     {
@@ -85,10 +98,12 @@ MIXES_WITH_TORCH: frozenset[tuple[str, str]] = frozenset(
         ("efficientnet_lite2", "fp32"),
         ("resnet18", "fp32"),
         ("resnet18", "bf16"),
+        ("resnet34", "bf16"),
         ("resnet50", "fp32"),
         ("resnet50", "bf16"),
         ("resnet101", "fp32"),
         ("resnet101", "bf16"),
+        ("resnet152", "bf16"),
         ("vgg16", "bf16"),
     }
 )
@@ -166,6 +181,14 @@ def openvino_version() -> str | None:
         return None
 
 
+def adopted(model: str, device: torch.device) -> tuple[str, str] | None:
+    """The (backend, precision) a measurement adopted for ``model`` on this device, or None: ``auto``
+    then runs PyTorch."""
+    if device.type != "cpu" or openvino_version() is None:
+        return None
+    return ADOPTED.get((cpu_class(), model))
+
+
 def resolve_backend(backend: str, *, model: str, device: torch.device, precision: str | None = None) -> str:
     """What ``backend`` means for this model on this machine: ``torch`` or ``openvino``.
 
@@ -179,12 +202,10 @@ def resolve_backend(backend: str, *, model: str, device: torch.device, precision
     if backend not in BACKENDS:
         raise InvalidOptionError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend == "auto":
-        if device.type != "cpu" or openvino_version() is None:
+        found = adopted(model, device)
+        if found is None or (precision is not None and precision != found[1]):
             return "torch"
-        adopted = ADOPTED.get((cpu_class(), model))
-        if adopted is None or (precision is not None and precision != adopted[1]):
-            return "torch"
-        return adopted[0]
+        return found[0]
     if backend == "openvino":
         if device.type != "cpu":
             raise InvalidOptionError("the openvino backend runs on CPU; use device=cpu or backend=torch")

@@ -26,6 +26,7 @@ from torchvision.transforms import v2 as T
 
 from deepfeat.models.backends import (
     OpenVinoTrunk,
+    adopted,
     cpu_class,
     mixes_with_torch,
     openvino_trunk,
@@ -54,6 +55,7 @@ __all__ = [
     "resolve_device",
     "build_transform",
     "PRECISIONS",
+    "auto_precision",
     "RESIZE_MODES",
     "SIMILARITIES",
     "FINGERPRINT_VERSION",
@@ -104,6 +106,19 @@ def cpu_has_native_bf16() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     return cpu_class() in ("avx512_bf16", "amx")
+
+
+def auto_precision(model: str, device: torch.device) -> str:
+    """What ``precision="auto"`` with ``backend="auto"`` runs ``model`` at on ``device``: the adopted
+    engine's precision where a measurement adopted one (OpenVINO fp32 for lite0 on AMX, faster than
+    PyTorch's bf16 there), else bf16 (or fp16) where the hardware has it natively, else fp32."""
+    engine = adopted(model, device)
+    if engine is not None:
+        return engine[1]
+    return _PRECISION_NAMES[_resolve_precision("auto", device)]
+
+
+_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -262,16 +277,18 @@ class Embedder:
             options as keywords: ``Embedder("resnet50", layer="layer3", pooling="gem")``). The
             defaults are the retrieval defaults documented in the README.
         device: auto / cpu / cuda / cuda:N.
-        precision: auto (bf16 on CUDA and on CPUs with native bf16, else fp32) / fp32 / bf16 / fp16
+        precision: auto (see :func:`auto_precision`: bf16 on CUDA and on CPUs with native bf16,
+            unless an fp32 engine was measured faster there; else fp32) / fp32 / bf16 / fp16
             (autocast; vectors are always returned as float32).
         channels_last: NHWC memory format, faster for convs on recent CPUs and GPUs.
         backend: what runs the embedding trunk: ``torch``, ``openvino`` (CPU) or ``auto`` (see
             :func:`deepfeat.models.backends.resolve_backend`: OpenVINO only where measured faster
             for this model and CPU class, with agreeing vectors).
-        compile: ``torch.compile`` the embedding trunk (Inductor, with weight freezing). Pays a
-            one-off compile per input shape (tens of seconds on a small CPU, cached on disk by
-            Inductor) for a faster forward pass: worth it for batch indexing, where one shape runs
-            thousands of times (``deepfeat bench extract`` measures it).
+        compile: ``torch.compile`` the embedding trunk (Inductor, with weight freezing), on the
+            PyTorch backend (``auto`` then means ``torch``). Pays a one-off compile per input shape
+            (tens of seconds on a small CPU, cached on disk by Inductor) for a faster forward pass:
+            worth it for batch indexing, where one shape runs thousands of times (``deepfeat bench
+            extract`` measures it).
         **options: :class:`EmbedderConfig` fields overriding ``config``.
     Raises:
         ModelError subclasses for unknown names, unavailable weights, bad options.
@@ -291,6 +308,12 @@ class Embedder:
         self._apply_config(resolve(make_config(config, **options)))
         self.device = resolve_device(device)
         self.precision = precision
+        if compile:  # torch.compile is PyTorch's: asking for it asks for that backend
+            if backend == "openvino":
+                raise InvalidOptionError("compile applies to the torch backend; use backend torch or auto")
+            backend = "torch"
+        if precision == "auto" and backend == "auto":
+            precision = auto_precision(self.spec.name, self.device)
         self._autocast_dtype = _resolve_precision(precision, self.device)
         self.channels_last = channels_last
 
@@ -324,7 +347,7 @@ class Embedder:
                 f"the openvino backend runs bf16 only on CPUs with AVX-512 BF16 or AMX (this one is "
                 f"{cpu_class()}); use precision auto or fp32, or backend torch"
             )
-        self.compiled = bool(compile) and self.backend == "torch"
+        self.compiled = bool(compile)
         # The trunks are traced here, once: FX tracing patches torch.nn.Module.__call__ process-wide,
         # so tracing while another thread runs a forward pass would corrupt that pass. After __init__
         # nothing is ever traced again, whatever layer a request asks for.
@@ -468,7 +491,7 @@ class Embedder:
     @property
     def precision_in_use(self) -> str:
         """What ``auto`` turned into on this device (fp32, bf16 or fp16)."""
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._autocast_dtype]
+        return _PRECISION_NAMES[self._autocast_dtype]
 
     @property
     def numerics(self) -> dict[str, str]:

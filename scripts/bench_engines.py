@@ -1016,7 +1016,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _auto_precision() -> str:
-    """What ``--precision auto`` is on this CPU (the Embedder's own rule)."""
+    """What PyTorch runs at under ``--precision auto`` on this CPU: the baseline an engine must beat
+    (the Embedder's own rule for ``--backend torch``)."""
     import torch
 
     from deepfeat.models.embedder import _resolve_precision

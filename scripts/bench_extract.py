@@ -333,12 +333,12 @@ def run_end_to_end(
     return rows
 
 
-def best_model_only(model_only: list[dict[str, Any]], precision: str) -> dict[str, float]:
-    """Per model, the fastest engine's model-only img/s at ``precision`` (what ``auto`` runs), eager
-    only: the indexer never compiles unless asked."""
+def best_model_only(model_only: list[dict[str, Any]], precisions: dict[str, str]) -> dict[str, float]:
+    """Per model, the fastest engine's model-only img/s at its precision in ``precisions`` (what
+    ``auto`` runs), eager only: the indexer never compiles unless asked."""
     best: dict[str, float] = {}
     for row in model_only:
-        if row["precision"] == precision and not row["compiled"]:
+        if row["precision"] == precisions.get(row["model"]) and not row["compiled"]:
             best[row["model"]] = max(best.get(row["model"], 0.0), row["img_s"])
     return best
 
@@ -396,7 +396,12 @@ def host_stages(files: list[Path], embedder: Any, *, count: int = 50) -> dict[st
 
 
 def host_report(
-    files: list[Path], models: list[str], *, with_defaults: bool, model_only: list[dict[str, Any]], auto: str
+    files: list[Path],
+    models: list[str],
+    *,
+    with_defaults: bool,
+    model_only: list[dict[str, Any]],
+    auto: dict[str, str],
 ) -> list[dict[str, Any]]:
     """:func:`host_stages` per model for the baseline's work (and the defaults), and where the
     model-only rate is known, the loop's rate if host work and model never overlapped: each photo
@@ -515,11 +520,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device_report(device: str) -> dict[str, Any]:
-    """The device, its torch threads and what ``--precision auto`` resolves to on it."""
+def _device_report(device: str, models: list[str]) -> dict[str, Any]:
+    """The device, its torch threads and what ``--precision auto`` resolves to there, per model."""
     import torch
 
-    from deepfeat.models.embedder import _resolve_precision
+    from deepfeat.models.embedder import auto_precision
 
     report: dict[str, Any] = {
         "machine": machine(),
@@ -529,9 +534,8 @@ def _device_report(device: str) -> dict[str, Any]:
     }
     if device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name(0)
-    auto = _resolve_precision("auto", torch.device(device))
-    # Named as the model-only rows name precisions, so the loop is held to the rate `auto` runs at.
-    report["auto_precision"] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[auto]
+    # Named as the model-only rows name precisions, so each loop is held to the rate `auto` runs at.
+    report["auto_precision"] = {model: auto_precision(model, torch.device(device)) for model in models}
     return report
 
 
@@ -655,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = str(resolve_device(args.device))
     models = [m for m in args.models.split(",") if m]
-    report = _device_report(device)
+    report = _device_report(device, models)
     if not args.skip_model_only:
         report.update(_model_only(models, device, compile=args.compile))
     if not args.skip_end_to_end:
@@ -664,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     if against:
         report["loop_against_model_only"] = against
         echo(
-            f"indexing loop against the fastest engine's model-only rate at {report['auto_precision']}, batch 32:\n"
+            "indexing loop against the fastest engine's model-only rate at the precision auto runs"
+            f" ({', '.join(f'{m} {p}' for m, p in report['auto_precision'].items())}), batch 32:\n"
             + table(against)
         )
         echo()

@@ -94,8 +94,10 @@ def test_library_cli_store_and_stats_agree_on_the_defaults(
     assert manifest.extra["written_by"] == library.numerics
     # What `auto` measured fastest for the default model on this CPU class (models/backends.py).
     from deepfeat.models.backends import ADOPTED, cpu_class
+    from deepfeat.models.embedder import auto_precision
 
     assert library.numerics["backend"] == ADOPTED.get((cpu_class(), "efficientnet_lite0"), ("torch", ""))[0]
+    assert library.numerics["precision"] == auto_precision("efficientnet_lite0", library.device)
 
     with TestClient(create_app(Settings(data_dir=data, device="cpu"))) as client:
         stats = client.get("/v1/stats").json()

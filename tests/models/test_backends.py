@@ -153,7 +153,12 @@ def test_auto_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         ("avx2", "resnet50"): "openvino",
         ("avx2", "vgg16"): "torch",
         ("other", "efficientnet_lite0"): "torch",
-        ("amx", "efficientnet_lite0"): "torch",  # never measured
+        # AMX: OpenVINO's AMX kernels win for every ResNet and VGG16, and OpenVINO fp32 beats PyTorch
+        # bf16 on lite0; lite1 and lite2 keep PyTorch.
+        ("amx", "efficientnet_lite0"): "openvino",
+        ("amx", "efficientnet_lite1"): "torch",
+        ("amx", "resnet34"): "openvino",
+        ("amx", "vgg16"): "openvino",
     }
     for (klass, model), backend in measured.items():
         monkeypatch.setattr(backends, "cpu_class", lambda klass=klass: klass)
@@ -174,11 +179,42 @@ def test_auto_is_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_adopted_backend_mixes_with_pytorch_at_the_precision_auto_gives_there() -> None:
     """So ``auto`` never changes a fingerprint: stores and Ray actors on other machines agree."""
-    for (cpu, model), (backend, measured) in ADOPTED.items():
+    for (cpu, model), (backend, precision) in ADOPTED.items():
         assert backend == "openvino"
-        precision = "bf16" if cpu in ("amx", "avx512_bf16") else "fp32"
-        assert measured == precision, (cpu, model)
+        # The class's own precision, or fp32 where the engine beat the class's bf16 PyTorch.
+        assert precision in ({"bf16", "fp32"} if cpu in ("amx", "avx512_bf16") else {"fp32"}), (cpu, model)
         assert backends.mixes_with_torch(model, precision), (cpu, model)
+
+
+def test_auto_precision_is_the_adopted_engines_where_one_was_adopted(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(backends, "cpu_class", lambda: "amx")
+    # lite0 on AMX: OpenVINO fp32 was measured faster than PyTorch bf16, so auto runs fp32 there.
+    assert embedder_module.auto_precision("efficientnet_lite0", cpu) == "fp32"
+    assert embedder_module.auto_precision("resnet50", cpu) == "bf16"
+    class_precision = "bf16" if embedder_module.cpu_has_native_bf16() else "fp32"
+    assert embedder_module.auto_precision("efficientnet_lite1", cpu) == class_precision  # none adopted
+    # Without the package, or off the CPU, nothing is adopted: the class's own precision.
+    monkeypatch.setattr(backends, "openvino_version", lambda: None)
+    assert embedder_module.auto_precision("efficientnet_lite0", cpu) == class_precision
+
+
+def test_an_embedder_on_auto_runs_the_adopted_engine_at_its_precision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both ``auto``: the pair ADOPTED names. A forced backend or precision keeps its own rule."""
+    monkeypatch.setattr(backends, "cpu_class", lambda: "amx")
+    lite0 = Embedder("efficientnet_lite0", device="cpu", **CHEAP)
+    assert lite0.numerics == {"backend": "openvino", "precision": "fp32", "device": "cpu"}
+    assert "numerics" not in lite0.fingerprint  # mixes with PyTorch's vectors
+    forced = Embedder("efficientnet_lite0", device="cpu", backend="torch", **CHEAP)
+    class_precision = "bf16" if embedder_module.cpu_has_native_bf16() else "fp32"
+    assert forced.numerics == {"backend": "torch", "precision": class_precision, "device": "cpu"}
+    compiled = Embedder("efficientnet_lite0", device="cpu", compile=True, **CHEAP)  # compiles lazily
+    assert compiled.compiled and compiled.numerics["backend"] == "torch"  # compile asks for PyTorch
+    if class_precision == "bf16":  # bf16 asked for: not what was adopted, so PyTorch runs it
+        asked = Embedder("efficientnet_lite0", device="cpu", precision="bf16", **CHEAP)
+        assert asked.numerics["backend"] == "torch"
 
 
 def test_bad_backend_requests_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,6 +225,10 @@ def test_bad_backend_requests_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> N
         resolve_backend("onnx", model="resnet50", device=cpu)
     with pytest.raises(InvalidOptionError, match="runs on CPU"):
         resolve_backend("openvino", model="resnet50", device=torch.device("cuda"))
+    with pytest.raises(
+        InvalidOptionError, match="compile applies to the torch backend; use backend torch or auto"
+    ):
+        Embedder("efficientnet_lite0", device="cpu", backend="openvino", compile=True)
     monkeypatch.setattr(backends, "openvino_version", lambda: None)
     with pytest.raises(InvalidOptionError, match="needs the openvino package.*pip install openvino"):
         resolve_backend("openvino", model="resnet50", device=cpu)

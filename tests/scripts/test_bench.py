@@ -59,8 +59,10 @@ def test_loop_is_held_to_the_fastest_engine_at_the_auto_precision() -> None:
         return {"model": model, "deepfeat_config": label, "indexing_loop_img_s": loop}
 
     report = {
-        "auto_precision": "fp32",
+        "auto_precision": {"resnet50": "fp32", "vgg16": "fp32", "efficientnet_lite0": "fp32"},
         "model_only": [
+            only("efficientnet_lite0", "torch", "bf16", 200.0),  # the class's bf16, not what auto runs
+            only("efficientnet_lite0", "openvino", "fp32", 270.0),
             only("resnet50", "torch", "fp32", 16.0),
             only("resnet50", "openvino", "fp32", 25.0),
             only("resnet50", "openvino", "bf16", 90.0),  # not what auto runs here
@@ -70,6 +72,7 @@ def test_loop_is_held_to_the_fastest_engine_at_the_auto_precision() -> None:
             e2e("resnet50", "same work, auto precision, auto backend", 22.5),
             e2e("resnet50", "retrieval defaults, auto precision", 3.0),  # other work: not comparable
             e2e("vgg16", "same work, auto precision, auto backend", 5.0),  # no model-only row
+            e2e("efficientnet_lite0", "same work, auto precision, auto backend", 81.0),
         ],
     }
     assert loop_against_model_only(report) == [
@@ -79,16 +82,26 @@ def test_loop_is_held_to_the_fastest_engine_at_the_auto_precision() -> None:
             "indexing_loop_img_s": 22.5,
             "best_model_only_img_s": 25.0,
             "loop_of_model_only": "90%",
-        }
+        },
+        {
+            "model": "efficientnet_lite0",
+            "deepfeat_config": "same work, auto precision, auto backend",
+            "indexing_loop_img_s": 81.0,
+            "best_model_only_img_s": 270.0,
+            "loop_of_model_only": "30%",
+        },
     ]
-    assert loop_against_model_only({"auto_precision": "fp32"}) == []
+    assert loop_against_model_only({"auto_precision": {}}) == []
 
 
 def test_auto_precision_is_named_as_the_model_only_rows_name_it() -> None:
-    from deepfeat.models.embedder import cpu_has_native_bf16
+    from deepfeat.models.embedder import Embedder
     from deepfeat.scripts.bench_extract import _device_report
 
-    assert _device_report("cpu")["auto_precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    report = _device_report("cpu", ["efficientnet_lite0"])
+    assert report["auto_precision"] == {
+        "efficientnet_lite0": Embedder("efficientnet_lite0", device="cpu").precision_in_use
+    }
 
 
 def test_host_work_is_profiled_on_the_indexers_own_embedder(tmp_path: Path) -> None:
@@ -102,7 +115,13 @@ def test_host_work_is_profiled_on_the_indexers_own_embedder(tmp_path: Path) -> N
 
     files = make_photo_set(tmp_path / "p", 3, sizes=IMAGENET_SIZES)
     only = [{"model": "efficientnet_lite0", "precision": "fp32", "compiled": False, "img_s": 100.0}]
-    rows = host_report(files, ["efficientnet_lite0"], with_defaults=True, model_only=only, auto="fp32")
+    rows = host_report(
+        files,
+        ["efficientnet_lite0"],
+        with_defaults=True,
+        model_only=only,
+        auto={"efficientnet_lite0": "fp32"},
+    )
     assert [r["work"] for r in rows] == ["same work", "retrieval defaults"]
     same_row = rows[0]
     assert all(same_row[f"{stage}_ms"] > 0 for stage in HOST_STAGES)
