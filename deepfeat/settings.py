@@ -35,7 +35,8 @@ class Settings(BaseSettings, EmbedderFields):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16",
+        description="auto (bf16 on CUDA and on CPUs with native bf16, else fp32; where `auto` backend "
+        "adopted an engine, that engine's precision), fp32, bf16 or fp16",
     )
     compile: bool = Field(
         False, description="torch.compile the embedding trunk on the torch backend (batch indexing)"
