@@ -56,6 +56,7 @@ __all__ = [
     "build_transform",
     "PRECISIONS",
     "auto_precision",
+    "torch_auto_precision",
     "RESIZE_MODES",
     "SIMILARITIES",
     "FINGERPRINT_VERSION",
@@ -113,8 +114,12 @@ def auto_precision(model: str, device: torch.device) -> str:
     engine's precision where a measurement adopted one (OpenVINO fp32 for lite0 on AMX, faster than
     PyTorch's bf16 there), else bf16 (or fp16) where the hardware has it natively, else fp32."""
     engine = adopted(model, device)
-    if engine is not None:
-        return engine[1]
+    return engine[1] if engine is not None else torch_auto_precision(device)
+
+
+def torch_auto_precision(device: torch.device) -> str:
+    """What PyTorch runs at under ``precision="auto"`` on ``device``: bf16 (or fp16) where the
+    hardware has it natively, else fp32. The baseline an adopted engine had to beat."""
     return _PRECISION_NAMES[_resolve_precision("auto", device)]
 
 

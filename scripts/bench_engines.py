@@ -1020,9 +1020,9 @@ def _auto_precision() -> str:
     (the Embedder's own rule for ``--backend torch``)."""
     import torch
 
-    from deepfeat.models.embedder import _resolve_precision
+    from deepfeat.models.embedder import torch_auto_precision
 
-    return "fp32" if _resolve_precision("auto", torch.device("cpu")) is None else "bf16"
+    return torch_auto_precision(torch.device("cpu"))
 
 
 def _verdict_text(v: dict[str, Any]) -> str:
