@@ -110,6 +110,19 @@ def _count(request: Request, code: str) -> None:
         state.metrics.errors.labels(code=code).inc()
 
 
+_BATCH_ROUTES = ("/v1/search", "/v1/embed", "/v1/classify", "/v1/images")
+
+
+def _too_many_files(request: Request) -> str:
+    """What to do when a body holds more file parts than the route's parser takes."""
+    path = request.url.path.rstrip("/")
+    if path in _BATCH_ROUTES:
+        return f"this route takes one file; send several to {path}/batch"
+    state = getattr(request.app.state, "deepfeat", None)
+    limit = "" if state is None else f" of {state.settings.max_batch_files}"
+    return f"more files than this server's limit{limit} (DEEPFEAT_MAX_BATCH_FILES)"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     def domain_error(request: Request, exc: Exception) -> JSONResponse:
         code = getattr(exc, "code", "error")
@@ -130,6 +143,10 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in detail:
             detail = "the request body could not be parsed as multipart/form-data"
+        if exc.status_code == 400 and detail.startswith("Too many files"):  # the multipart parser's cap
+            code, detail = "too_many_files", _too_many_files(request)
+            _count(request, code)
+            return error_response(422, code, detail)
         _count(request, code)
         return error_response(exc.status_code, code, detail, headers=getattr(exc, "headers", None))
 
@@ -140,14 +157,18 @@ def install_error_handlers(app: FastAPI) -> None:
         parts = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
-            parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+            message = str(err.get("msg", "invalid"))
+            if err.get("type") == "missing" and loc in ("file", "files"):
+                message += f" (send the image{'s' if loc == 'files' else ''} as multipart/form-data: -F {loc}=@photo.jpg)"
+            parts.append(f"{loc}: {message}" if loc else message)
         _count(request, "invalid_request")
         return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
 
     app.add_exception_handler(RequestValidationError, validation_error)
 
     def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Called outside the except block: the traceback must be passed, sys.exc_info() is empty here.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         _count(request, "internal_error")
         return error_response(500, "internal_error", "internal error; see the server log")
 

@@ -185,7 +185,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["X-API-Key", "Content-Type"],
         )
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.body_timeout_s
+        BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        on_error=lambda code: metrics.errors.labels(code=code).inc(),
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,10 +41,18 @@ class BodyTimeout(APIError):
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float | None = 60.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        body_timeout_s: float | None = 60.0,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
+        # Its refusals never reach the app's error handlers, which count every other error code.
+        self._on_error = on_error or (lambda code: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,12 +61,14 @@ class BodyLimitMiddleware:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
             if not declared.isdigit():
+                self._on_error("malformed_body")
                 await error_response(400, "malformed_body", "invalid Content-Length header")(
                     scope, receive, send
                 )
                 return
             if int(declared) > self.max_bytes:
                 # Refuse before reading a byte of the body.
+                self._on_error("payload_too_large")
                 await error_response(413, "payload_too_large", str(PayloadTooLarge(self.max_bytes).detail))(
                     scope, receive, send
                 )
@@ -99,6 +110,7 @@ class BodyLimitMiddleware:
             if started:
                 raise
             headers = dict(exc.headers) if exc.headers else None
+            self._on_error(exc.code)
             await error_response(exc.status_code, exc.code, str(exc.detail), headers=headers)(
                 scope, receive, send
             )

@@ -73,7 +73,9 @@ class SearchResponse(BaseModel):
 
 class PredictionOut(BaseModel):
     label: str
-    class_index: int
+    class_index: int = Field(
+        description="The class's index in the classifier; -1 for kNN votes, which have none"
+    )
     probability: float
 
 
@@ -199,8 +201,12 @@ class StatsResponse(BaseModel):
     count: int
     model: ModelInfo
     dim: int
-    vectors: int = Field(description="Vectors searched: each image's global one plus its regional ones")
-    vectors_per_image: int = Field(description="1 + regions² (regions: the model config's grid)")
+    vectors: int = Field(
+        description="Vectors searched: each image's global one, its low-pass one and its regional ones"
+    )
+    vectors_per_image: int = Field(
+        description="1 + (1 with a low-pass vector) + regions² (the model config's lowpass and grid)"
+    )
     index_factory: str
     data_dir: str
     read_only: bool

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,8 @@ _LOWEST_TEXT = ""
 """SQLite orders every number before every string, and '' first among strings: ``value < ''`` bounds a
 numeric range from above without leaving the index."""
 _ALL = "SELECT seq FROM images"
+_INT64 = (-(2**63), 2**63 - 1)
+"""SQLite's integers; a JSON whole number outside them is read as a float."""
 
 
 def _kind(value: Any, where: str) -> str:
@@ -64,6 +67,8 @@ def _kind(value: Any, where: str) -> str:
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidFilterError(f"{where}: numbers must be finite")
+        if isinstance(value, int) and abs(value) > sys.float_info.max:
+            raise InvalidFilterError(f"{where}: {str(value)[:20]}... is beyond the range of stored numbers")
         return "n"
     if isinstance(value, str):
         return "s"
@@ -74,8 +79,14 @@ def _kind(value: Any, where: str) -> str:
 
 
 def _stored(value: Any) -> Any:
-    """The operand as the table stores it (booleans as 1/0, as JSON1's json_each gives them)."""
-    return int(value) if isinstance(value, bool) else value
+    """The operand as the table stores it, as JSON1's json_each gives it: booleans as 1/0, and whole
+    numbers beyond SQLite's 64-bit integers as the floats it reads them as (such a number in metadata
+    matches the same number in a filter)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+        return float(value)
+    return value
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from deepfeat.scripts.cli_common import echo, echo_json, existing_manifest, settings_from_args
 
@@ -39,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if manifest is None:
         return 2
     config = embedder_config(settings, manifest)
-    if config.semantic_layer is None:
+    adopting = config.semantic_layer is None  # the store keeps no semantic vectors yet
+    if adopting:
         if "semantic_layer" in settings.explicit_embedder_options():
-            echo("error [invalid_argument]: --semantic-layer none: there is nothing to add")
+            sys.stderr.write("error [invalid_argument]: --semantic-layer none: there is nothing to add\n")
             return 2
         default = EmbedderFields.model_fields["semantic_layer"].default
         config = EmbedderConfig.model_validate({**config.model_dump(), "semantic_layer": default})
@@ -109,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
             "recognised by its content and gets its semantic vector; a changed file is indexed as a new "
             "image, and its old entry keeps visual search only)"
         )
-    echo("restart a running service on this store so it stores semantic vectors for new images too")
+    if adopting:
+        echo("restart a running service on this store so it stores semantic vectors for new images too")
     return 0

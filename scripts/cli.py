@@ -12,9 +12,11 @@ by name and help), so ``deepfeat --help`` loads none of them. ``deepfeat bench c
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,6 +98,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if (args.image is None) == (args.image_id is None):
         sys.stderr.write("error [usage]: give a query image or --id ID (one of them)\n")
         return 2
+    if _below_one("-k", args.k):
+        return 2
     where = parse_filter(args.filter)  # a bad filter fails before the model loads
     settings = settings_from_args(args)
     if args.image is not None:
@@ -116,6 +120,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             query = load_image(args.image, limits=image_limits(settings), draft_size=embedder.decode_size)
             vector = embedder.embed([query.image], similarity=args.similarity)
             hits = store.search(vector, args.k, similarity=args.similarity, where=where)[0]
+        count = store.count
     if args.json:
         echo_json(
             {
@@ -134,7 +139,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
         )
         return 0
     if not hits:
-        echo("no results: the store is empty")
+        echo(
+            "no results: the store is empty"
+            if not count
+            else "no results: no image matches the filter"
+            if where is not None
+            else "no results: the store holds no other image"
+        )
     for rank, hit in enumerate(hits, 1):
         echo(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.record.source or ''}")
     return 0
@@ -197,6 +208,8 @@ def _classify_with(args: argparse.Namespace, settings: Any) -> tuple[list[Any], 
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
+    if _below_one("-k", args.k):
+        return 2
     settings = settings_from_args(args)
     _check_readable(args.image)
     predictions, model, voters = _classify_with(args, settings)
@@ -319,8 +332,22 @@ def _cmd_whiten(args: argparse.Namespace, embedder: Any, store: Any) -> int:
     return 0
 
 
+def _below_one(flag: str, value: int) -> bool:
+    """A count flag under 1, refused in one coded line before any model or store loads."""
+    if value >= 1:
+        return False
+    sys.stderr.write(f"error [invalid_option]: {flag} must be at least 1, got {value}\n")
+    return True
+
+
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    if _below_one("--neighbours", args.neighbours):
+        return 2
+    return _duplicates(args)
+
+
 @_on_existing_store(read_only=True)
-def _cmd_duplicates(args: argparse.Namespace, _embedder: Any, store: Any) -> int:
+def _duplicates(args: argparse.Namespace, _embedder: Any, store: Any) -> int:
     groups = store.near_duplicates(args.threshold, k=args.neighbours, where=parse_filter(args.filter))
     if args.json:
         echo_json([[{"id": r.id, "source": r.source, "sha256": r.sha256} for r in g] for g in groups])
@@ -329,7 +356,9 @@ def _cmd_duplicates(args: argparse.Namespace, _embedder: Any, store: Any) -> int
         echo(f"group {i} ({len(group)} images)")
         for record in group:
             echo(f"    {record.id}  {record.source or ''}")
-    echo(f"{len(groups)} groups of near-duplicates at cosine >= {args.threshold}")
+    echo(
+        f"{len(groups)} group{'' if len(groups) == 1 else 's'} of near-duplicates at cosine >= {args.threshold}"
+    )
     return 0
 
 
@@ -393,18 +422,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server_environment()
     if args.engine == "ray":
         return _serve_ray(args)
+    settings = settings_from_args(args)
+    # Bound here, before the model loads and before anything is announced: a port in use is one
+    # coded line, and the socket uvicorn serves is the one that was checked.
+    try:
+        sock = _listening_socket(settings.host, settings.port)
+    except OSError as exc:
+        code = "address_in_use" if exc.errno == errno.EADDRINUSE else "cannot_listen"
+        sys.stderr.write(
+            f"error [{code}]: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}\n"
+        )
+        return 2
     import uvicorn
 
     from deepfeat.app.main import create_app
 
-    settings = settings_from_args(args)
     echo(
         f"deepfeat serving {settings.data_dir}{' read-only' if settings.read_only else ''} "
         f"on http://{settings.host}:{settings.port}/ (API docs at /docs)"
     )
     # One process per model copy: scale out with more processes/replicas behind a load balancer,
     # not uvicorn workers sharing one data dir's writer.
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -413,7 +452,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
         proxy_headers=True,
     )
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for ``host:port``, as uvicorn binds its own (address reuse, IPv6 when the
+    host is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
@@ -505,6 +561,12 @@ def _args_duplicates(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_duplicates)
 
 
+def _format_of(out: Any) -> str:
+    """The export format a file name asks for (``x.jsonl``, ``x.npy``), else parquet."""
+    suffix = str(out).rsplit(".", 1)[-1].lower() if "." in str(out) else ""
+    return suffix if suffix in ("jsonl", "npy") else "parquet"
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from deepfeat.index.store import ImageStore
     from deepfeat.scripts.export_import import export_store
@@ -521,7 +583,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         read_only=True,
         lock_timeout_s=settings.lock_timeout_s,
     ) as store:
-        summary = export_store(store, args.out, fmt=args.format, where=where)
+        summary = export_store(store, args.out, fmt=args.format or _format_of(args.out), where=where)
     echo(f"exported {summary.images} images ({summary.vectors} vectors) to {summary.path}")
     return 0
 
@@ -531,7 +593,11 @@ def _args_export(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data-dir", help="the store (default: DEEPFEAT_DATA_DIR, then ./data)")
     p.add_argument("--out", required=True, help="the file to write (written aside, renamed when complete)")
-    p.add_argument("--format", choices=FORMATS, default="parquet", help="parquet (default), jsonl or npy")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="parquet, jsonl or npy (default: from --out's extension, else parquet)",
+    )
     p.add_argument("--filter", help="only images whose metadata match this JSON filter (as for search)")
     p.set_defaults(func=_cmd_export)
 

@@ -159,7 +159,7 @@ def _pyarrow() -> Any:
         import pyarrow.parquet as pq
     except ImportError:
         raise ExportError(
-            "parquet needs pyarrow: pip install pyarrow (or use --format jsonl or npy)"
+            "parquet needs pyarrow: pip install 'deepfeat[parquet]' (or use --format jsonl or npy)"
         ) from None
     return pa, pq
 

@@ -8,6 +8,7 @@ the command's ``--help`` (and the CLI's start-up) loads no torch; the engines ar
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +109,14 @@ def run(args: argparse.Namespace) -> int:
         paths = input_paths(args)
     except OSError as exc:
         sys.stderr.write(f"error [unreadable_list]: cannot read {args.from_list}: {exc.strerror or exc}\n")
+        return 2
+    missing = [str(p) for p in args.paths if not os.path.exists(p)]
+    if missing:  # a mistyped folder fails here, before a model loads or a store is created
+        sys.stderr.write(
+            f"error [not_found]: no such file or folder: {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "\n"
+        )
         return 2
     if getattr(args, "engine", "local") == "ray":
         from deepfeat.scripts import index_ray

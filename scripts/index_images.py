@@ -126,7 +126,7 @@ def prepare_file(
         data = path.read_bytes()
     except OSError as exc:
         return _Item(
-            str(path), "failed", code="unreadable", reason=f"{type(exc).__name__}: {exc.strerror or exc}"
+            str(path), "failed", code="unreadable", reason=f"cannot read the file: {exc.strerror or exc}"
         )
     sha = hashlib.sha256(data).hexdigest()
     if sha in known_sha256:

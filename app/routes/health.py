@@ -47,7 +47,10 @@ def stats(state: State) -> StatsResponse:
         model=model_info(state.inference.embedder),
         dim=state.store.dim,
         vectors=info["vectors"],
-        vectors_per_image=info["vectors_per_image"],
+        # An empty store has not yet seen how many vectors an image gets: the embedder says.
+        vectors_per_image=info["vectors_per_image"]
+        if info["vectors"]
+        else state.inference.embedder.vectors_per_image,
         index_factory=info["index_factory"],
         data_dir=str(state.settings.data_dir),
         read_only=info["read_only"],

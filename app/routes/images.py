@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from typing import Annotated, Any, Literal
 
@@ -26,7 +27,8 @@ router = APIRouter(prefix="/v1/images", tags=["images"])
 
 MAX_METADATA_BYTES = 16 * 1024
 MAX_SOURCE_CHARS = 4096
-ImageId = Annotated[str, Path(description="The image id returned when it was added", max_length=256)]
+# No length limit here: a malformed id of any length is 404 invalid_id from the store, like any other.
+ImageId = Annotated[str, Path(description="The image id returned when it was added")]
 
 
 def _parse_metadata(raw: str | None) -> dict[str, Any]:
@@ -35,12 +37,25 @@ def _parse_metadata(raw: str | None) -> dict[str, Any]:
     if len(raw.encode("utf-8")) > MAX_METADATA_BYTES:
         raise APIError(422, "invalid_metadata", f"metadata is larger than {MAX_METADATA_BYTES} bytes")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise APIError(422, "invalid_metadata", f"metadata is not valid JSON: {exc.msg}") from None
+    except ValueError as exc:  # NaN, Infinity or a number too large for a float: not JSON the store keeps
+        raise APIError(422, "invalid_metadata", f"metadata is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise APIError(422, "invalid_metadata", "metadata must be a JSON object")
     return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is beyond the range of a float")
+    return number
 
 
 @router.post(
@@ -132,6 +147,8 @@ def list_images(
 
 
 _CURSOR_PREFIX = "after:"
+_MAX_SEQ = 2**63 - 1
+"""The largest position SQLite can hold; a forged cursor beyond it is no cursor of this server."""
 
 
 def _encode_cursor(seq: int) -> str:
@@ -144,8 +161,9 @@ def _decode_cursor(cursor: str | None) -> int:
         return 0
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-        if text.startswith(_CURSOR_PREFIX) and text[len(_CURSOR_PREFIX) :].isdigit():
-            return int(text[len(_CURSOR_PREFIX) :])
+        digits = text[len(_CURSOR_PREFIX) :]
+        if text.startswith(_CURSOR_PREFIX) and digits.isdigit() and int(digits) <= _MAX_SEQ:
+            return int(digits)
     except (ValueError, UnicodeDecodeError):
         pass
     raise APIError(422, "invalid_cursor", "cursor is not one this server returned as next_cursor")

@@ -15,7 +15,9 @@ from deepfeat.index.store import Hit
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
 
 # The query parameters every search route takes (upload, batch, more-like-this).
-K = Annotated[int, Query(ge=1, le=10_000, description="Number of results (at most the server's max_k)")]
+K = Annotated[
+    int, Query(ge=1, description="Number of results (at most the server's max_k: above it, 422 k_too_large)")
+]
 MinScore = Annotated[
     float | None,
     Query(ge=-1, le=1, description='Drop results scoring below this ("no match" is an empty list)'),

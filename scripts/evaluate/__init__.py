@@ -299,6 +299,9 @@ def run(args: argparse.Namespace, *, bank: FeatureBank | None = None) -> dict[st
     return report
 
 
+_MODES = ("category", "copy", "service", "duplicates")
+
+
 def main(argv: Sequence[str] | None = None, *, bank: FeatureBank | None = None) -> int:
     """``deepfeat eval ...``: exit status 0, or 2 with one ``error [code]: message`` line."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -310,6 +313,11 @@ def main(argv: Sequence[str] | None = None, *, bank: FeatureBank | None = None) 
         from deepfeat.scripts.evaluate import duplicates
 
         return duplicates.main(argv[1:])
+    if argv and not argv[0].startswith("-") and argv[0] not in _MODES:
+        sys.stderr.write(
+            f"error [usage]: unknown eval mode {argv[0]!r}; choose one of: {', '.join(_MODES)}\n"
+        )
+        return 2
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,38 @@ def test_health_ready_stats(client: TestClient, indexed: dict[str, str]) -> None
     stats = client.get("/v1/stats").json()
     assert stats["count"] == len(indexed) and stats["dim"] == 1280 and stats["index_factory"] == "Flat"
     assert stats["model"]["name"] == "efficientnet_lite0" and stats["model"]["pretrained"] is True
+
+
+def test_an_empty_store_reports_the_vectors_each_image_will_get(
+    make_client: MakeClient, photos: dict[str, Image.Image]
+) -> None:
+    client = make_client(layer="head", resize_mode="crop", scales=[1.0], regions=2, lowpass=0.01)
+    before = client.get("/v1/stats").json()
+    assert (before["count"], before["vectors"], before["vectors_per_image"]) == (0, 0, 1 + 1 + 2**2)
+    _add(client, photos["coffee"], "coffee.jpg")
+    after = client.get("/v1/stats").json()
+    assert (after["count"], after["vectors"], after["vectors_per_image"]) == (1, 6, 6)
+
+
+def test_an_unexpected_error_is_a_500_and_its_traceback_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from deepfeat.app.main import create_app
+    from deepfeat.index.store import ImageStore
+    from deepfeat.settings import Settings
+    from tests.app.conftest import FAST
+
+    def broken(self: ImageStore) -> dict[str, object]:
+        raise RuntimeError("a bug, not bad input")
+
+    app = create_app(Settings(data_dir=tmp_path / "data", **FAST))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        monkeypatch.setattr(ImageStore, "stats", broken)
+        with caplog.at_level("ERROR", logger="deepfeat"):
+            body = _error(client.get("/v1/stats"), 500, "internal_error")
+    assert body["detail"] == "internal error; see the server log"  # nothing internal in the answer
+    logged = [r for r in caplog.records if r.getMessage() == "unhandled error on GET /v1/stats"]
+    assert logged and logged[0].exc_info is not None and "a bug, not bad input" in str(logged[0].exc_info[1])
 
 
 def test_metrics_after_traffic(
@@ -169,17 +202,18 @@ def test_add_duplicate_get_thumbnail_delete(client: TestClient, photos: dict[str
 
 
 @pytest.mark.parametrize(
-    "bad_id", ["..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f", "x" * 200, "ABCDEF" * 6, "' OR 1=1 --"]
+    "bad_id", ["..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f", "x" * 200, "a" * 300, "ABCDEF" * 6, "' OR 1=1 --"]
 )
 def test_hostile_ids_are_404(client: TestClient, bad_id: str) -> None:
     for method, path in (
         ("GET", f"/v1/images/{bad_id}"),
         ("GET", f"/v1/images/{bad_id}/thumbnail"),
+        ("GET", f"/v1/images/{bad_id}/similar"),
         ("DELETE", f"/v1/images/{bad_id}"),
     ):
         resp = client.request(method, path)
-        assert resp.status_code in (404, 422), (method, path, resp.status_code)
-        assert resp.json()["code"] in ("invalid_id", "not_found", "invalid_request")
+        assert resp.status_code == 404, (method, path, resp.status_code)
+        assert resp.json()["code"] in ("invalid_id", "not_found"), (method, path, resp.json())
 
 
 @pytest.mark.parametrize(
@@ -188,6 +222,9 @@ def test_hostile_ids_are_404(client: TestClient, bad_id: str) -> None:
         ("not json", "not valid JSON"),
         ("[1, 2]", "JSON object"),
         ('{"x": "' + "a" * 20000 + '"}', "larger than"),
+        ('{"x": NaN}', "NaN is not a JSON number"),
+        ('{"x": -Infinity}', "-Infinity is not a JSON number"),
+        ('{"x": 1e400}', "1e400 is beyond the range of a float"),
     ],
 )
 def test_bad_metadata(
@@ -202,6 +239,13 @@ def test_bad_metadata(
 
 
 # --- upload errors --------------------------------------------------------------------------------
+
+
+def test_a_request_without_its_file_part_says_how_to_send_one(client: TestClient) -> None:
+    body = _error(client.post("/v1/search", json={"file": "cat.jpg"}), 422, "invalid_request")
+    assert body["detail"].startswith("file: Field required") and "-F file=@photo.jpg" in body["detail"]
+    body = _error(client.post("/v1/search/batch", data={"source": "x"}), 422, "invalid_request")
+    assert "-F files=@photo.jpg" in body["detail"]
 
 
 def test_not_an_image_is_415_whatever_it_claims(client: TestClient) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -72,8 +73,9 @@ def test_min_score_turns_no_match_into_an_empty_list(
 
 
 def test_k_above_the_limit_names_it(client: TestClient, photos: dict[str, Image.Image]) -> None:
-    body = _error(client.post("/v1/search?k=101", files=upload(photos["rocket"])), 422, "k_too_large")
-    assert "limit of 100" in body["detail"] and "DEEPFEAT_MAX_K" in body["detail"]
+    for k in (101, 20_000, 10**30):  # however far above it
+        body = _error(client.post(f"/v1/search?k={k}", files=upload(photos["rocket"])), 422, "k_too_large")
+        assert "limit of 100" in body["detail"] and "DEEPFEAT_MAX_K" in body["detail"]
 
 
 def test_listing_pages_through_everything_once(client: TestClient, indexed: dict[str, str]) -> None:
@@ -118,7 +120,11 @@ def test_paging_while_a_writer_adds_and_deletes(
     assert all(i in seen for i in throughout + added) and ids[names[3]] not in seen
 
 
-@pytest.mark.parametrize("cursor", ["nonsense", "YWZ0ZXI6LTE", "x" * 64, "%00"])
+# "after:-1", and "after:" with a position beyond SQLite's integers (a forged cursor)
+_HUGE_CURSOR = base64.urlsafe_b64encode(b"after:99999999999999999999999").decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", ["nonsense", "YWZ0ZXI6LTE", "x" * 64, "%00", _HUGE_CURSOR])
 def test_bad_cursor_and_limit_are_422(client: TestClient, cursor: str) -> None:
     _error(client.get(f"/v1/images?cursor={cursor}"), 422, "invalid_cursor")
 

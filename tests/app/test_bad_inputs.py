@@ -282,8 +282,8 @@ REJECTED: dict[str, tuple[Build, int, str]] = {
     # --- many parts
     "two-files": (
         _raw(h.multipart([_P("file", _MALFORMED_FILE, filename=f"{i}.jpg") for i in range(2)])),
-        400,
-        "malformed_body",
+        422,
+        "too_many_files",
     ),
     "1000-text-fields": (_raw(h.multipart([_P(f"f{i}", b"x") for i in range(1000)])), 400, "malformed_body"),
     "text-field-over-64kB": (
@@ -325,8 +325,16 @@ REJECTED: dict[str, tuple[Build, int, str]] = {
 def test_rejected(app: App, photos: Photos, row: str) -> None:
     build, status, code = REJECTED[row]
     body, headers = build(photos)
+    before = _errors_counted(app, code)
     with nothing_stored(app):
         _error(app.post(body, headers), status, code)
+    assert _errors_counted(app, code) == before + 1, "every refusal is counted in deepfeat_errors_total"
+
+
+def _errors_counted(app: App, code: str) -> float:
+    prefix = f'deepfeat_errors_total{{code="{code}"}} '
+    lines = [line for line in app.client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
 
 
 def test_server_answers_after_the_rejections(app: App, photos: Photos) -> None:
@@ -610,8 +618,8 @@ HOSTILE_IDS: dict[str, tuple[str, set[int], set[str]]] = {
     "unicode-digits": ("%D9%A0" * 32, {404}, {"invalid_id"}),  # ARABIC-INDIC DIGIT ZERO x32
     "sql": ("'%20OR%201=1%20--", {404}, {"invalid_id"}),
     "256-chars": ("a" * 256, {404}, {"invalid_id"}),
-    "257-chars": ("a" * 257, {422}, {"invalid_request"}),
-    "10000-chars": ("f" * 10_000, {422}, {"invalid_request"}),
+    "257-chars": ("a" * 257, {404}, {"invalid_id"}),
+    "10000-chars": ("f" * 10_000, {404}, {"invalid_id"}),
     "well-formed-unknown": ("0123456789abcdef" * 2, {404}, {"not_found"}),
 }
 
@@ -721,7 +729,7 @@ BATCH_REJECTED: dict[str, tuple[Build, int, str]] = {
         "malformed_body",
     ),
     "33-files": (_raw(_files(*[_MALFORMED_FILE] * 33)), 422, "too_many_files"),
-    "257-files-past-the-parser-cap": (_raw(_files(*[b"x"] * 257)), 400, "malformed_body"),
+    "257-files-past-the-parser-cap": (_raw(_files(*[b"x"] * 257)), 422, "too_many_files"),
     "1000-text-fields": (_raw(h.multipart([_P(f"f{i}", b"x") for i in range(1000)])), 400, "malformed_body"),
 }
 

@@ -251,6 +251,10 @@ def test_documented_examples(
         ('{"$and": [3]}', "filter.$and[0]: expected a JSON object, got a number"),
         ('{"": 1}', "filter: empty key"),
         ('{"a": {"$gt": 1e999}}', "filter.a.$gt: numbers must be finite"),
+        (
+            '{"a": 1' + "0" * 400 + "}",
+            "filter.a.$eq: 10000000000000000000... is beyond the range of stored numbers",
+        ),
     ],
 )
 def test_invalid_filters_say_where_and_why(text: str, message: str) -> None:
@@ -263,6 +267,30 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_whole_numbers_beyond_64_bits_match_as_sqlite_stores_them(
+    open_store: Callable[..., ImageStore],
+) -> None:
+    """SQLite reads a JSON whole number outside its 64-bit integers as a float: a filter holding the
+    same number finds the image instead of failing to bind it."""
+    store = open_store()
+    big = 99999999999999999999999
+    added = store.add(
+        unit_vectors(2),
+        [
+            NewImage(sha256=sha_of(i), source=f"{i}.jpg", width=8, height=8, nbytes=1, metadata=m)
+            for i, m in enumerate([{"big": big}, {"big": 2**63 - 1}])
+        ],
+    )
+    for expr, want in (
+        ({"big": big}, {0}),
+        ({"big": {"$gte": big - 1}}, {0}),
+        ({"big": {"$in": [big, 2**63 - 1]}}, {0, 1}),
+        ({"big": {"$lt": 2**64}}, {1}),
+    ):
+        got = {r.id for r in store.list_images(limit=10, where=parse_filter(expr))[0]}
+        assert got == {added[i].id for i in want}, expr
 
 
 def test_limits_on_size_and_depth() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_index_search_classify(
     assert len(sources) == len([p for p in (photo_dir / "sub").iterdir()])
     code, out, _ = run(capsys, "search", "--id", rocket_id, "--filter", in_sub, "--data-dir", data, "--json")
     assert code == 0 and all("/sub/" in r["source"] for r in json.loads(out)["results"])
+    code, out, _ = run(capsys, "search", str(query), "--filter", '{"album": "none"}', "--data-dir", data)
+    assert code == 0 and out.strip() == "no results: no image matches the filter"
     code, _, err = run(capsys, "search", str(query), "--filter", '{"a": {"$regex": 1}}', "--data-dir", data)
     assert code == 2 and err.startswith("error [invalid_filter]: filter.a: unknown operator '$regex'")
     code, out, _ = run(capsys, "duplicates", "--filter", in_sub, "--data-dir", data, "--json")
@@ -103,6 +106,15 @@ def test_errors_are_one_line_with_a_code(capsys: pytest.CaptureFixture[str], tmp
     assert code == 2 and "error [unknown_model]" in err
     code, _, err = run(capsys, "index", str(tmp_path), "--data-dir", str(tmp_path / "d"), "--batch-size", "0")
     assert code == 2 and "error [invalid_setting]" in err and "batch_size" in err
+    # A mistyped folder: refused before a model loads or a store is made.
+    code, out, err = run(capsys, "index", str(tmp_path / "photoz"), "--data-dir", str(tmp_path / "new"))
+    assert code == 2 and err == f"error [not_found]: no such file or folder: {tmp_path / 'photoz'}\n"
+    assert not (tmp_path / "new").exists()
+    code, _, err = run(capsys, "duplicates", "--neighbours", "0", "--data-dir", str(tmp_path / "none"))
+    assert code == 2 and err == "error [invalid_option]: --neighbours must be at least 1, got 0\n"
+    for command in ("search", "classify"):  # the same mistake, the same code
+        code, _, err = run(capsys, command, str(text), "-k", "0", "--data-dir", str(tmp_path / "none"))
+        assert code == 2 and err == "error [invalid_option]: -k must be at least 1, got 0\n"
     code, _, err = run(
         capsys, "classify", str(text), "--model", "resnet50", "--weights", str(tmp_path / "missing.pth")
     )
@@ -118,6 +130,23 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     assert result.returncode == 0
     for command in ("models", "index", "search", "classify", "serve", "weights"):
         assert command in result.stdout
+
+
+def test_serve_on_a_port_in_use_is_one_coded_line_before_the_model_loads(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "deepfeat"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(exe), "serve", "--port", str(port), "--data-dir", str(tmp_path / "d")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error [address_in_use]: cannot listen on 127.0.0.1:{port}: ")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "d").exists()
 
 
 def test_whiten_and_duplicates(
@@ -242,11 +271,16 @@ def test_add_semantic_to_an_older_store(
     moved, edited = sorted(folder.rglob("*.jpg"))[:2]
     moved.rename(tmp_path / "elsewhere.jpg")
     edited.write_bytes(jpeg_bytes(photos["rocket"], quality=40))  # other content under the same path
+    code, out, err = run(capsys, "add-semantic", "--data-dir", data, "--semantic-layer", "none")
+    assert (code, out) == (
+        2,
+        "",
+    ) and err == "error [invalid_argument]: --semantic-layer none: there is nothing to add\n"
     code, out, _ = run(capsys, "add-semantic", "--data-dir", data, "--precision", "fp32")
     assert code == 0, out
     assert f"missing  {moved}" in out and f"changed  {edited}" in out
     assert f"to {len(photos) - 2} images" in out and "2 skipped (1 missing, 1 changed" in out
-    assert "deepfeat index" in out
+    assert "deepfeat index" in out and "restart a running service" in out
     code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "--similarity", "semantic", "--json")
     body = json.loads(out)
     assert code == 0 and body["results"][0]["source"].endswith("coffee.jpg")
@@ -262,6 +296,8 @@ def test_add_semantic_to_an_older_store(
     summary = json.loads(out)
     assert code == 0 and summary["added"] == 0 and summary["missing"] == 1 and summary["changed"] == 1
     assert {"source": str(moved), "reason": "missing"} in summary["skipped"]
+    code, out, _ = run(capsys, "add-semantic", "--data-dir", data, "--precision", "fp32")
+    assert code == 0 and "to 0 images" in out and "restart" not in out  # the store had them already
     code, out, _ = run(capsys, "search", str(query), "--data-dir", data, "-k", "1")
     assert code == 0 and "coffee.jpg" in out
     manifest = json.loads((Path(data) / "manifest.json").read_text())
@@ -316,6 +352,10 @@ def test_eval_and_datasets_help_is_their_own(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "service", "--help"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: deepfeat eval service")
+    assert main(["eval", "bogus", "folder"]) == 2
+    assert capsys.readouterr().err == (
+        "error [usage]: unknown eval mode 'bogus'; choose one of: category, copy, service, duplicates\n"
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["datasets", "--help"])
     out = capsys.readouterr().out

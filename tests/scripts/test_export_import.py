@@ -120,9 +120,7 @@ def test_cli_export_import_and_refusals(tmp_path: Path, capsys: pytest.CaptureFi
                 "--data-dir",
                 str(tmp_path / "a"),
                 "--out",
-                str(tmp_path / "e.jsonl"),
-                "--format",
-                "jsonl",
+                str(tmp_path / "e.jsonl"),  # the format from the extension
                 "--filter",
                 '{"album": "c"}',
             ]
@@ -130,6 +128,10 @@ def test_cli_export_import_and_refusals(tmp_path: Path, capsys: pytest.CaptureFi
         == 0
     )
     assert "exported 10 images (30 vectors)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.jsonl").read_text().splitlines()[0])  # JSON lines, not parquet
+    assert main(["export", "--data-dir", str(tmp_path / "a"), "--out", str(tmp_path / "g.npy")]) == 0
+    assert np.load(tmp_path / "g.npy").shape == (30, DIM)  # all 30, one global vector each
+    capsys.readouterr()
     assert main(["import", str(tmp_path / "e.jsonl"), "--data-dir", str(tmp_path / "b")]) == 0
     assert "imported 10, already present 0" in capsys.readouterr().out
     # Another embedder's store refuses it, with the stable code and no traceback.
