@@ -27,12 +27,14 @@ import httpx
 __all__ = [
     "AddResult",
     "BatchItem",
+    "Classification",
     "Client",
     "DeepfeatAPIError",
     "Embedding",
     "Hit",
     "ImageInfo",
     "ImagePage",
+    "Neighbour",
     "Prediction",
     "SearchResult",
 ]
@@ -100,6 +102,34 @@ class Prediction:
     label: str
     class_index: int
     probability: float
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A stored image that voted in a ``knn`` classification."""
+
+    id: str
+    score: float
+    label: str
+    thumbnail_url: str
+
+
+class Classification(list[Prediction]):
+    """The top-k predictions, best first, as a list, with the rest of the answer: ``classifier``
+    (the one that answered), ``model``, and for ``knn`` the ``neighbours`` that voted (else None)."""
+
+    def __init__(
+        self,
+        predictions: list[Prediction],
+        *,
+        classifier: str,
+        model: dict[str, Any],
+        neighbours: list[Neighbour] | None,
+    ) -> None:
+        super().__init__(predictions)
+        self.classifier = classifier
+        self.model = model
+        self.neighbours = neighbours
 
 
 @dataclass(frozen=True)
@@ -239,10 +269,16 @@ class Client:
         params = _params(k=k, similarity=similarity, min_score=min_score, filter=filter)
         return _search_result(self._json("GET", f"/v1/images/{image_id}/similar", params=params))
 
-    def classify(self, image: Image, *, k: int = 5, classifier: str | None = None) -> list[Prediction]:
+    def classify(self, image: Image, *, k: int = 5, classifier: str | None = None) -> Classification:
         """``POST /v1/classify``: the top-k classes (ImageNet, ``knn`` or a trained head)."""
         data = self._json("POST", "/v1/classify", image=image, params=_params(k=k, classifier=classifier))
-        return [Prediction(**p) for p in data["predictions"]]
+        voters = data.get("neighbours")
+        return Classification(
+            [Prediction(**p) for p in data["predictions"]],
+            classifier=data["classifier"],
+            model=data["model"],
+            neighbours=None if voters is None else [Neighbour(**n) for n in voters],
+        )
 
     def embed(self, image: Image, *, layer: str | None = None, pooling: str | None = None) -> Embedding:
         """``POST /v1/embed``: the image's features at the store's layer, or another one."""

@@ -43,7 +43,9 @@ def test_every_route(base_url: str, photos: dict[str, Image.Image], tmp_path: Pa
         assert added.created and client.add(cat.read_bytes()).created is False
         ids = {"chelsea": added.id}
         for name in ("coffee", "rocket", "hopper"):
-            ids[name] = client.add(io.BytesIO(jpeg_bytes(photos[name])), source=f"{name}.jpg").id
+            ids[name] = client.add(
+                io.BytesIO(jpeg_bytes(photos[name])), source=f"{name}.jpg", metadata={"label": name}
+            ).id
 
         found = client.search(jpeg_bytes(photos["chelsea"], quality=60, scale=0.5), k=2)
         assert isinstance(found, SearchResult) and isinstance(found.results[0], Hit)
@@ -71,6 +73,11 @@ def test_every_route(base_url: str, photos: dict[str, Image.Image], tmp_path: Pa
 
         top = client.classify(cat, k=3)
         assert len(top) == 3 and top[0].class_index in (281, 282, 285)
+        assert top.classifier == "imagenet" and top.neighbours is None
+        voted = client.classify(cat, k=1, classifier="knn")
+        assert voted.classifier == "knn" and voted[0].class_index == -1 and voted.neighbours
+        assert {n.label for n in voted.neighbours} <= {"coffee", "rocket", "hopper"}
+        assert voted[0].label in {n.label for n in voted.neighbours}
         emb = client.embed(cat)
         assert emb.dim == len(emb.vector) and emb.layer == "penultimate"
         assert client.classifiers()["default"] == "imagenet"
