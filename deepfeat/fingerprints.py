@@ -21,7 +21,7 @@ class _Missing:
     """Marks a key one fingerprint lacks: unlike ``None``, it cannot be a recorded JSON value."""
 
     def __repr__(self) -> str:
-        return "<missing>"
+        return "<not recorded>"
 
 
 MISSING: Final = _Missing()
@@ -65,7 +65,7 @@ def differences(
 
 def _short(value: Any, max_chars: int) -> str:
     if value is MISSING:
-        return "<missing>"
+        return "<not recorded>"
     text = json.dumps(value, sort_keys=True, default=repr)
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
@@ -77,7 +77,7 @@ def describe(
     max_chars: int = _MAX_VALUE_CHARS,
 ) -> str:
     """``key: stored=VALUE given=VALUE; ...`` for an error message, each value as JSON cut to
-    ``max_chars`` (a preprocessing dict can be long), ``<missing>`` for an absent key."""
+    ``max_chars`` (a preprocessing dict can be long), ``<not recorded>`` for an absent key."""
     first, second = sides
     return "; ".join(
         f"{key}: {first}={_short(a, max_chars)} {second}={_short(b, max_chars)}"

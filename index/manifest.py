@@ -307,7 +307,7 @@ def check_compatible(stored_fingerprint: dict[str, Any], given_fingerprint: dict
 
     Raises:
         IncompatibleIndexError: The fingerprints differ; the message lists each differing key with the
-            stored and the given value (``<missing>`` when one side lacks the key).
+            stored and the given value (``<not recorded>`` when one side lacks the key).
     """
     differences = fingerprints.differences(
         normalize_fingerprint(stored_fingerprint), normalize_fingerprint(given_fingerprint)

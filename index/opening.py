@@ -126,7 +126,7 @@ def open_store(
     if not read_only and (auto or store.manifest.extra.get("index_policy") == "auto"):
         store.apply_auto_index()
     logger.info(
-        "opened store %s: %d vectors, dim %d, factory %s%s",
+        "opened store %s: %d images, dim %d, factory %s%s",
         data_dir,
         store.count,
         dim,

@@ -332,6 +332,21 @@ def _cmd_whiten(args: argparse.Namespace, embedder: Any, store: Any) -> int:
     return 0
 
 
+def _setting_problems(exc: ValidationError) -> str:
+    """pydantic's errors as one line: the first per setting (later ones follow from it), with the
+    value given."""
+    first: dict[str, Any] = {}
+    for details in exc.errors():
+        first.setdefault(str(details["loc"][0]) if details["loc"] else "", details)
+    parts = []
+    for details in first.values():
+        where = ".".join(map(str, details["loc"]))
+        given = details.get("input")
+        shown = f" (got {given!r})" if isinstance(given, str | int | float) and len(repr(given)) <= 60 else ""
+        parts.append(f"{where}: {details['msg']}{shown}" if where else f"{details['msg']}{shown}")
+    return "; ".join(parts)
+
+
 def _below_one(flag: str, value: int) -> bool:
     """A count flag under 1, refused in one coded line before any model or store loads."""
     if value >= 1:
@@ -584,7 +599,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         lock_timeout_s=settings.lock_timeout_s,
     ) as store:
         summary = export_store(store, args.out, fmt=args.format or _format_of(args.out), where=where)
-    echo(f"exported {summary.images} images ({summary.vectors} vectors) to {summary.path}")
+    echo(
+        f"exported {summary.images} image{'' if summary.images == 1 else 's'} ({summary.vectors} vectors) to {summary.path}"
+    )
     return 0
 
 
@@ -819,8 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error [{exc.code}]: {exc}\n")
         return 2
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        sys.stderr.write(f"error [invalid_setting]: {problems}\n")
+        sys.stderr.write(f"error [invalid_setting]: {_setting_problems(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; everything committed so far is kept, re-run to resume\n")

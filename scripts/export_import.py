@@ -107,12 +107,15 @@ def export_store(
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(path)
     identity = _identity(store)
     pages = store.export(where=where, batch=PAGE)
     writer = {"parquet": _write_parquet, "jsonl": _write_jsonl, "npy": _write_npy}[fmt]
-    images, vectors = writer(path, identity, pages)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(path)
+        images, vectors = writer(path, identity, pages)
+    except OSError as exc:  # name the file asked for, not the temp file beside it
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     return ExportSummary(path=str(path), format=fmt, images=images, vectors=vectors)
 
 

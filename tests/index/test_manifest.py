@@ -71,7 +71,7 @@ def test_check_compatible_names_keys() -> None:
         check_compatible(stored, {"model": "vgg16", "layer": "layer4", "dim": 2048, "whiten": True})
     message = str(info.value)
     assert 'model: stored="resnet50" given="vgg16"' in message
-    assert "whiten: stored=<missing> given=true" in message
+    assert "whiten: stored=<not recorded> given=true" in message
     assert "layer" not in message
     assert set(info.value.differences) == {"model", "whiten"}
     assert info.value.code == "incompatible_index"

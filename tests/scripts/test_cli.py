@@ -220,6 +220,7 @@ def test_list_settings_take_the_same_syntax_in_the_environment(
     monkeypatch.setenv("DEEPFEAT_SCALES", "1,big")
     code, _, err = run(capsys, "search", str(tmp_path / "q.jpg"), "--data-dir", str(tmp_path))
     assert code == 2 and err.startswith("error [invalid_setting]: scales") and err.count("\n") == 1
+    assert "(got 'big')" in err and err.count("scales") == 1  # the first problem, not its consequences
     monkeypatch.delenv("DEEPFEAT_SCALES")
     code, _, err = run(capsys, "search", str(tmp_path / "q.jpg"), "--scales", "5")
     assert code == 2 and err.startswith("error [invalid_setting]: scales") and "[0.1, 2]" in err

@@ -132,6 +132,11 @@ def test_cli_export_import_and_refusals(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["export", "--data-dir", str(tmp_path / "a"), "--out", str(tmp_path / "g.npy")]) == 0
     assert np.load(tmp_path / "g.npy").shape == (30, DIM)  # all 30, one global vector each
     capsys.readouterr()
+    (tmp_path / "a-file").write_text("x")
+    target = tmp_path / "a-file" / "e.jsonl"  # its folder cannot be made
+    assert main(["export", "--data-dir", str(tmp_path / "a"), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [os_error]: ") and err.endswith(f": {target}\n") and ".tmp-" not in err
     assert main(["import", str(tmp_path / "e.jsonl"), "--data-dir", str(tmp_path / "b")]) == 0
     assert "imported 10, already present 0" in capsys.readouterr().out
     # Another embedder's store refuses it, with the stable code and no traceback.
