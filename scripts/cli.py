@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -798,9 +798,16 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the CLI's one-line form (exit status 2, as before)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error [usage]: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; given ``argv``, only the sub-command it names gets its flags (None: all of them)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepfeat", description="Image retrieval, classification and features on deep CNN features."
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
