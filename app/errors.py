@@ -110,14 +110,12 @@ def _count(request: Request, code: str) -> None:
         state.metrics.errors.labels(code=code).inc()
 
 
-_BATCH_ROUTES = ("/v1/search", "/v1/embed", "/v1/classify", "/v1/images")
-
-
 def _too_many_files(request: Request) -> str:
-    """What to do when a body holds more file parts than the route's parser takes."""
-    path = request.url.path.rstrip("/")
-    if path in _BATCH_ROUTES:
-        return f"this route takes one file; send several to {path}/batch"
+    """What to do when a body holds more file parts than the route's parser takes: a single-file
+    route names its /batch sibling (read from the app's routes), a batch route the server's limit."""
+    batch = request.url.path.rstrip("/") + "/batch"
+    if any(getattr(route, "path", None) == batch for route in request.app.routes):
+        return f"this route takes one file; send several to {batch}"
     state = getattr(request.app.state, "deepfeat", None)
     limit = "" if state is None else f" of {state.settings.max_batch_files}"
     return f"more files than this server's limit{limit} (DEEPFEAT_MAX_BATCH_FILES)"

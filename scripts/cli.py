@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -483,7 +484,6 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
 
 
@@ -578,7 +578,7 @@ def _args_duplicates(p: argparse.ArgumentParser) -> None:
 
 def _format_of(out: Any) -> str:
     """The export format a file name asks for (``x.jsonl``, ``x.npy``), else parquet."""
-    suffix = str(out).rsplit(".", 1)[-1].lower() if "." in str(out) else ""
+    suffix = Path(out).suffix.lower().lstrip(".")
     return suffix if suffix in ("jsonl", "npy") else "parquet"
 
 

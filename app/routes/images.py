@@ -162,8 +162,8 @@ def _decode_cursor(cursor: str | None) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
         digits = text[len(_CURSOR_PREFIX) :]
-        if text.startswith(_CURSOR_PREFIX) and digits.isdigit() and int(digits) <= _MAX_SEQ:
-            return int(digits)
+        if text.startswith(_CURSOR_PREFIX) and digits.isdigit() and (seq := int(digits)) <= _MAX_SEQ:
+            return seq
     except (ValueError, UnicodeDecodeError):
         pass
     raise APIError(422, "invalid_cursor", "cursor is not one this server returned as next_cursor")
